@@ -1,0 +1,64 @@
+# Every target installs what it needs: uv (through pip when absent), the Python
+# environment (uv sync, which also brings buf), Go modules (go mod download).
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+PY := $(UV) run --project python --locked --no-sync
+BUF := $(PY) buf
+GO_CONTRACT := go-compat-tests/go-contract
+# buf breaking against the Go services: wire and JSON rules only, because our file
+# layout differs from theirs on purpose. PROTO_ROOT lets the gate tests point it at a copy.
+PROTO_ROOT ?= .
+GO_BREAKING_CONFIG := {"version":"v2","modules":[{"path":"proto"}],"breaking":{"use":["WIRE_JSON"]}}
+# buf breaking against our own main: file-level rules (buf.yaml).
+BREAKING_AGAINST ?= .git\#branch=main
+GENERATED := python/src/junjo_backend/_wire go-compat-tests/internal/wire
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+.PHONY: uv
+uv:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+
+.PHONY: setup
+setup: uv ## install the Python environment (with buf) and the Go modules
+	$(UV) sync --project python --locked --quiet
+	cd go-compat-tests && go mod download
+
+.PHONY: gen
+gen: setup ## generate Python (+ .pyi) and Go code from proto/
+	rm -rf $(GENERATED)
+	$(BUF) generate
+
+.PHONY: gen-check
+gen-check: gen ## fail if generation is not deterministic
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	for d in $(GENERATED); do mkdir -p "$$tmp/$$d"; cp -a "$$d/." "$$tmp/$$d/"; done; \
+	rm -rf $(GENERATED); $(BUF) generate; \
+	for d in $(GENERATED); do diff -r "$$tmp/$$d" "$$d" || { echo "make gen is not deterministic: $$d differs between two runs"; exit 1; }; done; \
+	echo "gen-check: two runs of buf generate agree"
+
+.PHONY: lint
+lint: gen ## buf lint + buf format + ruff + mypy --strict + go vet
+	$(BUF) lint
+	$(BUF) format -d --exit-code
+	cd python && $(UV) run --locked --no-sync ruff check .
+	cd python && $(UV) run --locked --no-sync ruff format --check .
+	cd python && $(UV) run --locked --no-sync mypy
+	cd go-compat-tests && go vet ./...
+
+.PHONY: breaking
+breaking: setup ## buf breaking against the Go services' contract and against our main
+	cd $(PROTO_ROOT) && $(abspath python/.venv/bin/buf) breaking --against $(abspath $(GO_CONTRACT)) --config '$(GO_BREAKING_CONFIG)'
+	@if git rev-parse --verify --quiet main >/dev/null; then \
+		$(BUF) breaking --against '$(BREAKING_AGAINST)' && echo "breaking: compatible with main"; \
+	else echo "breaking: no main branch here yet, nothing to compare against"; fi
+
+.PHONY: test
+test: lint breaking gen-check ## everything CI runs: gates, Go tests, the Python suite with coverage
+	cd go-compat-tests && go test ./...
+	cd python && $(UV) run --locked --no-sync pytest --cov --cov-report=term-missing

@@ -1,0 +1,106 @@
+"""The backend's SQL database: table layout shared with the Go backend, engine set-up.
+
+The tables keep the Go backend's layout column for column, so a database file written by
+the Go backend opens as it is, and `create_all` leaves existing tables alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    event,
+    func,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("key", Text, nullable=False, unique=True),
+    Column("name", Text, nullable=False),
+    Column("created_at", DateTime, nullable=False, server_default=func.current_timestamp()),
+)
+
+# One row (id = 1): the key of the last WAL entry whose batch the poller has processed.
+poller_state = Table(
+    "poller_state",
+    metadata,
+    Column("id", Integer, CheckConstraint("id = 1"), primary_key=True, autoincrement=False),
+    Column("last_key", LargeBinary),
+)
+
+# API keys are few, small and precious: every commit is fsynced (synchronous=FULL). WAL
+# journaling lets the auth server keep reading while the CLI or the poller writes, and
+# busy_timeout makes a writer wait for the lock instead of failing with "database is
+# locked". The Go backend used journal_mode=DELETE; both are the same file format.
+_SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA busy_timeout=10000",
+    "PRAGMA foreign_keys=ON",
+)
+
+
+def is_sqlite(engine: AsyncEngine) -> bool:
+    """Whether the engine talks to SQLite."""
+    return engine.dialect.name == "sqlite"
+
+
+def create_engine(database_url: str) -> AsyncEngine:
+    """An async engine for `database_url`; for a SQLite file, its folder is created."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        return create_async_engine(url, pool_pre_ping=True)
+    if url.database and url.database != ":memory:":
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _set_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in _SQLITE_PRAGMAS:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    return engine
+
+
+async def init_schema(engine: AsyncEngine) -> None:
+    """Create the tables that do not exist yet; existing (Go-era) tables are kept as they are."""
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+
+
+async def close_engine(engine: AsyncEngine) -> None:
+    """Fold SQLite's WAL back into the database file, then release every connection."""
+    if is_sqlite(engine):
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+        except Exception:  # shutting down: report and still dispose
+            log.warning("SQLite WAL checkpoint on shutdown failed", exc_info=True)
+    await engine.dispose()
