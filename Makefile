@@ -62,3 +62,29 @@ breaking: setup ## buf breaking against the Go services' contract and against ou
 test: lint breaking gen-check ## everything CI runs: gates, Go tests, the Python suite with coverage
 	cd go-compat-tests && go test ./...
 	cd python && $(UV) run --locked --no-sync pytest --cov --cov-report=term-missing
+	$(MAKE) --no-print-directory demo-check
+
+.PHONY: compat
+compat: gen ## the cross-language contract suite: the Go ingestion peer in a container
+	cd python && $(UV) run --locked --no-sync pytest -m compat tests/compat
+
+.PHONY: peer
+peer: gen ## build the Go ingestion peer and its tools as static binaries in go-compat-tests/bin
+	cd go-compat-tests && CGO_ENABLED=0 go build -trimpath -o bin/ ./cmd/...
+
+.PHONY: run
+run: gen ## run the backend on embedded defaults (SQLite under data/, auth :50053, HTTP :1323)
+	INGESTION_GRPC_ADDRESS=$${INGESTION_GRPC_ADDRESS:-127.0.0.1:50052} $(PY) junjo-backend serve
+
+.PHONY: demo
+demo: gen peer ## the whole loop on this machine: Go peer, backend, API key, OTLP spans, drain
+	$(PY) python python/scripts/demo.py
+
+.PHONY: demo-check
+demo-check: gen peer
+	$(PY) python python/scripts/demo.py --check
+
+.PHONY: bench
+bench: gen peer ## benchmarks (bounded); figures printed and written to bench-results/*.json
+	$(PY) python python/benchmarks/auth_bench.py
+	$(PY) python python/benchmarks/drain_bench.py

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from typing import TYPE_CHECKING
 
+from junjo_backend.logs import configure_logging
 from junjo_backend.settings import get_settings
 
 if TYPE_CHECKING:
@@ -50,7 +52,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `junjo-backend` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     settings = get_settings()
-    raise SystemExit(f"{args.command}: not implemented yet ({settings.database_url})")
+    configure_logging(settings.log_level, settings.log_format)
+    # Imports are deferred so that `api-keys list` does not pay for FastAPI and uvicorn.
+    if args.command == "serve":
+        from junjo_backend.app import serve  # noqa: PLC0415
+
+        return serve(settings)
+    if args.command == "api-keys":
+        from junjo_backend.api_keys import run_api_keys_command  # noqa: PLC0415
+
+        return asyncio.run(run_api_keys_command(settings, args, sys.stdout))
+    from junjo_backend.span_tail import run_tail  # noqa: PLC0415
+
+    return asyncio.run(
+        run_tail(
+            settings,
+            from_start=args.from_start,
+            follow=args.follow,
+            as_json=args.json,
+            out=sys.stdout,
+        )
+    )
 
 
 if __name__ == "__main__":
