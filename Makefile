@@ -8,10 +8,12 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PY := $(UV) run --project python --locked --no-sync
 BUF := $(PY) buf
 GO_CONTRACT := go-compat-tests/go-contract
-# buf breaking against the Go services: wire and JSON rules only, because our file
-# layout differs from theirs on purpose. PROTO_ROOT lets the gate tests point it at a copy.
+# buf breaking against the Go services: the PACKAGE rules, which compare by package and
+# not by file path (our file layout differs from Go's on purpose). WIRE_JSON alone is not
+# enough for gRPC: it lets a package, service or RPC vanish, and those are method paths on
+# the wire. PROTO_ROOT lets the gate tests point the check at a copy of proto/.
 PROTO_ROOT ?= .
-GO_BREAKING_CONFIG := {"version":"v2","modules":[{"path":"proto"}],"breaking":{"use":["WIRE_JSON"]}}
+GO_BREAKING_CONFIG := {"version":"v2","modules":[{"path":"proto"}],"breaking":{"use":["PACKAGE"]}}
 # buf breaking against our own main: file-level rules (buf.yaml).
 BREAKING_AGAINST ?= .git\#branch=main
 GENERATED := python/src/junjo_backend/_wire go-compat-tests/internal/wire
@@ -52,11 +54,24 @@ lint: gen ## buf lint + buf format + ruff + mypy --strict + go vet
 	cd go-compat-tests && go vet ./...
 
 .PHONY: breaking
-breaking: setup ## buf breaking against the Go services' contract and against our main
+breaking: breaking-go breaking-main ## buf breaking against the Go services' contract and against our main
+
+.PHONY: breaking-go
+breaking-go: setup
 	cd $(PROTO_ROOT) && $(abspath python/.venv/bin/buf) breaking --against $(abspath $(GO_CONTRACT)) --config '$(GO_BREAKING_CONFIG)'
+	@echo "breaking-go: wire- and JSON-compatible with the Go services' contract"
+
+# The live Go repository, for hosted CI with network access (this project's machines have none).
+GO_LIVE_CONTRACT ?= https://github.com/mdrideout/junjo-server.git\#subdir=backend/proto
+.PHONY: breaking-go-live
+breaking-go-live: setup
+	$(BUF) breaking --against '$(GO_LIVE_CONTRACT)' --config '$(GO_BREAKING_CONFIG)'
+
+.PHONY: breaking-main
+breaking-main: setup
 	@if git rev-parse --verify --quiet main >/dev/null; then \
-		$(BUF) breaking --against '$(BREAKING_AGAINST)' && echo "breaking: compatible with main"; \
-	else echo "breaking: no main branch here yet, nothing to compare against"; fi
+		$(BUF) breaking --against '$(BREAKING_AGAINST)' && echo "breaking-main: compatible with main"; \
+	else echo "breaking-main: no main branch in this clone, nothing to compare against"; fi
 
 .PHONY: test
 test: lint breaking gen-check ## everything CI runs: gates, Go tests, the Python suite with coverage
