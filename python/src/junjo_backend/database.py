@@ -32,6 +32,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# aiosqlite logs every statement it runs, parameters included, at DEBUG: with the root
+# logger at DEBUG that would print each new API key. Like SQLAlchemy does for its own
+# loggers, quieten it unless someone configured it on purpose.
+_aiosqlite_log = logging.getLogger("aiosqlite")
+if _aiosqlite_log.level == logging.NOTSET:
+    _aiosqlite_log.setLevel(logging.INFO)
+
 metadata = MetaData()
 
 api_keys = Table(
@@ -71,11 +78,13 @@ def is_sqlite(engine: AsyncEngine) -> bool:
 def create_engine(database_url: str) -> AsyncEngine:
     """An async engine for `database_url`; for a SQLite file, its folder is created."""
     url = make_url(database_url)
+    # hide_parameters: statement parameters (API keys among them) never reach an error
+    # message or a log line.
     if url.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True)
+        return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
     if url.database and url.database != ":memory:":
         Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url)
+    engine = create_async_engine(url, hide_parameters=True)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _set_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

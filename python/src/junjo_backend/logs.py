@@ -7,7 +7,13 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+# Not extras: `message` and `asctime` are set on the record by formatting, and uvicorn
+# attaches `color_message` (its message with ANSI colours) to some of its records.
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
