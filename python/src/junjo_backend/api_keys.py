@@ -1,0 +1,290 @@
+"""API keys: generation, the key store in the `api_keys` table, and the `api-keys` command.
+
+Keys are made like the Go backend made them (64 characters of `[0-9A-Za-z]` from a
+CSPRNG, URL-safe random ids) and stored in the same table layout, so keys issued by
+either backend validate in both. A key is shown once, when it is created; everything
+else (listings, logs, errors) names a key by its id or by `key_fingerprint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import string
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import String, delete, insert, select, type_coerce
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from junjo_backend.database import api_keys, close_engine, create_engine, init_schema
+
+if TYPE_CHECKING:
+    import argparse
+    from typing import TextIO
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from junjo_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+KEY_ALPHABET = string.digits + string.ascii_uppercase + string.ascii_lowercase
+KEY_LENGTH = 64
+# The gRPC metadata header the ingestion-service reads the key from.
+API_KEY_HEADER = "x-junjo-api-key"
+_ID_BYTES = 16  # 22 URL-safe characters, 128 random bits
+_FINGERPRINT_HEX_CHARS = 12
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyInfo:
+    """A stored key as listings show it: never the key itself, only a non-secret hint."""
+
+    id: str
+    name: str
+    created_at: datetime
+    key_hint: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewApiKey:
+    """A key just created: the only time the key itself is handed out."""
+
+    id: str
+    name: str
+    key: str
+    created_at: datetime
+
+
+class ApiKeyStoreError(Exception):
+    """The key store could not complete an operation; the message names no key."""
+
+
+def generate_api_key() -> str:
+    """A new key: 64 characters of `[0-9A-Za-z]` from the `secrets` CSPRNG (381 bits)."""
+    return "".join(secrets.choice(KEY_ALPHABET) for _ in range(KEY_LENGTH))
+
+
+def new_key_id() -> str:
+    """A random URL-safe id (128 bits) that does not start with "-".
+
+    An id starting with "-" would read as an option on the command line
+    (`api-keys revoke -abc`), so such draws are discarded.
+    """
+    while True:
+        key_id = secrets.token_urlsafe(_ID_BYTES)
+        if not key_id.startswith("-"):
+            return key_id
+
+
+def key_fingerprint(key: str) -> str:
+    """A short, non-reversible name for `key` that is safe to show and to log.
+
+    It is a truncated SHA-256, so it tells issued keys apart without revealing them (an
+    issued key has far too much entropy to be found from 48 bits of its hash). A guessable
+    string gets a guessable fingerprint, which is why the server never logs the
+    fingerprint of a key it does not know.
+    """
+    digest = hashlib.sha256(b"junjo-api-key:" + key.encode("utf-8", "surrogatepass"))
+    return "fp:" + digest.hexdigest()[:_FINGERPRINT_HEX_CHARS]
+
+
+def describe_database_error(exc: BaseException) -> str:
+    """A loggable description of a database failure that carries no statement parameters.
+
+    str() of a SQLAlchemy statement error includes the parameters, which for an INSERT
+    into api_keys is the new key; the driver's own message (`orig`) does not.
+    """
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return f"{type(exc.orig).__name__}: {exc.orig}"
+    if isinstance(exc, SQLAlchemyError):
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _as_utc(value: object) -> datetime:
+    """`created_at` as an aware UTC datetime, whichever way a backend stored it.
+
+    Rows written by SQLite's CURRENT_TIMESTAMP, by this module, or by Go's SQLite driver
+    (which writes ISO text with nanoseconds and an offset) are all read as text and parsed
+    here; PostgreSQL hands back a datetime. Naive values are UTC, as CURRENT_TIMESTAMP is.
+    """
+    parsed: datetime | None = None
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, int | float):
+        parsed = datetime.fromtimestamp(value, UTC)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            # Go's time.Time.String(): "2006-01-02 15:04:05.999999999 -0700 MST".
+            date_time_offset = text.split()[:3]
+            try:
+                parsed = datetime.fromisoformat(
+                    " ".join(date_time_offset[:2]) + "".join(date_time_offset[2:])
+                )
+            except ValueError:
+                log.warning("an API key row has an unreadable created_at")
+    if parsed is None:
+        return _EPOCH
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+async def create_api_key(engine: AsyncEngine, name: str) -> NewApiKey:
+    """Store a new key named `name` and return it (the only time the key is returned)."""
+    name = name.strip()
+    if not name:
+        raise ValueError("an API key needs a name")
+    created_at = datetime.now(UTC)
+    new = NewApiKey(
+        id=new_key_id(),
+        name=name,
+        key=generate_api_key(),
+        created_at=created_at,
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(api_keys).values(
+                    id=new.id,
+                    key=new.key,
+                    name=new.name,
+                    # Naive UTC, the shape CURRENT_TIMESTAMP writes; a TIMESTAMP WITHOUT
+                    # TIME ZONE column in PostgreSQL refuses an aware datetime.
+                    created_at=created_at.replace(tzinfo=None),
+                )
+            )
+    except SQLAlchemyError as exc:
+        # str(exc) would show the INSERT's parameters, the new key among them.
+        raise ApiKeyStoreError(
+            f"could not store the new API key: {describe_database_error(exc)}"
+        ) from None
+    log.info(
+        "API key created", extra={"key_id": new.id, "key_fingerprint": key_fingerprint(new.key)}
+    )
+    return new
+
+
+async def list_api_keys(engine: AsyncEngine) -> list[ApiKeyInfo]:
+    """Every stored key, oldest first, each with a hint instead of the key."""
+    query = select(
+        api_keys.c.id,
+        api_keys.c.name,
+        # Read as stored: Go-era rows may hold timestamps SQLAlchemy's SQLite DateTime
+        # parser refuses (nanoseconds, offsets).
+        type_coerce(api_keys.c.created_at, String).label("created_at"),
+        api_keys.c.key,
+    )
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+    except SQLAlchemyError as exc:
+        raise ApiKeyStoreError(f"could not list API keys: {describe_database_error(exc)}") from None
+    keys = [
+        ApiKeyInfo(
+            id=row.id,
+            name=row.name,
+            created_at=_as_utc(row.created_at),
+            key_hint=key_fingerprint(row.key),
+        )
+        for row in rows
+    ]
+    keys.sort(key=lambda info: (info.created_at, info.id))
+    return keys
+
+
+async def revoke_api_key(engine: AsyncEngine, key_id: str) -> bool:
+    """Delete the key with id `key_id`; False when there is no such key.
+
+    The Go table has no revoked flag, so revoking is deleting. The auth server stops
+    accepting the key within `api_key_cache_max_age_seconds`.
+    """
+    try:
+        async with engine.begin() as conn:
+            result = await conn.execute(delete(api_keys).where(api_keys.c.id == key_id))
+    except SQLAlchemyError as exc:
+        raise ApiKeyStoreError(
+            f"could not revoke the API key: {describe_database_error(exc)}"
+        ) from None
+    revoked = result.rowcount > 0
+    if revoked:
+        log.info("API key revoked", extra={"key_id": key_id})
+    return revoked
+
+
+def _print_created(new: NewApiKey, out: TextIO) -> None:
+    out.write(
+        f"Created API key {new.name!r} (id {new.id}).\n"
+        "\n"
+        f"    {new.key}\n"
+        "\n"
+        "This is the only time the key is shown: store it now.\n"
+        f"Clients send it with every OTLP request in the gRPC metadata header {API_KEY_HEADER},\n"
+        f"e.g. OTEL_EXPORTER_OTLP_HEADERS={API_KEY_HEADER}=<key>.\n"
+        f"Revoke it with: junjo-backend api-keys revoke {new.id}\n"
+    )
+
+
+def _print_listing(keys: list[ApiKeyInfo], out: TextIO) -> None:
+    if not keys:
+        out.write("No API keys. Create one with: junjo-backend api-keys create NAME\n")
+        return
+    header = ("ID", "NAME", "CREATED (UTC)", "KEY HINT")
+    rows = [(k.id, k.name, k.created_at.strftime("%Y-%m-%d %H:%M:%S"), k.key_hint) for k in keys]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        out.write("\n")
+
+
+async def _run_action(
+    engine: AsyncEngine, settings: Settings, args: argparse.Namespace, out: TextIO
+) -> int:
+    action = args.api_keys_command
+    if action == "create":
+        _print_created(await create_api_key(engine, args.name), out)
+    elif action == "list":
+        _print_listing(await list_api_keys(engine), out)
+    elif action == "revoke":
+        if not await revoke_api_key(engine, args.id):
+            sys.stderr.write(f"error: no API key with id {args.id!r}\n")
+            return 1
+        out.write(
+            f"Revoked API key {args.id}: the auth server refuses it within "
+            f"{settings.api_key_cache_max_age_seconds:g} s.\n"
+            "An ingestion-service that accepted it before keeps it in its own cache of valid\n"
+            "keys for up to an hour; restart the ingestion-service to cut it off at once.\n"
+        )
+    else:
+        sys.stderr.write(f"error: unknown api-keys command {action!r}\n")
+        return 2
+    return 0
+
+
+async def run_api_keys_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    """Run `junjo-backend api-keys create|list|revoke`; returns the exit status."""
+    try:
+        engine = create_engine(settings.database_url)
+    except OSError as exc:  # the SQLite file's folder cannot be created
+        sys.stderr.write(f"error: database unavailable: {exc}\n")
+        return 1
+    try:
+        await init_schema(engine)
+        return await _run_action(engine, settings, args, out)
+    except (ApiKeyStoreError, ValueError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    except SQLAlchemyError as exc:  # init_schema: the database cannot be opened or created
+        sys.stderr.write(f"error: database unavailable: {describe_database_error(exc)}\n")
+        return 1
+    finally:
+        await close_engine(engine)

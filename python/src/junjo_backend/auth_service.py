@@ -1,0 +1,352 @@
+"""InternalAuthService: answers the Go ingestion-service's ValidateApiKey calls.
+
+`AuthServer` owns one `grpc.aio` server with three services: ValidateApiKey, the standard
+grpc.health.v1 Health (SERVING while the api_keys table can be read), and, only when
+`grpc_reflection_enabled`, server reflection. Answers come from `KnownKeys`, a snapshot of
+the table at most `api_key_cache_max_age_seconds` old, kept fresh by a background task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+from grpc_health.v1.health import aio as health_aio  # type: ignore[import-untyped]
+from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
+
+from junjo_backend._wire.ingestion import auth_pb2
+from junjo_backend.known_keys import KeyStoreUnavailable, KnownKeys
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from typing import TypeAlias
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from junjo_backend.settings import Settings
+
+    _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    _UnaryBehavior: TypeAlias = Callable[[Any, _Context], Awaitable[Any]]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = auth_pb2.DESCRIPTOR.services_by_name["InternalAuthService"].full_name
+VALIDATE_METHOD = f"/{SERVICE_NAME}/ValidateApiKey"
+# The key the ingestion-service sends once at start-up, before it serves anything. It can
+# never be an issued key (64 characters of [0-9A-Za-z]), so it is answered false without a
+# lookup: promptly, on an empty database, and while the database is down.
+READINESS_PROBE_KEY = "startup-readiness-check"
+# Issued keys are 64 characters; anything much longer is not a key, and is refused before
+# it costs a lookup.
+MAX_KEY_BYTES = 256
+
+# Both answers are constants, serialized once: the handler returns bytes.
+_VALID = auth_pb2.ValidateApiKeyResponse(is_valid=True).SerializeToString()
+_INVALID = auth_pb2.ValidateApiKeyResponse(is_valid=False).SerializeToString()
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Codes that say the caller asked for something we cannot give, rather than a fault here.
+_CLIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+
+class InternalAuthServicer:
+    """The ValidateApiKey handler.
+
+    It takes and returns raw bytes rather than messages, unlike the generated servicer:
+    parsing the request here lets a request whose string is not UTF-8 fail with
+    INVALID_ARGUMENT (the generated deserializer would turn it into UNKNOWN), and the two
+    possible answers are serialized once.
+    """
+
+    def __init__(self, keys: KnownKeys) -> None:
+        self._keys = keys
+
+    async def ValidateApiKey(self, request: bytes, context: _Context) -> bytes:
+        """is_valid=true only for a key in the database; INTERNAL when it cannot be read."""
+        try:
+            key = auth_pb2.ValidateApiKeyRequest.FromString(request).api_key
+        except DecodeError:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "not a ValidateApiKeyRequest (api_key must be UTF-8)",
+            )
+        if not key or key == READINESS_PROBE_KEY or len(key) > MAX_KEY_BYTES:
+            return _INVALID
+        if not key.isascii() and len(key.encode()) > MAX_KEY_BYTES:
+            return _INVALID
+        try:
+            known = await self._keys.contains(key)
+        except KeyStoreUnavailable:
+            await context.abort(grpc.StatusCode.INTERNAL, "the API key store is unavailable")
+        return _VALID if known else _INVALID
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
+        """The service's handlers by method name, for `add_registered_method_handlers`."""
+        return {"ValidateApiKey": grpc.unary_unary_rpc_method_handler(self.ValidateApiKey)}
+
+
+class CallLogInterceptor(grpc.aio.ServerInterceptor):
+    """Logs each unary call: method, status code, duration. Never a request or its metadata.
+
+    A call that ends OK is logged at DEBUG, and only formatted when DEBUG is on, which
+    keeps the OK path cheap; other outcomes at INFO (the caller's doing) or WARNING, at
+    most `burst_per_second` lines per method and code, so an outage under load does not
+    become a log storm (the next line says how many were left out). Wrapped handlers are
+    built once per method. Streaming methods (health Watch, reflection) are long-lived by
+    design and pass through unlogged.
+    """
+
+    def __init__(self, burst_per_second: int = 10) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._burst = burst_per_second
+        self._windows: dict[tuple[str, grpc.StatusCode], _LogWindow] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """The method's handler, wrapped to log its outcome."""
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._logged(method, handler.unary_unary),  # type: ignore[arg-type]
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _logged(self, method: str, behavior: _UnaryBehavior) -> _UnaryBehavior:
+        async def logged(request: object, context: _Context) -> object:
+            started = time.perf_counter()
+            try:
+                response = await behavior(request, context)
+            except asyncio.CancelledError:
+                self._log_failure(method, grpc.StatusCode.CANCELLED, started)
+                raise
+            except BaseException:
+                code = context.code()
+                # An exception that is not an abort becomes UNKNOWN on the wire.
+                if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
+                    code = grpc.StatusCode.UNKNOWN
+                self._log_failure(method, code, started)
+                raise
+            if log.isEnabledFor(logging.DEBUG):
+                _log_call(logging.DEBUG, method, grpc.StatusCode.OK, started, 0)
+            return response
+
+        return logged
+
+    def _log_failure(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        now = time.monotonic()
+        window = self._windows.get((method, code))
+        if window is None or now - window.opened >= 1.0:
+            left_out = window.left_out if window is not None else 0
+            window = self._windows[(method, code)] = _LogWindow(opened=now, left_out=left_out)
+        if window.logged >= self._burst:
+            window.left_out += 1
+            return
+        window.logged += 1
+        level = logging.INFO if code in _CLIENT_CODES else logging.WARNING
+        _log_call(level, method, code, started, window.left_out)
+        window.left_out = 0
+
+
+@dataclass(slots=True)
+class _LogWindow:
+    """Failure lines of one method and code in the current second (mutable by design)."""
+
+    opened: float
+    logged: int = 0
+    left_out: int = 0
+
+
+def _log_call(
+    level: int, method: str, code: grpc.StatusCode, started: float, left_out: int
+) -> None:
+    fields: dict[str, object] = {
+        "grpc_method": method,
+        "grpc_code": code.name,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+    if left_out:
+        fields["calls_not_logged"] = left_out
+    log.log(level, "grpc call", extra=fields)
+
+
+def _report_keeper_exit(task: asyncio.Task[None]) -> None:
+    # The keeper only ends by cancellation; anything else would silently freeze health
+    # and leave refreshes to the calls alone, so it is reported loudly.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the API key refresher stopped", exc_info=task.exception())
+
+
+def _split_address(address: str) -> tuple[str, str]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host, port
+
+
+class AuthServer:
+    """The auth gRPC server: started and stopped by the FastAPI lifespan or by tests."""
+
+    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._host, _ = _split_address(settings.auth_grpc_listen_address)
+        self._keys = KnownKeys(engine, max_age=settings.api_key_cache_max_age_seconds)
+        self._server: grpc.aio.Server | None = None
+        self._health: Any = None  # grpc_health's aio HealthServicer (untyped)
+        self._keeper: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._port = 0
+        self._health_serving: bool | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (0 before `start`)."""
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """`host:port` as bound, e.g. `127.0.0.1:41234` for a configured `127.0.0.1:0`."""
+        return f"{self._host}:{self._port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is started and not stopping or stopped."""
+        return self._server is not None and self._stopping is None
+
+    @property
+    def database_ok(self) -> bool:
+        """Whether the latest read of the api_keys table succeeded (drives the health status)."""
+        return self._keys.available is True
+
+    @property
+    def known_keys(self) -> KnownKeys:
+        """The key snapshot the server answers from (for status pages and benchmarks)."""
+        return self._keys
+
+    async def start(self) -> None:
+        """Read the keys, bind the configured address and serve; raises if it cannot bind.
+
+        A database that cannot be read at start does not stop the server: it serves
+        NOT_SERVING health and INTERNAL answers, and recovers when the database does.
+        """
+        if self._server is not None:
+            raise RuntimeError("AuthServer.start() called twice")
+        await self._keys.refresh()
+        server = grpc.aio.server(
+            interceptors=[CallLogInterceptor()],
+            # Without this, Linux lets a second server bind the same port and steal calls.
+            options=[("grpc.so_reuseport", 0)],
+        )
+        servicer = InternalAuthServicer(self._keys)
+        handlers = servicer.method_handlers()
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)]
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        self._health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        await self._publish_health()
+        if self._settings.grpc_reflection_enabled:
+            reflection.enable_server_reflection(
+                [
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                server,
+            )
+        try:
+            port = server.add_insecure_port(self._settings.auth_grpc_listen_address)
+        except RuntimeError as exc:
+            await server.stop(None)
+            raise OSError(
+                f"cannot listen on {self._settings.auth_grpc_listen_address}: {exc}"
+            ) from exc
+        await server.start()
+        self._server = server
+        self._port = port
+        self._keeper = asyncio.create_task(self._keep_keys_fresh(), name="api-keys-keeper")
+        self._keeper.add_done_callback(_report_keeper_exit)
+        log.info(
+            "auth gRPC server listening",
+            extra={
+                "address": self.address,
+                "keys": self._keys.size,
+                "database_ok": self.database_ok,
+                "reflection": self._settings.grpc_reflection_enabled,
+            },
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop serving: health goes NOT_SERVING, calls under way get `grace` seconds.
+
+        `grace` defaults to `grpc_shutdown_grace_seconds`. Safe to call more than once and
+        concurrently; every caller returns once the server is down.
+        """
+        if self._server is None:
+            return
+        if self._stopping is None:
+            grace = self._settings.grpc_shutdown_grace_seconds if grace is None else grace
+            self._stopping = asyncio.create_task(self._stop(self._server, grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, server: grpc.aio.Server, grace: float) -> None:
+        await self._health.enter_graceful_shutdown()
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        await server.stop(grace)
+        await self._keys.close()
+        log.info("auth gRPC server stopped", extra={"address": self.address})
+
+    async def _keep_keys_fresh(self) -> None:
+        # Refresh at half the max age so that calls almost never wait for a read, and so
+        # that health follows the database even when no call comes in.
+        interval = self._keys.max_age / 2
+        while True:
+            if self._keys.age() >= interval:
+                await self._keys.refresh()
+            await self._publish_health()
+            delay = interval - self._keys.age() if self._keys.available else interval
+            await asyncio.sleep(max(delay, 0.001))
+
+    async def _publish_health(self) -> None:
+        serving = self.database_ok
+        if serving == self._health_serving:
+            return
+        self._health_serving = serving
+        status = _SERVING if serving else _NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)

@@ -1,0 +1,216 @@
+"""The set of API keys in the `api_keys` table, as recently read: what the auth server answers from.
+
+Why a snapshot of the whole set, and not a query or a per-key cache per call: the Go
+ingestion-service asks about every key it has not seen valid (so every bad key, at the
+rate clients send them), and a SQL round trip per call cannot keep up with a bare gRPC
+server (benchmarks/auth_bench.py measures it). A cache of answers per key does not help
+against a flood of random invalid keys, which never repeat. The set of issued keys is
+small, so reading all of it is cheap, and a set lookup answers any key, valid or not,
+without touching the database.
+
+Freshness rules (times are when a read *started*, so anything committed before it is in
+the snapshot):
+
+- An answer comes from a snapshot at most `max_age` old; an older one is refreshed first
+  and, if that fails, the call fails (`KeyStoreUnavailable`), never guesses. So a revoked
+  key stops validating within `max_age`.
+- A key missing from a snapshot older than `miss_refresh_after` triggers a refresh, so a
+  key created a moment ago validates almost at once, while a flood of invalid keys costs
+  at most about one read per `miss_refresh_after` (about 20 reads/s at the default).
+- Reads are single-flight: concurrent callers share one read. A read that just failed is
+  not retried for `miss_refresh_after`, so an outage does not turn into a query storm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from junjo_backend.api_keys import describe_database_error
+from junjo_backend.database import api_keys
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+# The ingestion-service gives each ValidateApiKey call 5 s; a read that hangs longer than
+# this is treated as a failed one, so callers get a status well before their deadline.
+DEFAULT_READ_TIMEOUT_SECONDS = 2.0
+DEFAULT_MISS_REFRESH_AFTER_SECONDS = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    """Every key in the table at one moment (`read_at`, monotonic: when the read started)."""
+
+    keys: frozenset[str]
+    read_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _FailedRead:
+    started: float
+    ended: float
+
+
+class KeyStoreUnavailable(Exception):  # noqa: N818 (the name reads as the condition it reports)
+    """No snapshot fresh enough could be read; the message names no key."""
+
+
+class KnownKeys:
+    """Answers "is this key in the database?" from a snapshot no older than `max_age`."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_age: float,
+        miss_refresh_after: float = DEFAULT_MISS_REFRESH_AFTER_SECONDS,
+        read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS,
+    ) -> None:
+        if not 0 < miss_refresh_after <= max_age:
+            raise ValueError("need 0 < miss_refresh_after <= max_age")
+        self._engine = engine
+        self._max_age = max_age
+        self._miss_refresh_after = miss_refresh_after
+        self._read_timeout = read_timeout
+        self._query = select(api_keys.c.key)
+        self._snapshot: KeySnapshot | None = None
+        self._failed: _FailedRead | None = None
+        self._reading: asyncio.Task[bool] | None = None
+        self._available: bool | None = None
+        self._reads = 0
+        self._failures = 0
+
+    @property
+    def max_age(self) -> float:
+        """How old a snapshot may be and still answer."""
+        return self._max_age
+
+    @property
+    def available(self) -> bool | None:
+        """Whether the latest read succeeded; None before the first read."""
+        return self._available
+
+    @property
+    def reads(self) -> int:
+        """Reads of the table so far (each one query)."""
+        return self._reads
+
+    @property
+    def failures(self) -> int:
+        """Reads that failed so far."""
+        return self._failures
+
+    @property
+    def size(self) -> int:
+        """How many keys the current snapshot holds (0 before the first read)."""
+        return 0 if self._snapshot is None else len(self._snapshot.keys)
+
+    def age(self) -> float:
+        """Seconds since the current snapshot's read started (infinite when there is none)."""
+        snapshot = self._snapshot
+        return math.inf if snapshot is None else time.monotonic() - snapshot.read_at
+
+    async def contains(self, key: str) -> bool:
+        """Whether `key` is in the table; raises `KeyStoreUnavailable` rather than guess."""
+        now = time.monotonic()
+        snapshot = self._snapshot
+        if snapshot is None or snapshot.read_at < now - self._max_age:
+            snapshot = await self._snapshot_since(now - self._max_age)
+        if key in snapshot.keys:
+            return True
+        if snapshot.read_at >= now - self._miss_refresh_after:
+            return False
+        try:
+            snapshot = await self._snapshot_since(now - self._miss_refresh_after)
+        except KeyStoreUnavailable:
+            # The snapshot in hand was within max_age when the call came: its "no" stands.
+            return False
+        return key in snapshot.keys
+
+    async def refresh(self) -> bool:
+        """Read the table once (or join the read under way); whether that read succeeded."""
+        reading = self._reading
+        if reading is None or reading.done():  # done: cancelled before it could run
+            reading = asyncio.create_task(self._read(), name="api-keys-read")
+            self._reading = reading
+        # Shielded: a caller that gives up (deadline, cancel) must not cancel the read
+        # that other callers are waiting on.
+        return await asyncio.shield(reading)
+
+    async def close(self) -> None:
+        """Cancel a read under way; later calls still work (they start new reads)."""
+        reading = self._reading
+        if reading is not None and not reading.done():
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+        if self._reading is reading:
+            self._reading = None
+
+    async def _snapshot_since(self, not_before: float) -> KeySnapshot:
+        # Three rounds are enough: the first may join a read that started before
+        # `not_before`, the second then joins or starts one that started after it, and the
+        # third sees that read's outcome.
+        for _ in range(3):
+            snapshot = self._snapshot
+            if snapshot is not None and snapshot.read_at >= not_before:
+                return snapshot
+            failed = self._failed
+            if (
+                failed is not None
+                and failed.started >= not_before
+                and failed.ended >= time.monotonic() - self._miss_refresh_after
+            ):
+                break
+            await self.refresh()
+        raise KeyStoreUnavailable("the API key store cannot be read")
+
+    async def _read(self) -> bool:
+        started = time.monotonic()
+        self._reads += 1
+        try:
+            async with asyncio.timeout(self._read_timeout), self._engine.connect() as conn:
+                try:
+                    result = await conn.execute(self._query)
+                except Exception:
+                    # A connection that failed once (its file replaced, its server
+                    # restarted) is dropped rather than handed to the next read.
+                    with contextlib.suppress(Exception):
+                        await conn.invalidate()
+                    raise
+                keys = frozenset(result.scalars())
+        except Exception as exc:  # noqa: BLE001 (any failure means: no fresh snapshot)
+            self._failed = _FailedRead(started, time.monotonic())
+            self._failures += 1
+            if self._available is not False:
+                log.error(  # noqa: TRY400 (the cause is in `error`; a traceback adds nothing)
+                    "cannot read API keys from the database; answering INTERNAL once the "
+                    "last snapshot is older than the max age",
+                    extra={"error": describe_database_error(exc), "max_age_s": self._max_age},
+                )
+            else:
+                log.debug(
+                    "API key read failed again", extra={"error": describe_database_error(exc)}
+                )
+            self._available = False
+            return False
+        else:
+            self._snapshot = KeySnapshot(keys, started)
+            self._failed = None
+            if self._available is False:
+                log.warning("API keys readable again", extra={"keys": len(keys)})
+            self._available = True
+            return True
+        finally:
+            if self._reading is asyncio.current_task():
+                self._reading = None

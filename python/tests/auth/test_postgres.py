@@ -1,0 +1,129 @@
+"""The key store and the server on PostgreSQL (asyncpg), chosen by the URL alone."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from sqlalchemy import delete
+
+from junjo_backend.api_keys import (
+    create_api_key,
+    list_api_keys,
+    revoke_api_key,
+    run_api_keys_command,
+)
+from junjo_backend.auth_service import AuthServer
+from junjo_backend.database import api_keys, close_engine, create_engine, init_schema
+from junjo_backend.settings import Settings
+
+from .auth_calls import NOT_SERVING, SERVING, auth_stub, health, validate, wait_for
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from .auth_calls import KeyRegistry
+    from .conftest import PostgresCluster
+
+
+def _settings(postgres: PostgresCluster) -> Settings:
+    return Settings(
+        database_url=postgres.url, auth_grpc_listen_address="127.0.0.1:0", _env_file=None
+    )
+
+
+async def _fresh_engine(postgres: PostgresCluster) -> AsyncEngine:
+    engine = create_engine(postgres.url)
+    await init_schema(engine)
+    async with engine.begin() as conn:  # the cluster lives for the session
+        await conn.execute(delete(api_keys))
+    return engine
+
+
+async def test_keys_validate_and_revoke_on_postgresql(
+    postgres: PostgresCluster, used_keys: KeyRegistry
+) -> None:
+    settings = _settings(postgres)
+    engine = await _fresh_engine(postgres)
+    try:
+        before = await create_api_key(engine, "before start")
+        used_keys.add(before.key)
+        listed = await list_api_keys(engine)
+        assert [k.id for k in listed] == [before.id]
+        assert listed[0].created_at.tzinfo is not None
+        server = AuthServer(settings, engine)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = auth_stub(channel)
+                assert await health(channel) == SERVING
+                assert await validate(stub, before.key) is True
+                assert await validate(stub, used_keys.unknown()) is False
+                assert await revoke_api_key(engine, before.id) is True
+                await asyncio.sleep(settings.api_key_cache_max_age_seconds * 1.2)
+                assert await validate(stub, before.key) is False
+        finally:
+            await server.stop(0)
+    finally:
+        await close_engine(engine)
+
+
+async def test_a_postgresql_outage_gives_internal_and_the_server_recovers(
+    postgres: PostgresCluster, used_keys: KeyRegistry
+) -> None:
+    settings = _settings(postgres)
+    engine = await _fresh_engine(postgres)
+    key = await create_api_key(engine, "outage")
+    used_keys.add(key.key)
+    server = AuthServer(settings, engine)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = auth_stub(channel)
+            assert await validate(stub, key.key) is True
+            await asyncio.to_thread(postgres.stop)
+            try:
+                await asyncio.sleep(settings.api_key_cache_max_age_seconds * 1.2)
+                for probe in (key.key, used_keys.unknown()):
+                    with pytest.raises(grpc.aio.AioRpcError) as failure:
+                        await validate(stub, probe)
+                    assert failure.value.code() is grpc.StatusCode.INTERNAL
+
+                async def not_serving() -> bool:
+                    return await health(channel) == NOT_SERVING
+
+                await wait_for(not_serving, "health goes NOT_SERVING")
+            finally:
+                await asyncio.to_thread(postgres.start)
+
+            async def serving() -> bool:
+                return await health(channel) == SERVING
+
+            await wait_for(serving, "health comes back once PostgreSQL is up")
+            assert await validate(stub, key.key) is True
+    finally:
+        await server.stop(0)
+        await close_engine(engine)
+
+
+async def test_the_api_keys_command_works_on_postgresql(
+    postgres: PostgresCluster, used_keys: KeyRegistry
+) -> None:
+    settings = _settings(postgres)
+    await close_engine(await _fresh_engine(postgres))
+    out = io.StringIO()
+    create = argparse.Namespace(api_keys_command="create", name="pg cli")
+    assert await run_api_keys_command(settings, create, out) == 0
+    key = next(line.strip() for line in out.getvalue().splitlines() if len(line.strip()) == 64)
+    used_keys.add(key)
+    listing = io.StringIO()
+    assert (
+        await run_api_keys_command(settings, argparse.Namespace(api_keys_command="list"), listing)
+        == 0
+    )
+    assert "pg cli" in listing.getvalue()
+    assert key not in listing.getvalue()
