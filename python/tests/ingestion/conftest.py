@@ -1,0 +1,104 @@
+"""Fixtures for the ingestion client, poller and `spans tail` tests.
+
+Everything runs against `FakeIngestionServer` (a real gRPC server on an ephemeral loopback
+port, see fake_ingestion.py) and a real SQLite file under tmp_path.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING
+
+import pytest
+
+from junjo_backend.database import close_engine, create_engine, init_schema
+from junjo_backend.ingestion_client import IngestionClient
+from junjo_backend.settings import Settings
+
+from .fake_ingestion import FakeIngestionServer, FakeIngestionService, FakeWal
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+@pytest.fixture
+def wal() -> FakeWal:
+    return FakeWal()
+
+
+@pytest.fixture
+def ingestion_service(wal: FakeWal) -> FakeIngestionService:
+    return FakeIngestionService(wal)
+
+
+@pytest.fixture
+async def ingestion_server(
+    ingestion_service: FakeIngestionService,
+) -> AsyncIterator[FakeIngestionServer]:
+    server = FakeIngestionServer(ingestion_service)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'data' / 'junjo.db'}"
+
+
+@pytest.fixture
+def make_settings(database_url: str) -> Callable[..., Settings]:
+    """Settings with short waits, a tmp SQLite file, and `overrides` on top."""
+
+    def build(**overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "database_url": database_url,
+            "ingestion_grpc_address": "127.0.0.1:1",
+            "ingestion_call_timeout_seconds": 10.0,
+            "ingestion_retry_deadline_seconds": 10.0,
+            "poller_batch_size": 100,
+            "poller_idle_wait_seconds": 0.05,
+            "poller_max_backoff_seconds": 0.2,
+            "grpc_shutdown_grace_seconds": 5.0,
+        }
+        values.update(overrides)
+        return Settings.model_validate(values)
+
+    return build
+
+
+@pytest.fixture
+def settings(
+    make_settings: Callable[..., Settings], ingestion_server: FakeIngestionServer
+) -> Settings:
+    return make_settings(ingestion_grpc_address=ingestion_server.address)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[IngestionClient]:
+    async with IngestionClient(settings=settings) as ingestion_client:
+        yield ingestion_client
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    database = create_engine(database_url)
+    await init_schema(database)
+    try:
+        yield database
+    finally:
+        await close_engine(database)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback port with nothing listening on it (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port

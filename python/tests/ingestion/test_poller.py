@@ -1,0 +1,368 @@
+"""SpanPoller against the in-process ingestion server and a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import pytest
+from sqlalchemy import Column, LargeBinary, MetaData, Table, insert, select
+
+from junjo_backend.ingestion_client import IngestionClient
+from junjo_backend.poller import (
+    PollerStatus,
+    ServiceTally,
+    SpanPoller,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+from .fake_ingestion import (
+    FakeIngestionServer,
+    FakeIngestionService,
+    FakeWal,
+    make_resource,
+    make_span,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, Callable, Sequence
+
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+    from junjo_backend.settings import Settings
+    from junjo_backend.spans import SpanRecord
+
+# A table of the sink's own, to show that its writes share the checkpoint's transaction.
+sink_metadata = MetaData()
+delivered_table = Table("delivered", sink_metadata, Column("key", LargeBinary, primary_key=True))
+
+
+class RecordingSink:
+    """Remembers every batch; can fail on chosen calls after writing, or hold a batch."""
+
+    def __init__(self, *, fail_on_calls: Sequence[int] = (), write: bool = False) -> None:
+        self.batches: list[list[bytes]] = []
+        self.calls = 0
+        self.fail_on_calls = set(fail_on_calls)
+        self.write = write
+        self.hold: asyncio.Event | None = None
+        self.holding = asyncio.Event()
+
+    @property
+    def keys(self) -> list[bytes]:
+        return [key for batch in self.batches for key in batch]
+
+    async def handle(self, batch: Sequence[SpanRecord], conn: AsyncConnection) -> None:
+        self.calls += 1
+        keys = [record.key for record in batch]
+        if self.write:
+            await conn.execute(insert(delivered_table), [{"key": key} for key in keys])
+        if self.hold is not None:
+            self.holding.set()
+            await self.hold.wait()
+        if self.calls in self.fail_on_calls:
+            raise RuntimeError(f"sink failure on call {self.calls}")
+        self.batches.append(keys)
+
+
+async def checkpoint_in(engine: AsyncEngine) -> bytes | None:
+    async with engine.connect() as conn:
+        return await load_checkpoint(conn)
+
+
+async def caught_up_at(poller: SpanPoller, key: bytes) -> None:
+    await wait_until(lambda: poller.status.last_key == key and poller.status.caught_up)
+
+
+@pytest.fixture
+async def make_poller(
+    client: IngestionClient, engine: AsyncEngine, settings: Settings
+) -> AsyncGenerator[Callable[..., SpanPoller], None]:
+    pollers: list[SpanPoller] = []
+
+    def build(sink: RecordingSink | None = None, **overrides: object) -> SpanPoller:
+        poller_settings = settings.model_copy(update=overrides)
+        poller = SpanPoller(client, engine, sink, settings=poller_settings)
+        pollers.append(poller)
+        return poller
+
+    yield build
+    for poller in pollers:
+        await poller.stop()
+
+
+async def test_drains_the_wal_in_order_and_checkpoints(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal, engine: AsyncEngine
+) -> None:
+    keys = wal.seed(1050)
+    sink = RecordingSink()
+    poller = make_poller(sink)
+    assert poller.status == PollerStatus(
+        running=False,
+        connected=False,
+        last_key=None,
+        lag_seconds=None,
+        spans_processed=0,
+        decode_failures=0,
+        last_error=None,
+    )
+
+    await poller.start()
+    await caught_up_at(poller, keys[-1])
+
+    assert sink.keys == keys
+    assert [len(batch) for batch in sink.batches] == [100] * 10 + [50]
+    assert await checkpoint_in(engine) == keys[-1]
+    status = poller.status
+    assert status.running
+    assert status.connected
+    assert status.spans_processed == 1050
+    assert status.decode_failures == 0
+    assert status.last_error is None
+    assert status.lag_seconds is not None
+    assert status.lag_seconds >= 0
+
+    # New spans are picked up after the idle wait.
+    more = wal.seed(5)
+    await caught_up_at(poller, more[-1])
+    assert sink.keys == keys + more
+
+
+async def test_resumes_after_the_stored_checkpoint(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal, engine: AsyncEngine
+) -> None:
+    keys = wal.seed(30)
+    async with engine.begin() as conn:
+        await save_checkpoint(conn, keys[9])
+    sink = RecordingSink()
+    poller = make_poller(sink)
+
+    await poller.start()
+    assert poller.status.last_key == keys[9]
+    await caught_up_at(poller, keys[-1])
+
+    assert sink.keys == keys[10:]
+
+
+async def test_a_failing_sink_leaves_the_checkpoint_and_its_writes_rolled_back(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal, engine: AsyncEngine
+) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(sink_metadata.create_all)
+    keys = wal.seed(350)
+    # Calls 2 and 3 write their batch, then fail: neither the rows nor the checkpoint stay.
+    sink = RecordingSink(fail_on_calls=(2, 3), write=True)
+    poller = make_poller(sink)
+
+    await poller.start()
+    await caught_up_at(poller, keys[-1])
+
+    # The failed batch was delivered again, and the table holds each key exactly once.
+    assert sink.keys == keys
+    assert sink.calls == 4 + 2
+    async with engine.connect() as conn:
+        stored = (await conn.execute(select(delivered_table.c.key))).scalars().all()
+    assert sorted(stored) == keys
+    assert poller.status.last_error is None  # cleared by the next success
+
+
+async def test_sink_error_is_reported_while_retrying(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal, engine: AsyncEngine
+) -> None:
+    wal.seed(10)
+    sink = RecordingSink(fail_on_calls=range(1, 10_000))
+    poller = make_poller(sink)
+
+    await poller.start()
+    await wait_until(lambda: sink.calls >= 3)
+
+    last_error = poller.status.last_error
+    assert last_error is not None
+    assert last_error.startswith("RuntimeError: sink failure on call")
+    assert await checkpoint_in(engine) is None
+    assert sink.keys == []
+    assert poller.status.spans_processed == 0
+    assert poller.status.running
+
+
+async def test_undecodable_entries_are_counted_skipped_and_passed(
+    make_poller: Callable[..., SpanPoller],
+    wal: FakeWal,
+    engine: AsyncEngine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    resource = make_resource("checkout").SerializeToString()
+    span = make_span("POST /pay").SerializeToString()
+    good_1 = wal.append(span, resource)
+    bad_span = wal.append(b"\xff\xff\xff", resource)
+    good_2 = wal.append(span, resource)
+    bad_resource = wal.append(span, b"\x0a\x05\x0a\x03\xff\xfe\xfd")
+    sink = RecordingSink()
+    poller = make_poller(sink)
+
+    with caplog.at_level(logging.WARNING, logger="junjo_backend.poller"):
+        await poller.start()
+        await caught_up_at(poller, bad_resource)
+
+    assert sink.keys == [good_1, good_2]
+    assert poller.status.decode_failures == 2
+    assert poller.status.spans_processed == 2
+    assert await checkpoint_in(engine) == bad_resource  # moved past the last, bad, entry
+    logged = [r for r in caplog.records if "does not decode" in r.getMessage()]
+    assert [r.__dict__["key"] for r in logged] == [bad_span.hex(), bad_resource.hex()]
+
+
+async def test_a_batch_of_only_undecodable_entries_still_moves_the_checkpoint(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal, engine: AsyncEngine
+) -> None:
+    bad = [wal.append(b"\xff", b"") for _ in range(3)]
+    sink = RecordingSink()
+    poller = make_poller(sink)
+
+    await poller.start()
+    await caught_up_at(poller, bad[-1])
+
+    assert sink.calls == 0
+    assert await checkpoint_in(engine) == bad[-1]
+
+
+async def test_drains_across_an_ingestion_service_restart(
+    make_poller: Callable[..., SpanPoller],
+    wal: FakeWal,
+    ingestion_service: FakeIngestionService,
+    ingestion_server: FakeIngestionServer,
+) -> None:
+    keys = wal.seed(2000)
+    ingestion_service.pause_after = 650
+    sink = RecordingSink()
+    poller = make_poller(sink)
+
+    await poller.start()
+    await ingestion_service.paused.wait()
+    await ingestion_server.restart()
+    await caught_up_at(poller, keys[-1])
+
+    assert sink.keys == keys
+
+
+async def test_a_backend_restart_resumes_from_the_checkpoint(
+    client: IngestionClient, engine: AsyncEngine, settings: Settings, wal: FakeWal
+) -> None:
+    keys = wal.seed(500)
+    first_sink = RecordingSink()
+    first = SpanPoller(client, engine, first_sink, settings=settings)
+    await first.start()
+    await caught_up_at(first, keys[-1])
+    await first.stop()
+
+    more = wal.seed(120)
+    second_sink = RecordingSink()
+    second = SpanPoller(client, engine, second_sink, settings=settings)
+    await second.start()
+    await caught_up_at(second, more[-1])
+    await second.stop()
+
+    assert first_sink.keys == keys
+    assert second_sink.keys == more
+
+
+async def test_stop_interrupts_the_idle_wait(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal
+) -> None:
+    keys = wal.seed(3)
+    poller = make_poller(RecordingSink(), poller_idle_wait_seconds=3600)
+    await poller.start()
+    await caught_up_at(poller, keys[-1])
+
+    await asyncio.wait_for(poller.stop(), timeout=30)  # a guard against a hang, not a timing
+
+    assert not poller.status.running
+    await poller.stop()  # idempotent
+
+
+async def test_stop_interrupts_retries_against_an_unreachable_service(
+    make_settings: Callable[..., Settings], engine: AsyncEngine, free_port: int
+) -> None:
+    settings = make_settings(
+        ingestion_grpc_address=f"127.0.0.1:{free_port}",
+        ingestion_retry_deadline_seconds=3600,
+        poller_max_backoff_seconds=3600,
+    )
+    async with IngestionClient(settings=settings) as client:
+        poller = SpanPoller(client, engine, RecordingSink(), settings=settings)
+        await poller.start()
+        await wait_until(lambda: client._connected is False)
+        assert not poller.status.connected
+
+        await asyncio.wait_for(poller.stop(), timeout=30)
+
+        assert not poller.status.running
+
+
+async def test_stop_lets_a_batch_being_committed_finish(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal, engine: AsyncEngine
+) -> None:
+    keys = wal.seed(250)
+    sink = RecordingSink()
+    sink.hold = asyncio.Event()
+    poller = make_poller(sink)
+    await poller.start()
+    await sink.holding.wait()
+
+    stopping = asyncio.create_task(poller.stop())
+    await asyncio.sleep(0.05)
+    assert not stopping.done()
+    sink.hold.set()
+    await stopping
+
+    assert sink.keys == keys[:100]
+    assert await checkpoint_in(engine) == keys[99]
+
+
+async def test_stop_before_start_and_start_twice(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal
+) -> None:
+    keys = wal.seed(5)
+    sink = RecordingSink()
+    poller = make_poller(sink)
+    await poller.stop()
+    await poller.start()
+    await poller.start()
+    await caught_up_at(poller, keys[-1])
+    assert sink.keys == keys
+
+
+async def test_default_sink_counts_spans_per_service_and_logs_totals(
+    client: IngestionClient,
+    engine: AsyncEngine,
+    settings: Settings,
+    wal: FakeWal,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    span = make_span("GET /").SerializeToString()
+    web = make_resource("web").SerializeToString()
+    nameless = make_resource(None, host="h1").SerializeToString()
+    for n in range(30):
+        wal.append(span, web if n % 3 else nameless)
+    last = wal.append(span, web)
+    poller = SpanPoller(client, engine, settings=settings)
+    tally = poller.sink
+    assert isinstance(tally, ServiceTally)
+    tally._summary_interval = 0  # log after every batch
+
+    with caplog.at_level(logging.INFO, logger="junjo_backend.poller"):
+        await poller.start()
+        await caught_up_at(poller, last)
+        await poller.stop()
+
+    activity = tally.activity()
+    assert {name: a.spans for name, a in activity.items()} == {"web": 21, "NO_SERVICE_NAME": 10}
+    assert activity["web"].last_key == last
+    assert activity["web"].lag_seconds >= 0
+    assert tally.spans_total == 31
+    summaries = [r for r in caplog.records if r.getMessage() == "span totals"]
+    assert summaries
+    assert summaries[-1].__dict__["services"]["web"]["spans"] == 21
