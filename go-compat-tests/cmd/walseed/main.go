@@ -1,0 +1,152 @@
+// Command walseed writes synthetic spans straight into a BadgerDB WAL directory, as the
+// ingestion-service would have written them, then prints
+// {"count":N,"first_key":hex,"last_key":hex}. The peer must not have the WAL open.
+package main
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	commonpb "go.opentelemetry.io/proto/otlp/common/v1"
+	resourcepb "go.opentelemetry.io/proto/otlp/resource/v1"
+	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/junjo-backend/go-compat-tests/internal/wal"
+)
+
+// entriesPerBatch bounds the memory one write batch holds.
+const entriesPerBatch = 10_000
+
+type result struct {
+	Count    int    `json:"count"`
+	FirstKey string `json:"first_key"`
+	LastKey  string `json:"last_key"`
+}
+
+func main() {
+	path := flag.String("path", "", "the WAL directory (created if missing)")
+	count := flag.Int("count", 1000, "how many entries to write")
+	spanBytes := flag.Int("span-bytes", 600, "approximate size of each encoded span")
+	resourceBytes := flag.Int("resource-bytes", 200, "approximate size of each encoded resource")
+	services := flag.Int("services", 4, "how many distinct service.name values to cycle through")
+	flag.Parse()
+	if *path == "" || *count < 0 || *services < 1 {
+		flag.Usage()
+		os.Exit(2)
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	out, err := seed(*path, *count, *spanBytes, *resourceBytes, *services, logger)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "walseed:", err)
+		os.Exit(1)
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(out); err != nil {
+		os.Exit(1)
+	}
+}
+
+func seed(path string, count, spanBytes, resourceBytes, services int, logger *slog.Logger) (result, error) {
+	store, err := wal.Open(path, logger)
+	if err != nil {
+		return result{}, err
+	}
+	defer store.Close() //nolint:errcheck // Sync below reports what matters
+
+	resources := make([][]byte, services)
+	for i := range resources {
+		resources[i], err = proto.Marshal(syntheticResource(i, resourceBytes))
+		if err != nil {
+			return result{}, err
+		}
+	}
+	res := result{Count: count}
+	for start := 0; start < count; start += entriesPerBatch {
+		batch := store.NewBatch()
+		for i := start; i < min(start+entriesPerBatch, count); i++ {
+			span, err := proto.Marshal(syntheticSpan(i, spanBytes))
+			if err != nil {
+				batch.Cancel()
+				return result{}, err
+			}
+			value, err := wal.ContainerValue(span, resources[i%services])
+			if err != nil {
+				batch.Cancel()
+				return result{}, err
+			}
+			key, err := batch.Add(value)
+			if err != nil {
+				batch.Cancel()
+				return result{}, err
+			}
+			if i == 0 {
+				res.FirstKey = hex.EncodeToString(key[:])
+			}
+			res.LastKey = hex.EncodeToString(key[:])
+		}
+		if err := batch.Flush(); err != nil {
+			return result{}, err
+		}
+	}
+	return res, store.Sync()
+}
+
+func stringAttr(key, value string) *commonpb.KeyValue {
+	return &commonpb.KeyValue{Key: key, Value: &commonpb.AnyValue{Value: &commonpb.AnyValue_StringValue{StringValue: value}}}
+}
+
+func syntheticResource(service, size int) *resourcepb.Resource {
+	r := &resourcepb.Resource{Attributes: []*commonpb.KeyValue{
+		stringAttr("service.name", fmt.Sprintf("seed-service-%d", service)),
+		stringAttr("telemetry.sdk.language", "go"),
+	}}
+	pad(&r.Attributes, func() int { return proto.Size(r) }, size)
+	return r
+}
+
+func syntheticSpan(i, size int) *tracepb.Span {
+	traceID := make([]byte, 16)
+	spanID := make([]byte, 8)
+	_, _ = io.ReadFull(rand.Reader, traceID)
+	_, _ = io.ReadFull(rand.Reader, spanID)
+	start := uint64(time.Now().UnixNano())
+	s := &tracepb.Span{
+		TraceId:           traceID,
+		SpanId:            spanID,
+		Name:              fmt.Sprintf("seed-span-%d", i),
+		Kind:              tracepb.Span_SPAN_KIND_INTERNAL,
+		StartTimeUnixNano: start,
+		EndTimeUnixNano:   start + 1_000_000,
+		Attributes:        []*commonpb.KeyValue{stringAttr("seed.index", fmt.Sprint(i))},
+		Status:            &tracepb.Status{Code: tracepb.Status_STATUS_CODE_OK},
+	}
+	pad(&s.Attributes, func() int { return proto.Size(s) }, size)
+	return s
+}
+
+// pad appends a "seed.pad" attribute so that size() comes as close to target as it can.
+func pad(attrs *[]*commonpb.KeyValue, size func() int, target int) {
+	if size() >= target {
+		return
+	}
+	attr := stringAttr("seed.pad", "")
+	*attrs = append(*attrs, attr)
+	// Length prefixes grow by a byte now and then, so settle in a few passes.
+	for range 4 {
+		missing := target - size()
+		value := attr.Value.GetStringValue()
+		n := max(len(value)+missing, 0)
+		attr.Value = &commonpb.AnyValue{Value: &commonpb.AnyValue_StringValue{StringValue: strings.Repeat("x", n)}}
+		if missing == 0 {
+			return
+		}
+	}
+}
