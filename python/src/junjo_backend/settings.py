@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # HTTP API and process.
     http_host: str = "0.0.0.0"  # noqa: S104
     http_port: int = Field(default=1323, ge=0, le=65535)
+    # How long /health waits for each live probe (database, ingestion-service) before it
+    # reports that part as down.
+    health_probe_timeout_seconds: float = Field(default=1.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

@@ -1,0 +1,421 @@
+"""The whole loop on one machine: Go ingestion peer, backend, API key, OTLP spans, drain.
+
+    python python/scripts/demo.py [--spans N] [--timeout S] [--check]
+
+Starts the Go ingestion peer (go-compat-tests/bin/ingestion-peer, built by `make peer`)
+with a fresh WAL, and `junjo-backend serve` with a fresh SQLite file, both on free loopback
+ports; creates an API key with the CLI; sends spans to the peer with the OpenTelemetry
+SDK's OTLP gRPC exporter and that key; waits until the backend's /health says its poller
+has processed them all; prints a summary and stops everything it started, also on failure
+or Ctrl-C. `--check` (CI) fails unless every span sent was received, an unknown key was
+refused, and the backend shut down cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import grpc
+import httpx
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping, Sequence
+
+    from opentelemetry.sdk.trace import ReadableSpan
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PEER_BINARY = REPO_ROOT / "go-compat-tests" / "bin" / "ingestion-peer"
+API_KEY = re.compile(r"\b[0-9A-Za-z]{64}\b")
+STOP_TIMEOUT_SECONDS = 20.0
+
+
+class DemoFailedError(Exception):
+    """A step of the demo did not work; the message says which."""
+
+
+class CountingExporter(SpanExporter):
+    """Passes spans to the real OTLP exporter and counts those the peer accepted."""
+
+    def __init__(self, exporter: OTLPSpanExporter) -> None:
+        self._exporter = exporter
+        self.accepted = 0
+        self.refused = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Export one batch and count its spans by outcome."""
+        result = self._exporter.export(spans)
+        if result is SpanExportResult.SUCCESS:
+            self.accepted += len(spans)
+        else:
+            self.refused += len(spans)
+        return result
+
+    def shutdown(self) -> None:
+        """Shut the wrapped exporter down."""
+        self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Flush the wrapped exporter."""
+        return self._exporter.force_flush(timeout_millis)
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """Free loopback ports for everything the demo starts."""
+
+    otlp: int
+    internal: int
+    auth: int
+    http: int
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What the demo measured."""
+
+    sent: int
+    received: int
+    decode_failures: int
+    lag_seconds: float | None
+    unknown_key_refused: bool
+
+
+def free_ports() -> Ports:
+    """Distinct loopback ports nothing listens on right now (all held until all are chosen)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(4):
+            probe = held.enter_context(socket.socket())
+            probe.bind(("127.0.0.1", 0))
+            ports.append(int(probe.getsockname()[1]))
+    return Ports(*ports)
+
+
+class Child:
+    """A process the demo started, output to a log file in the demo's folder.
+
+    It runs in its own session so that Ctrl-C reaches only the demo, which then stops the
+    children in order, each with one SIGTERM (a second signal would force the backend).
+    """
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], workdir: Path) -> None:
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self._log: IO[bytes] = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            argv,
+            env={**os.environ, **env},
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.exit_code: int | None = None
+
+    def check_alive(self) -> None:
+        """Fail the demo if the process has ended."""
+        code = self.process.poll()
+        if code is not None:
+            raise DemoFailedError(f"{self.name} exited early with status {code}")
+
+    def stop(self) -> int:
+        """SIGTERM, wait (bounded), SIGKILL if it has to; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                print(f"{self.name} did not stop within {STOP_TIMEOUT_SECONDS:.0f} s; killing it")
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        self.exit_code = self.process.returncode
+        return self.exit_code
+
+    def tail(self, lines: int = 40) -> str:
+        """The last lines the process wrote."""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+def wait_for_http(backend: Child, url: str, deadline: float) -> None:
+    """Until `url` answers (the backend's HTTP server is up)."""
+    while True:
+        backend.check_alive()
+        try:
+            if httpx.get(url, timeout=1.0).status_code == httpx.codes.OK:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise DemoFailedError(f"the backend did not answer {url} in time")
+        time.sleep(0.1)
+
+
+def wait_for_peer(peer: Child, port: int, deadline: float) -> None:
+    """Until the peer's OTLP server accepts connections.
+
+    The peer serves nothing until our auth server has answered its start-up readiness check,
+    so a ready channel to its OTLP port means the whole chain is up.
+    """
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        ready = grpc.channel_ready_future(channel)
+        while True:
+            peer.check_alive()
+            try:
+                ready.result(timeout=0.5)
+            except grpc.FutureTimeoutError:
+                if time.monotonic() > deadline:
+                    raise DemoFailedError(
+                        "the ingestion peer did not start serving in time"
+                    ) from None
+            else:
+                return
+
+
+def create_api_key(env: dict[str, str], workdir: Path) -> str:
+    """A new key from `junjo-backend api-keys create`, read from its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "junjo_backend.cli", "api-keys", "create", "demo"],
+        env={**os.environ, **env},
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = API_KEY.search(result.stdout)
+    if result.returncode != 0 or match is None:
+        raise DemoFailedError(f"`api-keys create` failed ({result.returncode}): {result.stderr}")
+    return match.group(0)
+
+
+def exporter_for(otlp_port: int, key: str) -> CountingExporter:
+    """The SDK's OTLP gRPC exporter pointed at the peer, sending `key` as the API key."""
+    return CountingExporter(
+        OTLPSpanExporter(
+            endpoint=f"127.0.0.1:{otlp_port}",
+            insecure=True,
+            headers={"x-junjo-api-key": key},
+            timeout=10,
+        )
+    )
+
+
+def send_spans(otlp_port: int, key: str, count: int) -> int:
+    """Send `count` spans through the SDK's batch processor; returns how many were accepted."""
+    exporter = exporter_for(otlp_port, key)
+    provider = TracerProvider(resource=Resource.create({"service.name": "junjo-demo"}))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    tracer = provider.get_tracer("junjo-demo")
+    for index in range(count):
+        with tracer.start_as_current_span(f"demo-operation-{index % 7}") as span:
+            span.set_attribute("demo.index", index)
+    provider.force_flush()
+    provider.shutdown()
+    return exporter.accepted
+
+
+def unknown_key_is_refused(otlp_port: int) -> bool:
+    """Whether the peer refuses a span whose key the backend does not know."""
+    exporter = exporter_for(otlp_port, "x" * 64)
+    provider = TracerProvider(resource=Resource.create({"service.name": "junjo-demo"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # The exporter logs the expected UNAUTHENTICATED as an error; keep the output readable.
+    exporter_log = logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter")
+    previous = exporter_log.level
+    exporter_log.setLevel(logging.CRITICAL)
+    try:
+        with provider.get_tracer("junjo-demo").start_as_current_span("refused"):
+            pass
+        provider.shutdown()
+    finally:
+        exporter_log.setLevel(previous)
+    return exporter.refused == 1 and exporter.accepted == 0
+
+
+def wait_for_drain(
+    backend: Child, health_url: str, sent: int, deadline: float
+) -> dict[str, object]:
+    """The first /health poller section that counts `sent` spans processed."""
+    while True:
+        backend.check_alive()
+        try:
+            poller = httpx.get(health_url, timeout=5.0).json()["poller"]
+        except httpx.TransportError:
+            poller = None
+        if isinstance(poller, dict) and int(poller["spans_processed"]) >= sent:
+            return poller
+        if time.monotonic() > deadline:
+            raise DemoFailedError(f"the backend had not processed {sent} spans in time: {poller}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C, so that the clean-up below runs for both."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(
+    peer_binary: Path, spans: int, timeout: float, workdir: Path, children: list[Child]
+) -> Summary:
+    """Start everything, send spans, wait for the drain; the caller stops the children."""
+    ports = free_ports()
+    deadline = time.monotonic() + timeout
+    backend_env = {
+        "DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'junjo.db'}",
+        "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{ports.auth}",
+        "INGESTION_GRPC_ADDRESS": f"127.0.0.1:{ports.internal}",
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_PORT": str(ports.http),
+        # The peer starts after the backend: keep the poller's first retries short.
+        "POLLER_MAX_BACKOFF_SECONDS": "1",
+    }
+    backend = Child(
+        "backend", [sys.executable, "-m", "junjo_backend.cli", "serve"], backend_env, workdir
+    )
+    children.append(backend)
+    peer = Child(
+        "ingestion-peer",
+        [str(peer_binary)],
+        {
+            "GRPC_PORT": str(ports.otlp),
+            "INTERNAL_GRPC_PORT": str(ports.internal),
+            "BACKEND_GRPC_ADDRESS": f"127.0.0.1:{ports.auth}",
+            "BADGERDB_PATH": str(workdir / "wal"),
+        },
+        workdir,
+    )
+    children.append(peer)
+    base_url = f"http://127.0.0.1:{ports.http}"
+    wait_for_http(backend, f"{base_url}/ping", deadline)
+    wait_for_peer(peer, ports.otlp, deadline)
+    print(f"backend on {base_url} (auth gRPC 127.0.0.1:{ports.auth}); peer OTLP on :{ports.otlp}")
+
+    refused = unknown_key_is_refused(ports.otlp)
+    key = create_api_key(backend_env, workdir)
+    print(f"created an API key; sending {spans} spans over OTLP/gRPC")
+    sent = send_spans(ports.otlp, key, spans)
+    poller = wait_for_drain(backend, f"{base_url}/health", sent, deadline)
+    lag = poller.get("lag_seconds")
+    return Summary(
+        sent=sent,
+        received=int(str(poller["spans_processed"])),
+        decode_failures=int(str(poller["decode_failures"])),
+        lag_seconds=float(lag) if isinstance(lag, int | float) else None,
+        unknown_key_refused=refused,
+    )
+
+
+def print_summary(summary: Summary, exits: Mapping[str, int | None]) -> None:
+    """The figures, one per line."""
+    lag = "n/a" if summary.lag_seconds is None else f"{summary.lag_seconds:.2f} s"
+    rows = [
+        ("spans sent (accepted by the peer)", str(summary.sent)),
+        ("spans received (backend poller)", str(summary.received)),
+        ("decode failures", str(summary.decode_failures)),
+        ("ingestion lag when caught up", lag),
+        ("unknown API key refused", "yes" if summary.unknown_key_refused else "NO"),
+    ]
+    rows += [(f"{name} exit status", str(code)) for name, code in exits.items()]
+    print("summary:")
+    for label, value in rows:
+        print(f"  {label:<36} {value}")
+
+
+def problems_with(summary: Summary, exits: Mapping[str, int | None]) -> list[str]:
+    """What `--check` holds the run to."""
+    problems = []
+    if summary.sent == 0:
+        problems.append("no span was accepted by the peer")
+    if summary.received != summary.sent:
+        problems.append(f"received {summary.received} spans, sent {summary.sent}")
+    if summary.decode_failures:
+        problems.append(f"{summary.decode_failures} spans did not decode")
+    if not summary.unknown_key_refused:
+        problems.append("an unknown API key was not refused")
+    if exits.get("backend") != 0:
+        problems.append(f"the backend exited with {exits.get('backend')} after SIGTERM")
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spans", type=int, default=300, help="how many spans to send")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds for start-up, sending and draining"
+    )
+    parser.add_argument("--check", action="store_true", help="fail unless received == sent")
+    parser.add_argument(
+        "--peer", type=Path, default=PEER_BINARY, help="the ingestion peer binary to run"
+    )
+    args = parser.parse_args(argv)
+    if not args.peer.exists():
+        print(f"{args.peer} is missing: build it with `make peer`", file=sys.stderr)
+        return 1
+
+    children: list[Child] = []
+    summary: Summary | None = None
+    failure: str | None = None
+    with tempfile.TemporaryDirectory(prefix="junjo-demo-") as tmp, sigterm_as_interrupt():
+        workdir = Path(tmp)
+        try:
+            summary = run(args.peer, args.spans, args.timeout, workdir, children)
+        except (DemoFailedError, OSError, subprocess.SubprocessError) as exc:
+            failure = str(exc)
+        except KeyboardInterrupt:
+            failure = "interrupted"
+        finally:
+            exits = {child.name: child.stop() for child in reversed(children)}
+            if failure is not None and failure != "interrupted":
+                for child in children:
+                    print(f"--- last lines of {child.name}'s output ---\n{child.tail()}")
+
+    if summary is None:
+        print(f"demo failed: {failure}", file=sys.stderr)
+        return 130 if failure == "interrupted" else 1
+    print_summary(summary, exits)
+    problems = problems_with(summary, exits)
+    if problems:
+        print(("check failed: " if args.check else "note: ") + "; ".join(problems), file=sys.stderr)
+        return 1 if args.check else 0
+    if args.check:
+        print("check passed: every span sent was received")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

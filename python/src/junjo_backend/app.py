@@ -1,0 +1,392 @@
+"""The backend as one process: FastAPI app, its lifespan, `/ping`, `/health`, and `serve`.
+
+The lifespan starts the parts in dependency order (database, auth gRPC server, ingestion
+client, span poller) and stops them in reverse. The ingestion-service being unreachable is
+not a start-up failure: auth is what the ingestion-service needs from us first (it blocks
+its own start-up on it), and the poller retries with backoff until the WAL is reachable.
+"""
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Annotated, Literal, TypedDict
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from junjo_backend import __version__
+from junjo_backend.api_keys import describe_database_error
+from junjo_backend.auth_service import AuthServer
+from junjo_backend.database import close_engine, create_engine, init_schema
+from junjo_backend.ingestion_client import IngestionClient
+from junjo_backend.poller import SpanPoller
+from junjo_backend.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# uvicorn's exit status when the application could not start.
+STARTUP_FAILURE_EXIT = 3
+
+
+class StartupError(RuntimeError):
+    """A start-up step failed; the steps started before it have been stopped again."""
+
+    def __init__(self, step: str, cause: Exception) -> None:
+        super().__init__(f"start-up failed at step '{step}': {_describe(cause)}")
+        self.step = step
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """The running parts of the backend, as the lifespan started them."""
+
+    settings: Settings
+    engine: AsyncEngine
+    auth_server: AuthServer
+    ingestion: IngestionClient
+    poller: SpanPoller | None
+
+
+class LifespanState(TypedDict):
+    """What the lifespan hands to every request (Starlette's lifespan state)."""
+
+    backend: Backend
+
+
+@contextlib.contextmanager
+def _startup_step(step: str) -> Iterator[None]:
+    """Turn any failure inside the block into a `StartupError` that names `step`."""
+    try:
+        yield
+    except Exception as exc:
+        # No traceback here: uvicorn (or whoever runs the lifespan) reports the raised error.
+        log.error("start-up step failed", extra={"step": step, "error": _describe(exc)})  # noqa: TRY400
+        raise StartupError(step, exc) from exc
+
+
+async def _stop_step(step: str, stop: Callable[[], Awaitable[object]]) -> None:
+    """Run one shutdown step; a failure is logged and does not keep the later steps from running."""
+    try:
+        await stop()
+    except Exception:
+        log.exception("shutdown step failed", extra={"step": step})
+    else:
+        log.info("stopped", extra={"step": step})
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message`, first line only, without SQL statement parameters."""
+    lines = describe_database_error(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+@contextlib.asynccontextmanager
+async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
+    """Start every part of the backend, yield them, and stop them in reverse order.
+
+    A step that fails raises `StartupError`; the steps before it are stopped first.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        with _startup_step("database"):
+            engine = create_engine(settings.database_url)
+            stack.push_async_callback(
+                _stop_step, "database", functools.partial(close_engine, engine)
+            )
+            await init_schema(engine)
+        log.info(
+            "database ready",
+            extra={"database": make_url(settings.database_url).render_as_string()},
+        )
+
+        with _startup_step("auth server"):
+            auth_server = AuthServer(settings, engine)
+            stack.push_async_callback(
+                _stop_step,
+                "auth server",
+                functools.partial(auth_server.stop, settings.grpc_shutdown_grace_seconds),
+            )
+            await auth_server.start()
+
+        with _startup_step("ingestion client"):
+            ingestion = IngestionClient(settings=settings)
+            stack.push_async_callback(_stop_step, "ingestion client", ingestion.close)
+            await ingestion.connect()
+        if await ingestion.check_connection(settings.health_probe_timeout_seconds):
+            log.info(
+                "ingestion-service reachable", extra={"address": settings.ingestion_grpc_address}
+            )
+        else:
+            log.warning(
+                "ingestion-service not reachable yet; auth is served and the poller keeps retrying",
+                extra={"address": settings.ingestion_grpc_address},
+            )
+
+        poller: SpanPoller | None = None
+        if settings.poller_enabled:
+            with _startup_step("span poller"):
+                poller = SpanPoller(ingestion, engine, settings=settings)
+                stack.push_async_callback(_stop_step, "span poller", poller.stop)
+                await poller.start()
+        else:
+            log.info("span poller disabled (POLLER_ENABLED=false)")
+
+        yield Backend(settings, engine, auth_server, ingestion, poller)
+        log.info("shutting down")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class DatabaseHealth(_Frozen):
+    """The database answered a query just now, or why it did not."""
+
+    ok: bool
+    error: str | None
+
+
+class AuthServerHealth(_Frozen):
+    """The auth gRPC server the ingestion-service validates keys against."""
+
+    running: bool
+    address: str | None
+    database_ok: bool
+
+
+class IngestionHealth(_Frozen):
+    """Whether the ingestion-service's internal gRPC server can be reached just now."""
+
+    address: str
+    reachable: bool
+
+
+class PollerHealth(_Frozen):
+    """The span poller's progress through the ingestion-service's WAL."""
+
+    enabled: bool
+    running: bool
+    connected: bool
+    caught_up: bool
+    last_key: str | None
+    lag_seconds: float | None
+    spans_processed: int
+    decode_failures: int
+    last_error: str | None
+
+
+class Health(_Frozen):
+    """The `/health` body, with an overall status.
+
+    `unavailable` (HTTP 503) when the database or the auth server is down: the
+    ingestion-service cannot validate keys. `degraded` (HTTP 200) when only the ingestion
+    side is down or the poller is not running: auth still serves, spans wait in the WAL.
+    """
+
+    status: Literal["ok", "degraded", "unavailable"]
+    database: DatabaseHealth
+    auth_server: AuthServerHealth
+    ingestion: IngestionHealth
+    poller: PollerHealth
+
+
+async def _probe_database(engine: AsyncEngine, within: float) -> DatabaseHealth:
+    """Read the api_keys table, the one the auth server cannot answer without."""
+    try:
+        async with asyncio.timeout(within), engine.connect() as conn:
+            try:
+                await conn.execute(text("SELECT 1 FROM api_keys LIMIT 1"))
+            except SQLAlchemyError:
+                # A connection that failed (a restarted server, a broken file) must not go
+                # back to the pool and fail the next probe after a recovery.
+                with contextlib.suppress(SQLAlchemyError):
+                    await conn.invalidate()
+                raise
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        return DatabaseHealth(ok=False, error=_describe(exc))
+    return DatabaseHealth(ok=True, error=None)
+
+
+def _poller_health(poller: SpanPoller | None) -> PollerHealth:
+    if poller is None:
+        return PollerHealth(
+            enabled=False,
+            running=False,
+            connected=False,
+            caught_up=False,
+            last_key=None,
+            lag_seconds=None,
+            spans_processed=0,
+            decode_failures=0,
+            last_error=None,
+        )
+    status = poller.status
+    return PollerHealth(
+        enabled=True,
+        running=status.running,
+        connected=status.connected,
+        caught_up=status.caught_up,
+        last_key=status.last_key.hex() if status.last_key is not None else None,
+        lag_seconds=status.lag_seconds,
+        spans_processed=status.spans_processed,
+        decode_failures=status.decode_failures,
+        last_error=status.last_error,
+    )
+
+
+async def check_health(backend: Backend) -> Health:
+    """Probe the database and the ingestion-service (concurrently) and collect the rest."""
+    timeout = backend.settings.health_probe_timeout_seconds
+    database, reachable = await asyncio.gather(
+        _probe_database(backend.engine, timeout),
+        backend.ingestion.check_connection(timeout),
+    )
+    auth = backend.auth_server
+    auth_health = AuthServerHealth(
+        running=auth.running,
+        address=auth.address if auth.running else None,
+        database_ok=auth.database_ok,
+    )
+    poller = _poller_health(backend.poller)
+    status: Literal["ok", "degraded", "unavailable"] = "ok"
+    if not (database.ok and auth_health.running):
+        status = "unavailable"
+    elif not reachable or (poller.enabled and not poller.running):
+        status = "degraded"
+    return Health(
+        status=status,
+        database=database,
+        auth_server=auth_health,
+        ingestion=IngestionHealth(
+            address=backend.settings.ingestion_grpc_address, reachable=reachable
+        ),
+        poller=poller,
+    )
+
+
+def _backend(request: Request) -> Backend:
+    backend = request.state.backend
+    if not isinstance(backend, Backend):  # pragma: no cover - only without the lifespan
+        raise TypeError("the app was served without its lifespan")
+    return backend
+
+
+RunningBackend = Annotated[Backend, Depends(_backend)]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app; nothing starts until its lifespan runs."""
+    resolved = settings if settings is not None else get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[LifespanState]:
+        async with run_backend(resolved) as backend:
+            yield {"backend": backend}
+
+    app = FastAPI(title="junjo-backend", version=__version__, lifespan=lifespan)
+
+    @app.get("/ping", response_class=PlainTextResponse)
+    async def ping() -> str:
+        """Liveness, as the Go backend answered it (the compose health check)."""
+        return "pong"
+
+    @app.get("/health", responses={503: {"model": Health}})
+    async def health(backend: RunningBackend, response: Response) -> Health:
+        """Each part's state; HTTP 503 when a part that auth needs is down."""
+        body = await check_health(backend)
+        if body.status == "unavailable":
+            response.status_code = 503
+        return body
+
+    return app
+
+
+class _BackendServer(uvicorn.Server):
+    """uvicorn's server with our signal policy and a start-up banner.
+
+    The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits at once.
+    uvicorn's own handling re-raises the signal after a graceful shutdown (so the exit
+    status says "killed") and forces only on a second SIGINT, not on a second SIGTERM.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Install our handlers for the server's lifetime, then restore the previous ones."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if not self.should_exit:
+            log.info(
+                "shutting down gracefully; send the signal again to force exit",
+                extra={"signal": name},
+            )
+            self.should_exit = True
+            return
+        log.warning("second signal: exiting without finishing shutdown", extra={"signal": name})
+        # Deliberately abrupt: whatever step is stuck (a gRPC drain, a database checkpoint)
+        # is what the operator asked to skip. SQLite's journal keeps the file consistent.
+        os._exit(128 + signum)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start as uvicorn does, then say where each part listens."""
+        await super().startup(sockets=sockets)
+        if not self.started:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        where: dict[str, object] = {"http": f"http://{host}:{port}", "http_port": port}
+        backend = self.lifespan.state.get("backend")
+        if isinstance(backend, Backend):
+            where["auth_grpc"] = backend.auth_server.address
+            where["ingestion_grpc"] = backend.settings.ingestion_grpc_address
+            where["database"] = make_url(backend.settings.database_url).render_as_string()
+        log.info(
+            "junjo-backend ready; create an API key with: junjo-backend api-keys create NAME",
+            extra=where,
+        )
+
+
+def serve(settings: Settings) -> int:
+    """Run the backend with uvicorn until SIGINT or SIGTERM; returns the exit status."""
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        # Our logging set-up (logs.configure_logging) formats uvicorn's records too.
+        log_config=None,
+        # A failing lifespan must stop the process, not be taken for "unsupported".
+        lifespan="on",
+        # grpc.aio needs the standard asyncio loop.
+        loop="asyncio",
+        timeout_graceful_shutdown=math.ceil(settings.grpc_shutdown_grace_seconds),
+        server_header=False,
+    )
+    server = _BackendServer(config)
+    try:
+        server.run()
+    except SystemExit as exit_:  # uvicorn exits this way when start-up fails
+        return exit_.code if isinstance(exit_.code, int) else STARTUP_FAILURE_EXIT
+    return 0

@@ -1,0 +1,1 @@
+"""The app tests: lifespan, health, `serve` as a process."""

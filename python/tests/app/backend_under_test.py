@@ -1,0 +1,261 @@
+"""What the app tests run and probe: an ingestion-service stand-in, `serve` in a subprocess,
+and checks that a released resource is really released."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.resource.v1 import resource_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from junjo_backend._wire.ingestion import ingestion_pb2, ingestion_pb2_grpc
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+
+@dataclass(frozen=True, slots=True)
+class WalEntry:
+    """One entry of the ingestion-service's WAL, as ReadSpans streams it."""
+
+    key: bytes
+    span_bytes: bytes
+    resource_bytes: bytes
+
+
+def make_entries(count: int, service: str = "app-tests") -> list[WalEntry]:
+    """`count` entries with increasing ULID keys (timestamp now) and real OTLP bytes."""
+    resource = resource_pb2.Resource(
+        attributes=[
+            common_pb2.KeyValue(key="service.name", value=common_pb2.AnyValue(string_value=service))
+        ]
+    ).SerializeToString()
+    millis = time.time_ns() // 1_000_000
+    random_part = int.from_bytes(secrets.token_bytes(10), "big") >> 1
+    entries = []
+    for index in range(count):
+        key = millis.to_bytes(6, "big") + (random_part + index).to_bytes(10, "big")
+        span = trace_pb2.Span(
+            trace_id=secrets.token_bytes(16),
+            span_id=secrets.token_bytes(8),
+            name=f"span-{index}",
+            start_time_unix_nano=time.time_ns(),
+            end_time_unix_nano=time.time_ns() + 1000,
+        ).SerializeToString()
+        entries.append(WalEntry(key, span, resource))
+    return entries
+
+
+class _ReadSpans(ingestion_pb2_grpc.InternalIngestionServiceServicer):
+    """ReadSpans with the contract's semantics: strictly after the start key, batch_size."""
+
+    def __init__(self, entries: list[WalEntry]) -> None:
+        self.entries = entries
+
+    async def ReadSpans(
+        self,
+        request: ingestion_pb2.ReadSpansRequest,
+        _context: grpc.aio.ServicerContext[
+            ingestion_pb2.ReadSpansRequest, ingestion_pb2.ReadSpansResponse
+        ],
+    ) -> AsyncIterator[ingestion_pb2.ReadSpansResponse]:
+        sent = 0
+        for entry in self.entries:
+            if sent >= request.batch_size:
+                return
+            if request.start_key_ulid and entry.key <= request.start_key_ulid:
+                continue
+            sent += 1
+            yield ingestion_pb2.ReadSpansResponse(
+                key_ulid=entry.key,
+                span_bytes=entry.span_bytes,
+                resource_bytes=entry.resource_bytes,
+            )
+
+
+@dataclass
+class IngestionStandIn:
+    """A real gRPC server for InternalIngestionService, stoppable and
+    restartable on the same port, so tests can take the ingestion side away and back.
+    """
+
+    entries: list[WalEntry] = field(default_factory=list)
+    port: int = 0
+    _server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        """`host:port` the backend should dial."""
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        """Serve on the port chosen by the first start."""
+        server = grpc.aio.server()
+        ingestion_pb2_grpc.add_InternalIngestionServiceServicer_to_server(
+            _ReadSpans(self.entries), server
+        )
+        self.port = server.add_insecure_port(self.address)
+        await server.start()
+        self._server = server
+
+    async def stop(self) -> None:
+        """Stop serving at once (open streams are cancelled)."""
+        if self._server is not None:
+            await self._server.stop(None)
+            self._server = None
+
+
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:`port` (binding it, as a new server would)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def open_files_under(folder: Path) -> list[str]:
+    """Paths under `folder` that this process still holds open (SQLite files included)."""
+    held = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:  # the fd closed while we looked
+            continue
+        if target.startswith(str(folder)):
+            held.append(target)
+    return held
+
+
+def corrupt_sqlite_file(path: Path) -> None:
+    """Replace the SQLite file (and its WAL) with bytes that are not a database."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path.write_bytes(b"this is not a database" * 100)
+
+
+def drop_table(path: Path, table: str) -> None:
+    """Drop `table` from the SQLite file at `path`, as another process would."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(f"DROP TABLE {table}")
+
+
+def established_connections_to(port: int) -> int:
+    """Established TCP connections from this process's host to 127.0.0.1:`port` (client side)."""
+    count = 0
+    # gRPC's sockets are often IPv6 ones carrying IPv4-mapped addresses: read both tables.
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if remote_port == port and fields[3] == "01":  # 01 = ESTABLISHED
+                count += 1
+    return count
+
+
+async def eventually(check: Callable[[], bool], *, within: float = 20.0) -> bool:
+    """Poll `check` until it holds or `within` seconds pass; the result says which."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+class ServeProcess:
+    """`junjo-backend serve` in a subprocess with JSON logs, read line by line."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.records: list[dict[str, object]] = []
+        self.lines: list[str] = []
+        self._new: queue.Queue[dict[str, object] | None] = queue.Queue()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "junjo_backend.cli", "serve"],
+            env={**os.environ, **env, "LOG_FORMAT": "json"},
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        with self.process.stderr as stream:
+            for line in stream:
+                self.lines.append(line)
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    self.records.append(record)
+                    self._new.put(record)
+        self._new.put(None)
+
+    def wait_for(self, message: str, timeout: float = 30.0, **fields: object) -> dict[str, object]:
+        """The first record whose message starts with `message` and that carries `fields`."""
+
+        def matches(record: dict[str, object]) -> bool:
+            return str(record.get("message", "")).startswith(message) and all(
+                record.get(name) == value for name, value in fields.items()
+            )
+
+        for record in list(self.records):
+            if matches(record):
+                return record
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                arrived = self._new.get(timeout=left)
+            except queue.Empty:
+                break
+            if arrived is None:  # the process has ended
+                break
+            if matches(arrived):
+                return arrived
+        output = "".join(self.lines)
+        msg = f"no log record {message!r} {fields}; the process wrote:\n{output}"
+        raise AssertionError(msg)
+
+    def messages(self) -> list[str]:
+        """Every record's message, in order."""
+        return [str(record.get("message")) for record in self.records]
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Send `signum` to the server."""
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """The exit status, once the process has ended and its output has been read."""
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)
+        return code
+
+    def kill(self) -> None:
+        """Make sure the process is gone (test teardown)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._reader.join()

@@ -1,0 +1,72 @@
+"""Fixtures for the app tests."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from junjo_backend.settings import Settings
+
+from .backend_under_test import IngestionStandIn, ServeProcess, make_entries
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator
+    from pathlib import Path
+
+
+@pytest.fixture
+async def ingestion() -> AsyncIterator[IngestionStandIn]:
+    stand_in = IngestionStandIn(entries=make_entries(250))
+    await stand_in.start()
+    try:
+        yield stand_in
+    finally:
+        await stand_in.stop()
+
+
+@pytest.fixture
+def database_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "junjo.db"
+
+
+@pytest.fixture
+def make_settings(database_path: Path) -> Callable[..., Settings]:
+    """Settings for a backend on loopback ephemeral ports with a fresh SQLite file."""
+
+    def build(**overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "database_url": f"sqlite+aiosqlite:///{database_path}",
+            "auth_grpc_listen_address": "127.0.0.1:0",
+            "ingestion_grpc_address": "127.0.0.1:1",
+            "grpc_shutdown_grace_seconds": 0.5,
+            "poller_idle_wait_seconds": 0.05,
+            "poller_max_backoff_seconds": 0.2,
+            "health_probe_timeout_seconds": 1.0,
+        }
+        values.update(overrides)
+        return Settings.model_validate(values)
+
+    return build
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], ServeProcess]]:
+    started: list[ServeProcess] = []
+
+    def start(env: dict[str, str]) -> ServeProcess:
+        base = {
+            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'data' / 'junjo.db'}",
+            "AUTH_GRPC_LISTEN_ADDRESS": "127.0.0.1:0",
+            "HTTP_HOST": "127.0.0.1",
+            "HTTP_PORT": "0",
+            "INGESTION_GRPC_ADDRESS": "127.0.0.1:1",
+            "GRPC_SHUTDOWN_GRACE_SECONDS": "1",
+        }
+        process = ServeProcess({**base, **env}, cwd=tmp_path)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

@@ -1,0 +1,120 @@
+"""`junjo-backend serve` as a real process: start-up banner, signals, exit status, ports."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from .backend_under_test import IngestionStandIn, ServeProcess, port_is_free
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.timeout(120)
+
+Start = Callable[[dict[str, str]], ServeProcess]
+
+SHUTDOWN_STEPS = ["span poller", "ingestion client", "auth server", "database"]
+
+
+def stopped_steps(process: ServeProcess) -> list[str]:
+    return [str(r["step"]) for r in process.records if r.get("message") == "stopped"]
+
+
+def ready_ports(process: ServeProcess) -> tuple[int, int]:
+    """The HTTP and auth ports the server logged when it was ready."""
+    ready = process.wait_for("junjo-backend ready")
+    assert "api-keys create NAME" in str(ready["message"])
+    http_port = ready["http_port"]
+    auth = str(ready["auth_grpc"])
+    assert isinstance(http_port, int)
+    return http_port, int(auth.rsplit(":", 1)[1])
+
+
+def test_sigterm_shuts_down_gracefully_in_reverse_order(
+    serve_process: Start, ingestion: IngestionStandIn
+) -> None:
+    process = serve_process({"INGESTION_GRPC_ADDRESS": ingestion.address})
+    http_port, auth_port = ready_ports(process)
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10) as http:
+        assert http.get("/ping").text == "pong"
+        health = http.get("/health")
+    assert health.status_code == 200
+    assert health.json()["auth_server"]["address"] == f"127.0.0.1:{auth_port}"
+
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0
+    assert stopped_steps(process) == SHUTDOWN_STEPS
+    assert "shutting down gracefully; send the signal again to force exit" in process.messages()
+    assert port_is_free(http_port)
+    assert port_is_free(auth_port)
+
+
+def test_sigint_shuts_down_gracefully_too(serve_process: Start) -> None:
+    process = serve_process({"POLLER_ENABLED": "false"})
+    ready_ports(process)
+
+    process.signal(signal.SIGINT)
+
+    assert process.wait() == 0
+    assert stopped_steps(process) == ["ingestion client", "auth server", "database"]
+
+
+def test_a_second_signal_forces_exit(serve_process: Start, tmp_path: Path) -> None:
+    process = serve_process({"POLLER_ENABLED": "false"})
+    ready_ports(process)
+    # A real way to make shutdown hang: a reader holding a snapshot keeps SQLite's
+    # truncating WAL checkpoint (the last shutdown step) waiting on its busy timeout.
+    reader = sqlite3.connect(tmp_path / "data" / "junjo.db")
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM api_keys").fetchall()
+
+        process.signal(signal.SIGTERM)
+        # The auth server is the step before the database: its "stopped" means the
+        # checkpoint is under way, and waiting on the reader.
+        process.wait_for("stopped", step="auth server")
+        process.signal(signal.SIGTERM)
+        code = process.wait()
+    finally:
+        reader.close()
+
+    assert code == 128 + signal.SIGTERM
+    assert "second signal: exiting without finishing shutdown" in process.messages()
+    assert "database" not in stopped_steps(process)
+
+
+def test_auth_port_taken_fails_startup_with_the_step_named(serve_process: Start) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        process = serve_process({"AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{port}"})
+        code = process.wait()
+
+    assert code == 3
+    failed = process.wait_for("start-up step failed", timeout=0)
+    assert failed["step"] == "auth server"
+    assert "start-up failed at step 'auth server'" in "".join(process.lines)
+    assert stopped_steps(process) == ["auth server", "database"]
+
+
+def test_http_port_taken_stops_everything_the_lifespan_started(serve_process: Start) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        process = serve_process({"HTTP_PORT": str(port)})
+        code = process.wait()
+
+    assert code == 3
+    auth = str(process.wait_for("auth gRPC server listening", timeout=0)["address"])
+    assert stopped_steps(process) == SHUTDOWN_STEPS
+    assert port_is_free(int(auth.rsplit(":", 1)[1]))
