@@ -158,6 +158,11 @@ class _RetryClock:
         self._first_failure = None
         self._attempt = 0
 
+    @property
+    def first_retry(self) -> bool:
+        """Whether the delay just given was the first since the last progress."""
+        return self._attempt == 1
+
     def next_delay(self) -> float | None:
         """How long to wait before the next attempt, or None when the deadline is spent."""
         now = time.monotonic()
@@ -413,7 +418,10 @@ class IngestionClient:
                 f"{details} (still failing after INGESTION_RETRY_DEADLINE_SECONDS="
                 f"{self._settings.ingestion_retry_deadline_seconds:g})",
             )
-        log.info(
+        # One line per outage at INFO; the retries after it (several a second at first)
+        # only at DEBUG, so a stopped ingestion-service does not flood the log.
+        log.log(
+            logging.INFO if retry.first_retry else logging.DEBUG,
             "ingestion stream interrupted, resuming",
             extra={"code": code.name, "details": details, "retry_in_seconds": round(delay, 3)},
         )

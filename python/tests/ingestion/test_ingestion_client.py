@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from typing import TYPE_CHECKING
 
@@ -211,17 +212,24 @@ async def test_other_status_codes_raise_a_typed_error_with_the_code(
 
 
 async def test_unavailable_is_retried_until_the_retry_deadline(
-    make_settings: Callable[..., Settings], free_port: int
+    make_settings: Callable[..., Settings], free_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = make_settings(
         ingestion_grpc_address=f"127.0.0.1:{free_port}", ingestion_retry_deadline_seconds=0.3
     )
+    caplog.set_level(logging.DEBUG, logger="junjo_backend.ingestion_client")
     async with IngestionClient(settings=settings) as client:
         with pytest.raises(IngestionUnavailableError) as raised:
             await client.read_spans(None, 10)
         assert not client.connected
     assert raised.value.code is grpc.StatusCode.UNAVAILABLE
     assert "INGESTION_RETRY_DEADLINE_SECONDS" in str(raised.value)
+    # One line per outage at INFO; its retries only at DEBUG.
+    retries = [
+        r for r in caplog.records if r.getMessage() == "ingestion stream interrupted, resuming"
+    ]
+    assert len(retries) > 1
+    assert [r.levelno for r in retries] == [logging.INFO] + [logging.DEBUG] * (len(retries) - 1)
 
 
 async def test_a_server_that_comes_up_within_the_retry_deadline_is_read(
