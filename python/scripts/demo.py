@@ -1,14 +1,19 @@
 """The whole loop on one machine: Go ingestion peer, backend, API key, OTLP spans, drain.
 
     python python/scripts/demo.py [--spans N] [--timeout S] [--check]
+                                  [--peer {auto,container,binary}] [--peer-binary PATH]
 
-Starts the Go ingestion peer (go-compat-tests/bin/ingestion-peer, built by `make peer`)
-with a fresh WAL, and `junjo-backend serve` with a fresh SQLite file, both on free loopback
-ports; creates an API key with the CLI; sends spans to the peer with the OpenTelemetry
-SDK's OTLP gRPC exporter and that key; waits until the backend's /health says its poller
-has processed them all; prints a summary and stops everything it started, also on failure
-or Ctrl-C. `--check` (CI) fails unless every span sent was received, an unknown key was
-refused, and the backend shut down cleanly.
+Starts the Go ingestion peer with a fresh WAL, and `junjo-backend serve` with a fresh
+SQLite file, both on free loopback ports. The peer runs as a container when a Docker engine
+answers `docker info` (`--peer auto`, the default): the image junjo-ingestion-peer:demo is
+built from go-compat-tests/image with the static binary go-compat-tests/bin/ingestion-peer
+(`make peer`) copied in, nothing pulled, and run on host networking. Without an engine it
+runs that binary directly. The demo then creates an API key with the CLI; sends spans to
+the peer with the OpenTelemetry SDK's OTLP gRPC exporter and that key; waits until the
+backend's /health says its poller has processed them all; prints a summary (saying how the
+peer ran) and stops everything it started (`docker stop`, then removal, for the container),
+also on failure or Ctrl-C. `--check` (CI) fails unless every span sent was received, an
+unknown key was refused, and the backend and the peer shut down cleanly.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,8 +53,14 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PEER_BINARY = REPO_ROOT / "go-compat-tests" / "bin" / "ingestion-peer"
+IMAGE_CONTEXT = REPO_ROOT / "go-compat-tests" / "image"
+PEER_IMAGE = "junjo-ingestion-peer:demo"
+WAL_MOUNT = "/wal"
 API_KEY = re.compile(r"\b[0-9A-Za-z]{64}\b")
 STOP_TIMEOUT_SECONDS = 20.0
+CONTAINER_STOP_SECONDS = 10
+DOCKER_TIMEOUT_SECONDS = 60.0
+BUILD_TIMEOUT_SECONDS = 300.0
 
 
 class DemoFailedError(Exception):
@@ -100,6 +112,7 @@ class Summary:
     decode_failures: int
     lag_seconds: float | None
     unknown_key_refused: bool
+    peer: str
 
 
 def free_ports() -> Ports:
@@ -161,6 +174,110 @@ class Child:
         return "\n".join(text[-lines:])
 
 
+def docker(*args: str, timeout: float = DOCKER_TIMEOUT_SECONDS) -> subprocess.CompletedProcess[str]:
+    """One docker CLI command, output captured; the caller judges its status.
+
+    Its own session keeps Ctrl-C from killing a clean-up command half-way.
+    """
+    return subprocess.run(
+        ["docker", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        start_new_session=True,
+    )
+
+
+def docker_engine_reachable() -> bool:
+    """Whether `docker info` succeeds."""
+    try:
+        return docker("info", timeout=15).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def build_peer_image(peer_binary: Path) -> str:
+    """Build the peer image from a copy of go-compat-tests/image plus the binary; its tag.
+
+    The Dockerfile is `FROM scratch`, so nothing is pulled.
+    """
+    with tempfile.TemporaryDirectory(prefix="junjo-demo-image-") as tmp:
+        context = Path(tmp)
+        for name in ("Dockerfile", ".dockerignore"):
+            shutil.copy(IMAGE_CONTEXT / name, context / name)
+        shutil.copy(peer_binary, context / "ingestion-peer")
+        build = docker("build", "-t", PEER_IMAGE, str(context), timeout=BUILD_TIMEOUT_SECONDS)
+    if build.returncode != 0:
+        raise DemoFailedError(f"`docker build` of the peer image failed:\n{build.stderr}")
+    return PEER_IMAGE
+
+
+class PeerContainer:
+    """The ingestion peer as a container on host networking, driven with the docker CLI.
+
+    Run without --rm so that its exit code can be read after a graceful stop; `stop`
+    removes it in every case, also when `start` failed half-way.
+    """
+
+    def __init__(self, image: str, env: Mapping[str, str], wal_dir: Path, workdir: Path) -> None:
+        self.name = "ingestion-peer"
+        self.container = f"junjo-demo-peer-{os.getpid()}"
+        self.log_path = workdir / f"{self.name}.log"
+        self.exit_code: int | None = None
+        # Made here, so that it belongs to us and not to the daemon (the peer runs as us).
+        wal_dir.mkdir(exist_ok=True)
+        options = ["--network", "host", "--name", self.container, "-v", f"{wal_dir}:{WAL_MOUNT}"]
+        options += ["--user", f"{os.getuid()}:{os.getgid()}"]
+        for name, value in {**env, "BADGERDB_PATH": WAL_MOUNT}.items():
+            options += ["-e", f"{name}={value}"]
+        self._run_args = ["run", "-d", *options, image]
+
+    def start(self) -> None:
+        """`docker run -d`; fails the demo if the container did not start."""
+        started = docker(*self._run_args)
+        if started.returncode != 0:
+            raise DemoFailedError(f"`docker run` of the peer failed: {started.stderr.strip()}")
+
+    def check_alive(self) -> None:
+        """Fail the demo if the container has ended."""
+        state = docker("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", self.container)
+        running, _, code = state.stdout.strip().partition(" ")
+        if state.returncode != 0 or running != "true":
+            raise DemoFailedError(f"{self.name} exited early with status {code or 'unknown'}")
+
+    def stop(self) -> int | None:
+        """`docker stop` (SIGTERM, SIGKILL after 10 s), keep its exit code and logs, remove it."""
+        try:
+            docker("stop", "-t", str(CONTAINER_STOP_SECONDS), self.container)
+            waited = docker("wait", self.container)
+            if waited.returncode == 0:
+                self.exit_code = int(waited.stdout.strip())
+            with self.log_path.open("wb") as log:
+                subprocess.run(
+                    ["docker", "logs", self.container],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=DOCKER_TIMEOUT_SECONDS,
+                    check=False,
+                    start_new_session=True,
+                )
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            print(f"could not stop the {self.name} container cleanly: {exc}")
+        finally:
+            docker("rm", "-f", self.container)
+        return self.exit_code
+
+    def tail(self, lines: int = 40) -> str:
+        """The last lines the container wrote."""
+        if not self.log_path.exists():
+            return "(no output: the container did not run)"
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
 def wait_for_http(backend: Child, url: str, deadline: float) -> None:
     """Until `url` answers (the backend's HTTP server is up)."""
     while True:
@@ -175,7 +292,7 @@ def wait_for_http(backend: Child, url: str, deadline: float) -> None:
         time.sleep(0.1)
 
 
-def wait_for_peer(peer: Child, port: int, deadline: float) -> None:
+def wait_for_peer(peer: Child | PeerContainer, port: int, deadline: float) -> None:
     """Until the peer's OTLP server accepts connections.
 
     The peer serves nothing until our auth server has answered its start-up readiness check,
@@ -289,9 +406,21 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run(
-    peer_binary: Path, spans: int, timeout: float, workdir: Path, children: list[Child]
+    peer_binary: Path,
+    spans: int,
+    timeout: float,
+    workdir: Path,
+    children: list[Child | PeerContainer],
+    *,
+    in_container: bool,
 ) -> Summary:
     """Start everything, send spans, wait for the drain; the caller stops the children."""
+    if in_container:
+        print(f"building the peer image {PEER_IMAGE} from {IMAGE_CONTEXT.relative_to(REPO_ROOT)}")
+        image = build_peer_image(peer_binary)
+        peer_label = f"container ({image})"
+    else:
+        peer_label = f"binary ({peer_binary})"
     ports = free_ports()
     deadline = time.monotonic() + timeout
     backend_env = {
@@ -307,18 +436,20 @@ def run(
         "backend", [sys.executable, "-m", "junjo_backend.cli", "serve"], backend_env, workdir
     )
     children.append(backend)
-    peer = Child(
-        "ingestion-peer",
-        [str(peer_binary)],
-        {
-            "GRPC_PORT": str(ports.otlp),
-            "INTERNAL_GRPC_PORT": str(ports.internal),
-            "BACKEND_GRPC_ADDRESS": f"127.0.0.1:{ports.auth}",
-            "BADGERDB_PATH": str(workdir / "wal"),
-        },
-        workdir,
-    )
-    children.append(peer)
+    peer_env = {
+        "GRPC_PORT": str(ports.otlp),
+        "INTERNAL_GRPC_PORT": str(ports.internal),
+        "BACKEND_GRPC_ADDRESS": f"127.0.0.1:{ports.auth}",
+        "BADGERDB_PATH": str(workdir / "wal"),
+    }
+    peer: Child | PeerContainer
+    if in_container:
+        peer = PeerContainer(image, peer_env, workdir / "wal", workdir)
+        children.append(peer)  # before it starts: a half-started container is removed too
+        peer.start()
+    else:
+        peer = Child("ingestion-peer", [str(peer_binary)], peer_env, workdir)
+        children.append(peer)
     base_url = f"http://127.0.0.1:{ports.http}"
     wait_for_http(backend, f"{base_url}/ping", deadline)
     wait_for_peer(peer, ports.otlp, deadline)
@@ -336,6 +467,7 @@ def run(
         decode_failures=int(str(poller["decode_failures"])),
         lag_seconds=float(lag) if isinstance(lag, int | float) else None,
         unknown_key_refused=refused,
+        peer=peer_label,
     )
 
 
@@ -343,6 +475,7 @@ def print_summary(summary: Summary, exits: Mapping[str, int | None]) -> None:
     """The figures, one per line."""
     lag = "n/a" if summary.lag_seconds is None else f"{summary.lag_seconds:.2f} s"
     rows = [
+        ("ingestion peer ran as", summary.peer),
         ("spans sent (accepted by the peer)", str(summary.sent)),
         ("spans received (backend poller)", str(summary.received)),
         ("decode failures", str(summary.decode_failures)),
@@ -368,7 +501,22 @@ def problems_with(summary: Summary, exits: Mapping[str, int | None]) -> list[str
         problems.append("an unknown API key was not refused")
     if exits.get("backend") != 0:
         problems.append(f"the backend exited with {exits.get('backend')} after SIGTERM")
+    if exits.get("ingestion-peer") != 0:
+        problems.append(f"the peer exited with {exits.get('ingestion-peer')} after SIGTERM")
     return problems
+
+
+def peer_in_container(choice: str) -> bool:
+    """Resolve `--peer` (auto: a container if `docker info` succeeds) and say which it is."""
+    engine = choice != "binary" and docker_engine_reachable()
+    if choice == "container" and not engine:
+        raise DemoFailedError("--peer container: no Docker engine answered `docker info`")
+    if choice == "auto":
+        reason = "a Docker engine answered" if engine else "no Docker engine answered"
+        print(f"ingestion peer: {'container' if engine else 'binary'} ({reason} `docker info`)")
+    else:
+        print(f"ingestion peer: {choice} (--peer {choice})")
+    return engine
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -380,20 +528,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--check", action="store_true", help="fail unless received == sent")
     parser.add_argument(
-        "--peer", type=Path, default=PEER_BINARY, help="the ingestion peer binary to run"
+        "--peer",
+        choices=("auto", "container", "binary"),
+        default="auto",
+        help="how to run the ingestion peer (auto: a container if `docker info` succeeds)",
+    )
+    parser.add_argument(
+        "--peer-binary",
+        type=Path,
+        default=PEER_BINARY,
+        help="the static ingestion peer binary, run directly or copied into the image",
     )
     args = parser.parse_args(argv)
-    if not args.peer.exists():
-        print(f"{args.peer} is missing: build it with `make peer`", file=sys.stderr)
+    if not args.peer_binary.exists():
+        print(f"{args.peer_binary} is missing: build it with `make peer`", file=sys.stderr)
+        return 1
+    try:
+        in_container = peer_in_container(args.peer)
+    except DemoFailedError as exc:
+        print(exc, file=sys.stderr)
         return 1
 
-    children: list[Child] = []
+    children: list[Child | PeerContainer] = []
     summary: Summary | None = None
     failure: str | None = None
     with tempfile.TemporaryDirectory(prefix="junjo-demo-") as tmp, sigterm_as_interrupt():
         workdir = Path(tmp)
         try:
-            summary = run(args.peer, args.spans, args.timeout, workdir, children)
+            summary = run(
+                args.peer_binary,
+                args.spans,
+                args.timeout,
+                workdir,
+                children,
+                in_container=in_container,
+            )
         except (DemoFailedError, OSError, subprocess.SubprocessError) as exc:
             failure = str(exc)
         except KeyboardInterrupt:
