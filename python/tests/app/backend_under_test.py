@@ -1,14 +1,12 @@
-"""What the app tests run and probe: an ingestion-service stand-in, `serve` in a subprocess,
-and checks that a released resource is really released."""
+"""What the app tests run and probe: `serve` in a subprocess, and checks that a released
+resource is really released. The ingestion side is tests/ingestion/fake_ingestion.py."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import queue
-import secrets
 import signal
 import socket
 import sqlite3
@@ -16,110 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
-from opentelemetry.proto.common.v1 import common_pb2
-from opentelemetry.proto.resource.v1 import resource_pb2
-from opentelemetry.proto.trace.v1 import trace_pb2
-
-from junjo_backend._wire.ingestion import ingestion_pb2, ingestion_pb2_grpc
+from tests.ingestion.fake_ingestion import wait_until
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
-
-
-@dataclass(frozen=True, slots=True)
-class WalEntry:
-    """One entry of the ingestion-service's WAL, as ReadSpans streams it."""
-
-    key: bytes
-    span_bytes: bytes
-    resource_bytes: bytes
-
-
-def make_entries(count: int, service: str = "app-tests") -> list[WalEntry]:
-    """`count` entries with increasing ULID keys (timestamp now) and real OTLP bytes."""
-    resource = resource_pb2.Resource(
-        attributes=[
-            common_pb2.KeyValue(key="service.name", value=common_pb2.AnyValue(string_value=service))
-        ]
-    ).SerializeToString()
-    millis = time.time_ns() // 1_000_000
-    random_part = int.from_bytes(secrets.token_bytes(10), "big") >> 1
-    entries = []
-    for index in range(count):
-        key = millis.to_bytes(6, "big") + (random_part + index).to_bytes(10, "big")
-        span = trace_pb2.Span(
-            trace_id=secrets.token_bytes(16),
-            span_id=secrets.token_bytes(8),
-            name=f"span-{index}",
-            start_time_unix_nano=time.time_ns(),
-            end_time_unix_nano=time.time_ns() + 1000,
-        ).SerializeToString()
-        entries.append(WalEntry(key, span, resource))
-    return entries
-
-
-class _ReadSpans(ingestion_pb2_grpc.InternalIngestionServiceServicer):
-    """ReadSpans with the contract's semantics: strictly after the start key, batch_size."""
-
-    def __init__(self, entries: list[WalEntry]) -> None:
-        self.entries = entries
-
-    async def ReadSpans(
-        self,
-        request: ingestion_pb2.ReadSpansRequest,
-        _context: grpc.aio.ServicerContext[
-            ingestion_pb2.ReadSpansRequest, ingestion_pb2.ReadSpansResponse
-        ],
-    ) -> AsyncIterator[ingestion_pb2.ReadSpansResponse]:
-        sent = 0
-        for entry in self.entries:
-            if sent >= request.batch_size:
-                return
-            if request.start_key_ulid and entry.key <= request.start_key_ulid:
-                continue
-            sent += 1
-            yield ingestion_pb2.ReadSpansResponse(
-                key_ulid=entry.key,
-                span_bytes=entry.span_bytes,
-                resource_bytes=entry.resource_bytes,
-            )
-
-
-@dataclass
-class IngestionStandIn:
-    """A real gRPC server for InternalIngestionService, stoppable and
-    restartable on the same port, so tests can take the ingestion side away and back.
-    """
-
-    entries: list[WalEntry] = field(default_factory=list)
-    port: int = 0
-    _server: grpc.aio.Server | None = None
-
-    @property
-    def address(self) -> str:
-        """`host:port` the backend should dial."""
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        """Serve on the port chosen by the first start."""
-        server = grpc.aio.server()
-        ingestion_pb2_grpc.add_InternalIngestionServiceServicer_to_server(
-            _ReadSpans(self.entries), server
-        )
-        self.port = server.add_insecure_port(self.address)
-        await server.start()
-        self._server = server
-
-    async def stop(self) -> None:
-        """Stop serving at once (open streams are cancelled)."""
-        if self._server is not None:
-            await self._server.stop(None)
-            self._server = None
+    from collections.abc import Callable
 
 
 def port_is_free(port: int) -> bool:
@@ -173,11 +74,10 @@ def established_connections_to(port: int) -> int:
 
 async def eventually(check: Callable[[], bool], *, within: float = 20.0) -> bool:
     """Poll `check` until it holds or `within` seconds pass; the result says which."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
+    try:
+        await wait_until(check, limit=within)
+    except TimeoutError:
+        return False
     return True
 
 

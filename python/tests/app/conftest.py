@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from junjo_backend.settings import Settings
+from tests.ingestion.fake_ingestion import FakeIngestionServer, FakeIngestionService, FakeWal
 
-from .backend_under_test import IngestionStandIn, ServeProcess, make_entries
+from .backend_under_test import ServeProcess
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,13 +17,18 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture
-async def ingestion() -> AsyncIterator[IngestionStandIn]:
-    stand_in = IngestionStandIn(entries=make_entries(250))
-    await stand_in.start()
-    try:
-        yield stand_in
-    finally:
-        await stand_in.stop()
+def wal() -> FakeWal:
+    """The ingestion-service's WAL, holding 250 spans for the backend to drain."""
+    wal = FakeWal()
+    wal.seed(250)
+    return wal
+
+
+@pytest.fixture
+async def ingestion(wal: FakeWal) -> AsyncIterator[FakeIngestionServer]:
+    """A real ReadSpans server over `wal`; tests may stop it and start it on the same port."""
+    async with FakeIngestionServer(FakeIngestionService(wal)) as server:
+        yield server
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
 from junjo_backend.app import Backend, StartupError, create_app
 
 from .backend_under_test import (
-    IngestionStandIn,
     corrupt_sqlite_file,
     drop_table,
     established_connections_to,
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from junjo_backend.settings import Settings
+    from tests.ingestion.fake_ingestion import FakeIngestionServer, FakeWal
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,7 +63,8 @@ def other_tasks() -> set[asyncio.Task[object]]:
 
 async def test_lifespan_serves_and_then_releases_everything(
     make_settings: Callable[..., Settings],
-    ingestion: IngestionStandIn,
+    wal: FakeWal,
+    ingestion: FakeIngestionServer,
     database_path: Path,
 ) -> None:
     tasks_before = other_tasks()
@@ -79,7 +80,7 @@ async def test_lifespan_serves_and_then_releases_everything(
         assert await eventually(
             lambda: (
                 backend.poller is not None
-                and backend.poller.status.spans_processed == len(ingestion.entries)
+                and backend.poller.status.spans_processed == len(wal.keys)
             )
         )
         body = (await http.get("/health")).json()
@@ -92,13 +93,13 @@ async def test_lifespan_serves_and_then_releases_everything(
     assert body["ingestion"] == {"address": ingestion.address, "reachable": True}
     assert body["poller"]["enabled"] is True
     assert body["poller"]["running"] is True
-    assert body["poller"]["spans_processed"] == len(ingestion.entries)
+    assert body["poller"]["spans_processed"] == len(wal.keys)
     assert body["poller"]["decode_failures"] == 0
-    assert body["poller"]["last_key"] == ingestion.entries[-1].key.hex()
+    assert body["poller"]["last_key"] == wal.keys[-1].hex()
     assert isinstance(body["poller"]["lag_seconds"], float)
 
     # After shutdown: no listening port, no database file held, no channel, no task (the
-    # stand-in's own server tasks are not the backend's: it is stopped first).
+    # fake ingestion server's own tasks are not the backend's: it is stopped first).
     assert port_is_free(auth_port)
     assert open_files_under(database_path.parent) == []
     assert await eventually(lambda: established_connections_to(ingestion.port) == 0)
@@ -110,7 +111,7 @@ async def test_lifespan_serves_and_then_releases_everything(
 
 
 async def test_health_follows_the_ingestion_service_going_away_and_coming_back(
-    make_settings: Callable[..., Settings], ingestion: IngestionStandIn
+    make_settings: Callable[..., Settings], ingestion: FakeIngestionServer
 ) -> None:
     settings = make_settings(ingestion_grpc_address=ingestion.address)
     async with running(settings) as (http, _backend):

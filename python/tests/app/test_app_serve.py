@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from .backend_under_test import IngestionStandIn, ServeProcess, port_is_free
+from .backend_under_test import ServeProcess, port_is_free
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from tests.ingestion.fake_ingestion import FakeIngestionServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,7 +40,7 @@ def ready_ports(process: ServeProcess) -> tuple[int, int]:
 
 
 def test_sigterm_shuts_down_gracefully_in_reverse_order(
-    serve_process: Start, ingestion: IngestionStandIn
+    serve_process: Start, ingestion: FakeIngestionServer
 ) -> None:
     process = serve_process({"INGESTION_GRPC_ADDRESS": ingestion.address})
     http_port, auth_port = ready_ports(process)

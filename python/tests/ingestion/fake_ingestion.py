@@ -8,8 +8,8 @@ otherwise strictly after the given key (which need not exist); it streams at mos
 counts toward `batch_size`; `batch_size = 0` streams nothing.
 
 What it adds for tests: fault switches on `FakeIngestionService` (stall before the first
-message, pause after N messages, fail with a status) and `FakeIngestionServer.restart()`
-on the same port.
+message, pause after N messages, fail with a status), and `FakeIngestionServer.restart()`
+on the same port (or `stop()` and a later `start()`, which binds that port again).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import asyncio
 import bisect
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -225,6 +225,15 @@ class FakeIngestionServer:
         self.service.pause_after = None
         self.service.paused = asyncio.Event()
         await self.start()
+
+    async def __aenter__(self) -> Self:
+        """Start serving for the `async with` block."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc_info: object) -> None:
+        """Stop serving at once, however the block ended."""
+        await self.stop()
 
 
 async def wait_until(condition: Callable[[], bool], *, limit: float = 60.0) -> None:
