@@ -18,9 +18,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import String, delete, insert, select, type_coerce
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
-from junjo_backend.database import api_keys, close_engine, create_engine, init_schema
+from junjo_backend.database import (
+    api_keys,
+    close_engine,
+    create_engine,
+    describe_database_error,
+    init_schema,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -92,19 +98,6 @@ def key_fingerprint(key: str) -> str:
     """
     digest = hashlib.sha256(b"junjo-api-key:" + key.encode("utf-8", "surrogatepass"))
     return "fp:" + digest.hexdigest()[:_FINGERPRINT_HEX_CHARS]
-
-
-def describe_database_error(exc: BaseException) -> str:
-    """A loggable description of a database failure that carries no statement parameters.
-
-    str() of a SQLAlchemy statement error includes the parameters, which for an INSERT
-    into api_keys is the new key; the driver's own message (`orig`) does not.
-    """
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        return f"{type(exc.orig).__name__}: {exc.orig}"
-    if isinstance(exc, SQLAlchemyError):
-        return type(exc).__name__
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _as_utc(value: object) -> datetime:

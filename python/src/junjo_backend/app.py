@@ -30,9 +30,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from junjo_backend import __version__
-from junjo_backend.api_keys import describe_database_error
 from junjo_backend.auth_service import AuthServer
-from junjo_backend.database import close_engine, create_engine, init_schema
+from junjo_backend.database import (
+    close_engine,
+    create_engine,
+    describe_database_error,
+    init_schema,
+)
 from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.poller import SpanPoller
 from junjo_backend.settings import Settings, get_settings

@@ -24,6 +24,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 if TYPE_CHECKING:
@@ -113,3 +114,16 @@ async def close_engine(engine: AsyncEngine) -> None:
         except Exception:  # shutting down: report and still dispose
             log.warning("SQLite WAL checkpoint on shutdown failed", exc_info=True)
     await engine.dispose()
+
+
+def describe_database_error(exc: BaseException) -> str:
+    """A loggable description of a database failure that carries no statement parameters.
+
+    str() of a SQLAlchemy statement error includes the parameters, which for an INSERT
+    into api_keys is the new key; the driver's own message (`orig`) does not.
+    """
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return f"{type(exc.orig).__name__}: {exc.orig}"
+    if isinstance(exc, SQLAlchemyError):
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

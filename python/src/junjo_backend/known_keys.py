@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from junjo_backend.api_keys import describe_database_error
-from junjo_backend.database import api_keys
+from junjo_backend.database import api_keys, describe_database_error
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine

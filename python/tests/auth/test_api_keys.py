@@ -20,7 +20,6 @@ from junjo_backend.api_keys import (
     KEY_LENGTH,
     ApiKeyStoreError,
     create_api_key,
-    describe_database_error,
     generate_api_key,
     key_fingerprint,
     list_api_keys,
@@ -28,7 +27,7 @@ from junjo_backend.api_keys import (
     revoke_api_key,
 )
 from junjo_backend.auth_service import AuthServer
-from junjo_backend.database import close_engine, create_engine, init_schema
+from junjo_backend.database import close_engine, create_engine, describe_database_error, init_schema
 
 from .auth_calls import auth_stub, validate
 
