@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -52,20 +53,29 @@ func (b *syncBuffer) String() string {
 }
 
 // fakeBackend is a real gRPC InternalAuthService on a loopback port, answering from a
-// fixed set of keys (or with failCode, when set) and counting the calls it gets.
+// fixed set of keys (or with failCode, when set) and counting the calls it gets. With
+// hold set, every call waits for hold to close (or for its own end) before answering.
 type fakeBackend struct {
 	ingestion.UnimplementedInternalAuthServiceServer
 	valid    map[string]bool
 	failCode codes.Code
+	hold     chan struct{}
 	calls    atomic.Int32
 	keysSeen chan string
 }
 
-func (f *fakeBackend) ValidateApiKey(_ context.Context, req *ingestion.ValidateApiKeyRequest) (*ingestion.ValidateApiKeyResponse, error) {
+func (f *fakeBackend) ValidateApiKey(ctx context.Context, req *ingestion.ValidateApiKeyRequest) (*ingestion.ValidateApiKeyResponse, error) {
 	f.calls.Add(1)
 	select {
 	case f.keysSeen <- req.GetApiKey():
 	default:
+	}
+	if f.hold != nil {
+		select {
+		case <-f.hold:
+		case <-ctx.Done():
+			return nil, status.FromContextError(ctx.Err()).Err()
+		}
 	}
 	if f.failCode != codes.OK {
 		return nil, status.Error(f.failCode, "database unavailable")
@@ -383,19 +393,39 @@ func TestRunServesBothServersAndClosesTheWALOnShutdown(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	// The calls below wait for the servers (WaitForReady); calls ends them at once if Run
+	// returns before serving, so that the test fails instead of hanging.
+	calls, endCalls := context.WithCancel(context.Background())
+	defer endCalls()
 	done := make(chan error, 1)
-	go func() { done <- Run(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+	go func() {
+		err := Run(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		endCalls()
+		done <- err
+	}()
+	runEnded := func() string {
+		select {
+		case err := <-done:
+			return fmt.Sprintf(" (Run returned %v)", err)
+		default:
+			return ""
+		}
+	}
 
 	internal := dial(t, cfg.InternalAddr)
-	health, err := healthpb.NewHealthClient(internal).Check(context.Background(), &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+	healthClient := healthpb.NewHealthClient(internal)
+	health, err := healthClient.Check(calls, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
 	if err != nil || health.GetStatus() != healthpb.HealthCheckResponse_SERVING {
-		t.Fatalf("health: %v %v", health, err)
+		t.Fatalf("health: %v %v%s", health, err, runEnded())
 	}
+	_, err = healthClient.Check(calls, &healthpb.HealthCheckRequest{Service: ingestion.InternalIngestionService_ServiceDesc.ServiceName})
+	assertCode(t, err, codes.NotFound, "")
 	trace := coltracepb.NewTraceServiceClient(dial(t, cfg.PublicAddr))
-	if _, err := trace.Export(withKey(validKey), exportRequest(), grpc.WaitForReady(true)); err != nil {
-		t.Fatal(err)
+	exportCtx := metadata.AppendToOutgoingContext(calls, APIKeyHeader, validKey)
+	if _, err := trace.Export(exportCtx, exportRequest(), grpc.WaitForReady(true)); err != nil {
+		t.Fatalf("export: %v%s", err, runEnded())
 	}
-	stream, err := ingestion.NewInternalIngestionServiceClient(internal).ReadSpans(context.Background(), &ingestion.ReadSpansRequest{BatchSize: 2})
+	stream, err := ingestion.NewInternalIngestionServiceClient(internal).ReadSpans(calls, &ingestion.ReadSpansRequest{BatchSize: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -429,11 +459,25 @@ func TestRunServesBothServersAndClosesTheWALOnShutdown(t *testing.T) {
 	}
 }
 
-func TestRunStopsCleanlyWhileWaitingForTheBackend(t *testing.T) {
-	cfg := Config{PublicAddr: freeAddr(t), InternalAddr: freeAddr(t), BackendAddr: freeAddr(t), WALPath: t.TempDir()}
+func TestRunListensOnlyOnceTheBackendAnswersAndStopsCleanlyWhileWaiting(t *testing.T) {
+	backend := newBackend()
+	backend.hold = make(chan struct{}) // never closed: the readiness check gets no answer
+	cfg := Config{PublicAddr: freeAddr(t), InternalAddr: freeAddr(t), BackendAddr: startBackend(t, backend), WALPath: t.TempDir()}
 	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	done := make(chan error, 1)
 	go func() { done <- Run(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+
+	// The readiness check has reached the backend and is unanswered: Run is inside its wait.
+	if got := <-backend.keysSeen; got != ReadinessCheckKey {
+		t.Fatalf("readiness check sent %q", got)
+	}
+	for _, addr := range []string{cfg.PublicAddr, cfg.InternalAddr} {
+		if conn, err := net.Dial("tcp", addr); err == nil {
+			_ = conn.Close()
+			t.Fatalf("%s accepts connections before the backend answered", addr)
+		}
+	}
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)

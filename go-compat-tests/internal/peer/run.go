@@ -35,10 +35,10 @@ func NewPublicServer(store *wal.WAL, validator KeyValidator, logger *slog.Logger
 func NewInternalServer(store *wal.WAL, logger *slog.Logger) *grpc.Server {
 	server := grpc.NewServer()
 	ingestion.RegisterInternalIngestionServiceServer(server, &ReaderService{wal: store, log: logger})
-	healthServer := health.NewServer()
-	healthServer.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	healthServer.SetServingStatus(ingestion.InternalIngestionService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-	healthpb.RegisterHealthServer(server, healthServer)
+	// Only the server-wide status ("", SERVING by default) that grpc_health_probe checks: the
+	// contract promises nothing for a named service, so a check naming one gets NOT_FOUND
+	// rather than an answer the deployed service may not give.
+	healthpb.RegisterHealthServer(server, health.NewServer())
 	reflection.Register(server)
 	return server
 }
