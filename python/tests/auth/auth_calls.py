@@ -26,6 +26,9 @@ MISS_FLOOR_PASSED = DEFAULT_MISS_REFRESH_AFTER_SECONDS * 1.5
 
 # Keys shorter than this are test vocabulary ("nope"), not key material worth hunting for.
 _MIN_TRACKED_KEY = 16
+# A key's first or last this many characters count as key material too (a logged "hint" or
+# prefix leaks as surely as the key); 8 random base62 characters never turn up by chance.
+_TELLTALE_CHARS = 8
 
 
 class KeyRegistry:
@@ -45,8 +48,10 @@ class KeyRegistry:
         return self.add(generate_api_key())
 
     def found_in(self, text: str) -> bool:
-        """Whether any remembered key occurs in `text`."""
-        return any(key in text for key in self.keys)
+        """Whether any remembered key, or its first or last characters, occurs in `text`."""
+        return any(
+            key[:_TELLTALE_CHARS] in text or key[-_TELLTALE_CHARS:] in text for key in self.keys
+        )
 
 
 def auth_stub(channel: grpc.aio.Channel) -> auth_pb2_grpc.InternalAuthServiceAsyncStub:

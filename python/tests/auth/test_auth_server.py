@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -203,6 +204,7 @@ async def test_a_missing_table_gives_internal_never_true_then_recovers(  # noqa:
     channel: grpc.aio.Channel,
     stub: Stub,
     make_key: MakeKey,
+    used_keys: KeyRegistry,
 ) -> None:
     key = await make_key()
     assert await validate(stub, key.key) is True
@@ -210,7 +212,7 @@ async def test_a_missing_table_gives_internal_never_true_then_recovers(  # noqa:
     async with engine.begin() as conn:
         await conn.execute(text("ALTER TABLE api_keys RENAME TO api_keys_away"))
     await asyncio.sleep(settings.api_key_cache_max_age_seconds * 1.2)
-    for probe in (key.key, "some-unknown-key-" + "x" * 40):
+    for probe in (key.key, used_keys.unknown()):
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await validate(stub, probe)
         assert failure.value.code() is grpc.StatusCode.INTERNAL
@@ -352,12 +354,21 @@ async def test_writers_in_other_processes_never_turn_into_wrong_answers(
     )
     wrong: list[tuple[str, bool]] = []
     rounds = 0
-    while not finished.done() or rounds < 5:
-        rounds += 1
-        batch = [(k, True) for k in valid] + [(used_keys.unknown(), False) for _ in range(5)]
-        answers = await asyncio.gather(*(validate(stub, k) for k, _ in batch))
-        wrong += [(k, want) for (k, want), got in zip(batch, answers, strict=True) if got != want]
-    (_, _), *outputs = await finished
+    try:
+        while not finished.done() or rounds < 5:
+            rounds += 1
+            batch = [(k, True) for k in valid] + [(used_keys.unknown(), False) for _ in range(5)]
+            answers = await asyncio.gather(*(validate(stub, k) for k, _ in batch))
+            answered = zip(batch, answers, strict=True)
+            wrong += [(k, want) for (k, want), got in answered if got != want]
+        (_, _), *outputs = await finished
+    finally:
+        # A call that failed above must not leave the writer and the CLI processes behind.
+        for proc in (writer, *cli):
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        await asyncio.gather(finished, return_exceptions=True)
     assert wrong == []
     assert writer.returncode == 0
     for proc, (out, err) in zip(cli, outputs, strict=True):
@@ -365,7 +376,7 @@ async def test_writers_in_other_processes_never_turn_into_wrong_answers(
         created = [line.strip() for line in out.decode().splitlines() if len(line.strip()) == 64]
         assert len(created) == 1
         used_keys.add(created[0])
-        assert created[0] not in err.decode()
+        assert not used_keys.found_in(err.decode())
         await asyncio.sleep(MISS_FLOOR_PASSED)
         assert await validate(stub, created[0]) is True
     with sqlite3.connect(path) as db:
@@ -379,15 +390,18 @@ async def test_start_twice_is_refused_and_stop_is_idempotent(
     states = [server.running]
     await server.stop()  # never started: nothing to do
     await server.start()
-    states.append(server.running)
-    assert states == [False, True]
-    assert server.port > 0
-    assert server.address == f"127.0.0.1:{server.port}"
-    with pytest.raises(RuntimeError):
-        await server.start()
-    await asyncio.gather(server.stop(), server.stop(0.5))
-    await server.stop()
-    assert server.running is False
+    try:
+        states.append(server.running)
+        assert states == [False, True]
+        assert server.port > 0
+        assert server.address == f"127.0.0.1:{server.port}"
+        with pytest.raises(RuntimeError):
+            await server.start()
+        await asyncio.gather(server.stop(), server.stop(0.5))
+        await server.stop()
+        assert server.running is False
+    finally:
+        await server.stop(0)  # a failure above must not leave it serving
     async with grpc.aio.insecure_channel(server.address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await validate(auth_stub(channel), "any")
@@ -481,3 +495,6 @@ async def test_the_session_log_watch_sees_every_debug_call_line(
     new = session_log.lines[before:]
     assert any('"grpc call"' in line and '"grpc_code": "OK"' in line for line in new)
     assert not any(key in line for line in new)
+    # The check also catches a key's first or last characters, not only the whole key.
+    assert used_keys.found_in(f"key hint {key[:8]}...")
+    assert used_keys.found_in(f"key ending ...{key[-8:]}")

@@ -80,15 +80,22 @@ class PeerPorts:
         """Free ports for our image; the published image's fixed ports otherwise."""
         if not image.built_here:
             return cls(*PUBLISHED_PORTS)
-        return cls(free_port(), free_port(), free_port())
+        return cls(*free_ports(3))
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago (the peer binds it in its own process)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_ports(count: int) -> list[int]:
+    """`count` loopback ports that were free a moment ago (the peer binds them in its own process).
+
+    All are held at once while they are picked, so the kernel cannot hand out one twice.
+    """
+    with contextlib.ExitStack() as held:
+        socks = [
+            held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def source_files() -> list[Path]:

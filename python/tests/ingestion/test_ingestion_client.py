@@ -157,8 +157,10 @@ async def test_long_stream_that_outlives_its_deadline_is_resumed(
     keys = wal.seed(300)
     # Every call sends 100 messages and then stalls until the client's deadline cuts it.
     ingestion_service.pause_after = 100
+    # Long enough for a loaded machine to deliver a call's first message (a call that
+    # delivers none ends the read), short enough to cut each stalled call soon.
     settings = make_settings(
-        ingestion_grpc_address=ingestion_server.address, ingestion_call_timeout_seconds=0.3
+        ingestion_grpc_address=ingestion_server.address, ingestion_call_timeout_seconds=1.0
     )
     async with IngestionClient(settings=settings) as client:
         assert await collect(client, None, 1000) == keys
@@ -214,8 +216,9 @@ async def test_other_status_codes_raise_a_typed_error_with_the_code(
 async def test_unavailable_is_retried_until_the_retry_deadline(
     make_settings: Callable[..., Settings], free_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Room for several attempts (the first retry waits up to 0.05 s) on a loaded machine.
     settings = make_settings(
-        ingestion_grpc_address=f"127.0.0.1:{free_port}", ingestion_retry_deadline_seconds=0.3
+        ingestion_grpc_address=f"127.0.0.1:{free_port}", ingestion_retry_deadline_seconds=1.0
     )
     caplog.set_level(logging.DEBUG, logger="junjo_backend.ingestion_client")
     async with IngestionClient(settings=settings) as client:

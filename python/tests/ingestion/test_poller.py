@@ -249,18 +249,18 @@ async def test_drains_across_an_ingestion_service_restart(
 
 
 async def test_a_backend_restart_resumes_from_the_checkpoint(
-    client: IngestionClient, engine: AsyncEngine, settings: Settings, wal: FakeWal
+    make_poller: Callable[..., SpanPoller], wal: FakeWal
 ) -> None:
     keys = wal.seed(500)
     first_sink = RecordingSink()
-    first = SpanPoller(client, engine, first_sink, settings=settings)
+    first = make_poller(first_sink)
     await first.start()
     await caught_up_at(first, keys[-1])
     await first.stop()
 
     more = wal.seed(120)
     second_sink = RecordingSink()
-    second = SpanPoller(client, engine, second_sink, settings=settings)
+    second = make_poller(second_sink)
     await second.start()
     await caught_up_at(second, more[-1])
     await second.stop()
@@ -294,12 +294,15 @@ async def test_stop_interrupts_retries_against_an_unreachable_service(
     async with IngestionClient(settings=settings) as client:
         poller = SpanPoller(client, engine, RecordingSink(), settings=settings)
         await poller.start()
-        await wait_until(lambda: client._connected is False)
-        assert not poller.status.connected
+        try:
+            await wait_until(lambda: client._connected is False)
+            assert not poller.status.connected
 
-        await asyncio.wait_for(poller.stop(), timeout=30)
+            await asyncio.wait_for(poller.stop(), timeout=30)
 
-        assert not poller.status.running
+            assert not poller.status.running
+        finally:
+            await poller.stop()  # idempotent; a failure above must not leave it retrying
 
 
 async def test_stop_lets_a_batch_being_committed_finish(
@@ -336,11 +339,7 @@ async def test_stop_before_start_and_start_twice(
 
 
 async def test_default_sink_counts_spans_per_service_and_logs_totals(
-    client: IngestionClient,
-    engine: AsyncEngine,
-    settings: Settings,
-    wal: FakeWal,
-    caplog: pytest.LogCaptureFixture,
+    make_poller: Callable[..., SpanPoller], wal: FakeWal, caplog: pytest.LogCaptureFixture
 ) -> None:
     span = make_span("GET /").SerializeToString()
     web = make_resource("web").SerializeToString()
@@ -348,7 +347,7 @@ async def test_default_sink_counts_spans_per_service_and_logs_totals(
     for n in range(30):
         wal.append(span, web if n % 3 else nameless)
     last = wal.append(span, web)
-    poller = SpanPoller(client, engine, settings=settings)
+    poller = make_poller()
     tally = poller.sink
     assert isinstance(tally, ServiceTally)
     tally._summary_interval = 0  # log after every batch

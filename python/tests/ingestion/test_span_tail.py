@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -198,14 +199,17 @@ async def test_unreachable_service_is_an_error_exit(
 
 async def test_closed_output_pipe_ends_quietly(settings: Settings, wal: FakeWal) -> None:
     wal.seed(3)
-
-    class ClosedPipe(io.StringIO):
-        def write(self, _text: str) -> int:
-            raise BrokenPipeError
-
-    code = await run_tail(
-        settings, from_start=True, follow=False, as_json=False, out=ClosedPipe(), err=io.StringIO()
-    )
+    # A real pipe whose reader has gone, as after `spans tail | head -1`.
+    reader, writer = os.pipe()
+    os.close(reader)
+    out = os.fdopen(writer, "w", encoding="utf-8")
+    try:
+        code = await run_tail(
+            settings, from_start=True, follow=False, as_json=False, out=out, err=io.StringIO()
+        )
+    finally:
+        with contextlib.suppress(BrokenPipeError):  # what is still buffered cannot go anywhere
+            out.close()
 
     assert code == 0
 
@@ -224,25 +228,46 @@ async def test_the_cli_command_and_ctrl_c(
     finished = await asyncio.create_subprocess_exec(
         *cli, "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
-    out, _ = await finished.communicate()
+    try:
+        out, _ = await asyncio.wait_for(finished.communicate(), timeout=60)
+    finally:
+        await _reap(finished)
     assert finished.returncode == 0
     assert [json.loads(line)["key"] for line in out.splitlines()] == [k.hex() for k in keys]
 
-    following = await asyncio.create_subprocess_exec(
-        *cli,
-        "--from-start",
-        "--follow",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    assert following.stdout is not None
-    for _ in keys:
-        await asyncio.wait_for(following.stdout.readline(), timeout=60)
-    following.send_signal(signal.SIGINT)
-    _, err = await asyncio.wait_for(following.communicate(), timeout=60)
+    # A child inherits an ignored SIGINT (pytest run as a background job without job
+    # control), and Python then never turns Ctrl-C into an interrupt: spawn it with the
+    # default disposition (a handler set here becomes SIG_DFL across exec).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        following = await asyncio.create_subprocess_exec(
+            *cli,
+            "--from-start",
+            "--follow",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    try:
+        assert following.stdout is not None
+        for _ in keys:
+            await asyncio.wait_for(following.stdout.readline(), timeout=60)
+        following.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(following.communicate(), timeout=60)
+    finally:
+        await _reap(following)
     assert following.returncode == 130
     assert b"Traceback" not in err
+
+
+async def _reap(process: asyncio.subprocess.Process) -> None:
+    """Kill `process` if a failure left it running, and wait for it."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    await process.wait()
 
 
 def test_ulid_generator_is_monotonic_within_a_millisecond() -> None:
