@@ -73,10 +73,16 @@ breaking-main: setup
 		$(BUF) breaking --against '$(BREAKING_AGAINST)' && echo "breaking-main: compatible with main"; \
 	else echo "breaking-main: no main branch in this clone, nothing to compare against"; fi
 
+# pytest runs as two processes with one coverage total. The app tests run whole lifespans
+# (auth server, ingestion client threads, poller) on per-test event loops; in one process
+# with the other suites, a native crash (SIGSEGV, not yet traced) followed in about 1 run in
+# 3. Each process here mirrors production, where one lifespan runs on one loop per process.
 .PHONY: test
 test: lint breaking gen-check ## everything CI runs: gates, Go tests, the Python suite with coverage
 	cd go-compat-tests && go test ./...
-	cd python && $(UV) run --locked --no-sync pytest --cov --cov-report=term-missing
+	rm -f python/.coverage python/.coverage.*
+	cd python && $(UV) run --locked --no-sync pytest tests/app --cov --cov-report= --cov-fail-under=0
+	cd python && $(UV) run --locked --no-sync pytest tests --ignore=tests/app --cov --cov-append --cov-report=term-missing
 	$(MAKE) --no-print-directory demo-check
 
 .PHONY: compat
