@@ -1,7 +1,7 @@
 """An in-process `InternalIngestionService` with the Go ingestion-service's ReadSpans semantics.
 
 For tests that need a real gRPC server without the Go peer. What it copies from the Go side
-(see /work/shared/CONTRACT.md): keys are 16-byte ULIDs from one monotonic generator; values
+(see the team's shared CONTRACT.md): keys are 16-byte ULIDs from one monotonic generator; values
 are serialized `SpanDataContainer`s; ReadSpans with an empty key starts at the oldest entry,
 otherwise strictly after the given key (which need not exist); it streams at most
 `batch_size` entries and ends with OK; an entry whose value does not decode is skipped but
