@@ -80,12 +80,12 @@ breaking-main: setup
 # traced, so the app tests keep a process of their own, as production has one lifespan per
 # process.
 .PHONY: test
-test: lint breaking gen-check ## everything CI runs: gates, Go tests, the Python suite with coverage
+test: lint breaking gen-check peer ## everything CI runs: gates, Go tests, the Python suite with coverage, the demo
 	cd go-compat-tests && go test ./...
 	rm -f python/.coverage python/.coverage.*
 	cd python && $(UV) run --locked --no-sync pytest tests/app --cov --cov-report= --cov-fail-under=0
 	cd python && $(UV) run --locked --no-sync pytest tests --ignore=tests/app --cov --cov-append --cov-report=term-missing
-	$(MAKE) --no-print-directory demo-check
+	$(PY) python python/scripts/demo.py --check
 
 .PHONY: compat
 compat: gen ## the cross-language contract suite: the Go ingestion peer in a container
