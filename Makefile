@@ -87,6 +87,11 @@ test: lint breaking gen-check peer ## everything CI runs: gates, Go tests, the P
 	cd python && $(UV) run --locked --no-sync pytest tests --ignore=tests/app --cov --cov-append --cov-report=term-missing
 	$(PY) python python/scripts/demo.py --check
 
+# Bounded (at most 10 minutes here); prints the fault table and writes fault-results/faults.json.
+.PHONY: faults
+faults: gen peer ## the fault suite: real servers and the Go peer under kills, restarts, floods, bad input
+	cd python && $(UV) run --locked --no-sync pytest -m faults tests/faults
+
 .PHONY: compat
 compat: gen ## the cross-language contract suite: the Go ingestion peer in a container
 	cd python && $(UV) run --locked --no-sync pytest -m compat tests/compat
