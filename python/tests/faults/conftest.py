@@ -6,12 +6,21 @@ session's fault table, one row per scenario: the fault, how many times it was ap
 the outcome measured. The table is printed at the end of the run and written to
 `fault-results/faults.json`. Time bounds in these tests are hang guards with generous
 slack; figures go in the table, not in assertions.
+
+Key-material watch: everything the suite's own servers and CLI calls write goes to files
+under `fault_output.folder` (`fault_output.path(name)` gives a fresh file), every key a test
+creates or sends is registered with `fault_keys.add`, and `fault_log_env()` gives the
+environment of a server or CLI run: `LOG_LEVEL=DEBUG`, alternating text and JSON logs from
+one call to the next. When the run ends, every file is scanned for every 12-character
+substring of every key; a hit is a row in the table and fails the run.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +28,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from _pytest.terminal import TerminalReporter
 
 _RESULTS_DIR = Path(__file__).resolve().parents[3] / "fault-results"
@@ -55,12 +66,72 @@ class FaultTable:
         return "\n".join(lines)
 
 
-_TABLE = pytest.StashKey[FaultTable]()
+_LEAK_WINDOW = 12  # characters of a key that must never appear anywhere
+
+
+@dataclass(slots=True)
+class KeyRegistry:
+    """Every key material the suite created or sent (valid, revoked, random, mutated)."""
+
+    keys: set[str] = field(default_factory=set)
+
+    def add(self, key: str | bytes) -> None:
+        """Watch for `key` (bytes are decoded leniently, as a log line would show them)."""
+        text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+        if len(text) >= _LEAK_WINDOW:
+            self.keys.add(text)
+
+    def windows(self) -> set[str]:
+        """Every 12-character substring of every key."""
+        return {
+            key[start : start + _LEAK_WINDOW]
+            for key in self.keys
+            for start in range(len(key) - _LEAK_WINDOW + 1)
+        }
+
+
+@dataclass(slots=True)
+class OutputFolder:
+    """Where the suite's servers and CLI calls write their stdout and stderr."""
+
+    folder: Path
+    _names: Iterator[int] = field(default_factory=itertools.count)
+
+    def path(self, name: str) -> Path:
+        """A new file for one process's output (`name` says which; a number keeps it unique)."""
+        return self.folder / f"{next(self._names):04d}-{name}.log"
+
+    def scan(self, windows: set[str]) -> list[str]:
+        """`file: window` for every key window found in any output file."""
+        hits: list[str] = []
+        for path in sorted(self.folder.rglob("*")):
+            if not path.is_file():
+                continue
+            text = path.read_bytes().decode("utf-8", "replace")
+            hits.extend(f"{path.name}: {window}" for window in windows if window in text)
+        return hits
+
+
+@dataclass(slots=True)
+class _Run:
+    table: FaultTable
+    keys: KeyRegistry
+    output: OutputFolder
+    formats: Iterator[str]
+
+
+_RUN = pytest.StashKey[_Run]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One table per run."""
-    config.stash[_TABLE] = FaultTable()
+    """One table, one key registry and one output folder per run."""
+    folder = Path(tempfile.mkdtemp(prefix="junjo-faults-output-"))
+    config.stash[_RUN] = _Run(
+        table=FaultTable(),
+        keys=KeyRegistry(),
+        output=OutputFolder(folder),
+        formats=itertools.cycle(("json", "text")),
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -74,12 +145,53 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def fault_table(request: pytest.FixtureRequest) -> FaultTable:
     """The run's fault table; add one row per scenario."""
-    return request.config.stash[_TABLE]
+    return request.config.stash[_RUN].table
+
+
+@pytest.fixture
+def fault_keys(request: pytest.FixtureRequest) -> KeyRegistry:
+    """Register here every key a test creates or sends."""
+    return request.config.stash[_RUN].keys
+
+
+@pytest.fixture
+def fault_output(request: pytest.FixtureRequest) -> OutputFolder:
+    """Send every server's and CLI call's stdout and stderr to a file from here."""
+    return request.config.stash[_RUN].output
+
+
+@pytest.fixture
+def fault_log_env(request: pytest.FixtureRequest) -> Callable[[], dict[str, str]]:
+    """Logging settings for one server or CLI run: DEBUG, JSON and text in turn."""
+    run = request.config.stash[_RUN]
+
+    def env() -> dict[str, str]:
+        return {"LOG_LEVEL": "DEBUG", "LOG_FORMAT": next(run.formats)}
+
+    return env
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Scan everything the suite's processes wrote for key material; a hit fails the run."""
+    run = session.config.stash.get(_RUN, None)
+    if run is None or not run.keys.keys:
+        return
+    files = [path for path in run.output.folder.rglob("*") if path.is_file()]
+    size = sum(path.stat().st_size for path in files)
+    hits = run.output.scan(run.keys.windows())
+    run.table.add(
+        "key material in output (12-char windows)",
+        f"{len(run.keys.keys)} keys, {len(files)} files, {size} bytes",
+        "0 hits" if not hits else f"FAILED: {len(hits)} hits, e.g. {hits[0]}",
+    )
+    if hits:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: TerminalReporter, config: pytest.Config) -> None:
     """Print the table and write it as JSON."""
-    table = config.stash.get(_TABLE, None)
+    run = config.stash.get(_RUN, None)
+    table = None if run is None else run.table
     if table is None or not table.rows:
         return
     terminalreporter.section("fault table")
