@@ -1,5 +1,7 @@
 # Every target installs what it needs: uv (through pip when absent), the Python
 # environment (uv sync, which also brings buf), Go modules (go mod download).
+# Targets that need Go: lint (go vet, actionlint), test, gen, gen-check, peer, compat, demo,
+# bench. The rest (run, breaking, contract-snapshot) need only Python.
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -11,12 +13,21 @@ GO_CONTRACT := go-compat-tests/go-contract
 # buf breaking against the Go services: the PACKAGE rules, which compare by package and
 # not by file path (our file layout differs from Go's on purpose). WIRE_JSON alone is not
 # enough for gRPC: it lets a package, service or RPC vanish, and those are method paths on
-# the wire. PROTO_ROOT lets the gate tests point the check at a copy of proto/.
+# the wire. PROTO_ROOT lets the gate tests point the checks at a copy of proto/.
 PROTO_ROOT ?= .
 GO_BREAKING_CONFIG := {"version":"v2","modules":[{"path":"proto"}],"breaking":{"use":["PACKAGE"]}}
-# buf breaking against our own main: file-level rules (buf.yaml).
-BREAKING_AGAINST ?= .git\#branch=main
-GENERATED := python/src/junjo_backend/_wire go-compat-tests/internal/wire
+# breaking-main's baseline: a buf image of the last released contract, committed, and
+# refreshed only by a deliberate `make contract-snapshot`.
+CONTRACT_SNAPSHOT ?= contract-snapshot.binpb
+# A git ref to compare with as well (hosted CI passes a pull request's base commit).
+BREAKING_BASE ?=
+# Generated code is committed. Python comes from proto/ (buf.gen.yaml), the Go peer's code
+# from go-contract/ (its own template), never from proto/.
+PY_GENERATED := python/src/junjo_backend/_wire
+GO_GENERATED := go-compat-tests/internal/wire
+GENERATED := $(PY_GENERATED) $(GO_GENERATED)
+GO_GEN_TEMPLATE := go-compat-tests/buf.gen.yaml
+WORKFLOWS ?= .github/workflows
 
 .PHONY: help
 help: ## list the targets
@@ -27,25 +38,41 @@ uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 
 .PHONY: setup
-setup: uv ## install the Python environment (with buf) and the Go modules
+setup: setup-python setup-go ## install the Python environment (with buf) and the Go modules
+
+.PHONY: setup-python
+setup-python: uv
 	$(UV) sync --project python --locked --quiet
+
+.PHONY: setup-go
+setup-go:
 	cd go-compat-tests && go mod download
+	cd tools && go mod download
 
 .PHONY: gen
-gen: setup ## generate Python (+ .pyi) and Go code from proto/
+gen: setup ## regenerate the committed code: Python (+ .pyi) from proto/, the peer's Go from go-contract/
 	rm -rf $(GENERATED)
 	$(BUF) generate
+	$(BUF) generate $(GO_CONTRACT) --template $(GO_GEN_TEMPLATE)
 
+# Compares with what is committed (HEAD), untracked files included: a generated file that
+# is new, changed or gone fails the check, whatever the reason (a proto edit not
+# regenerated, a hand edit, a plugin upgrade).
 .PHONY: gen-check
-gen-check: gen ## fail if generation is not deterministic
-	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
-	for d in $(GENERATED); do mkdir -p "$$tmp/$$d"; cp -a "$$d/." "$$tmp/$$d/"; done; \
-	rm -rf $(GENERATED); $(BUF) generate; \
-	for d in $(GENERATED); do diff -r "$$tmp/$$d" "$$d" || { echo "make gen is not deterministic: $$d differs between two runs"; exit 1; }; done; \
-	echo "gen-check: two runs of buf generate agree"
+gen-check: gen ## fail if the committed generated code is not what `make gen` makes
+	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "gen-check: not a git checkout; it compares make gen's output with the committed code" >&2; exit 1; }
+	@changed=$$(git status --porcelain --untracked-files=all -- $(GENERATED)); \
+	if [[ -n $$changed ]]; then \
+		echo "gen-check: the committed generated code is not what make gen makes:" >&2; \
+		echo "$$changed" >&2; \
+		git --no-pager diff --stat HEAD -- $(GENERATED) >&2; \
+		echo "gen-check: run make gen and commit the result (generated files are never edited by hand)" >&2; \
+		exit 1; \
+	fi; \
+	echo "gen-check: the committed generated code is what make gen makes"
 
 .PHONY: lint
-lint: gen ## buf lint + buf format + ruff + mypy --strict + go vet
+lint: gen actionlint ## buf lint + buf format + ruff + mypy --strict + go vet + actionlint
 	$(BUF) lint
 	$(BUF) format -d --exit-code
 	cd python && $(UV) run --locked --no-sync ruff check .
@@ -53,25 +80,51 @@ lint: gen ## buf lint + buf format + ruff + mypy --strict + go vet
 	cd python && $(UV) run --locked --no-sync mypy
 	cd go-compat-tests && go vet ./...
 
+# shellcheck and pyflakes are off: actionlint would use them only where they happen to be
+# installed, and a gate must judge the same on every machine.
+.PHONY: actionlint
+actionlint: setup-go ## lint the hosted CI workflows (actionlint, pinned in tools/go.mod)
+	go -C tools tool actionlint -shellcheck= -pyflakes= $(abspath $(wildcard $(WORKFLOWS)/*.yml))
+	@echo "actionlint: $(WORKFLOWS) is valid"
+
 .PHONY: breaking
-breaking: breaking-go breaking-main ## buf breaking against the Go services' contract and against our main
+breaking: breaking-go breaking-main ## buf breaking against the Go services' contract and the released contract
 
 .PHONY: breaking-go
-breaking-go: setup
+breaking-go: setup-python
 	cd $(PROTO_ROOT) && $(abspath python/.venv/bin/buf) breaking --against $(abspath $(GO_CONTRACT)) --config '$(GO_BREAKING_CONFIG)'
 	@echo "breaking-go: wire- and JSON-compatible with the Go services' contract"
 
-# The live Go repository, for hosted CI with network access (this project's machines have none).
+# The live Go repository (needs network: hosted CI). Any buf input works, a local folder
+# too (the gate's tests use one). On failure it prints a diff of the upstream protos against
+# go-contract/: what changed upstream since the pin.
 GO_LIVE_CONTRACT ?= https://github.com/mdrideout/junjo-server.git\#subdir=backend/proto
 .PHONY: breaking-go-live
-breaking-go-live: setup
-	$(BUF) breaking --against '$(GO_LIVE_CONTRACT)' --config '$(GO_BREAKING_CONFIG)'
+breaking-go-live: setup-python ## buf breaking against the live Go repository's protos
+	$(PY) python python/scripts/breaking_live.py --upstream '$(GO_LIVE_CONTRACT)' \
+		--pinned $(abspath $(GO_CONTRACT)) --proto-root $(PROTO_ROOT) --config '$(GO_BREAKING_CONFIG)'
 
+# File-level rules (buf.yaml) against the committed snapshot of the last released contract,
+# so a break fails however many commits carry it; with BREAKING_BASE, also against that ref.
 .PHONY: breaking-main
-breaking-main: setup
-	@if git rev-parse --verify --quiet main >/dev/null; then \
-		$(BUF) breaking --against '$(BREAKING_AGAINST)' && echo "breaking-main: compatible with main"; \
-	else echo "breaking-main: no main branch in this clone, nothing to compare against"; fi
+breaking-main: setup-python ## buf breaking against the released contract snapshot (and BREAKING_BASE)
+	@if [[ ! -f '$(abspath $(CONTRACT_SNAPSHOT))' ]]; then \
+		echo "breaking-main: no baseline: $(CONTRACT_SNAPSHOT) does not exist. It is the last released contract;" >&2; \
+		echo "breaking-main: restore it from git, or make it deliberately with make contract-snapshot" >&2; \
+		exit 1; \
+	fi
+	cd $(PROTO_ROOT) && $(abspath python/.venv/bin/buf) breaking --against '$(abspath $(CONTRACT_SNAPSHOT))'
+	@echo "breaking-main: compatible with the released contract ($(CONTRACT_SNAPSHOT))"
+ifneq ($(strip $(BREAKING_BASE)),)
+	cd $(PROTO_ROOT) && $(abspath python/.venv/bin/buf) breaking --against '.git#ref=$(BREAKING_BASE)'
+	@echo "breaking-main: compatible with $(BREAKING_BASE)"
+endif
+
+# Only when a release is cut: this moves the baseline breaking-main compares with.
+.PHONY: contract-snapshot
+contract-snapshot: setup-python ## refresh the released-contract snapshot from proto/ (deliberate, at a release)
+	$(BUF) build --exclude-source-info -o $(CONTRACT_SNAPSHOT)
+	@echo "contract-snapshot: wrote $(CONTRACT_SNAPSHOT); commit it with the release"
 
 # pytest runs as two processes with one coverage total. The app tests run whole lifespans
 # on per-test event loops; when what they left behind was garbage-collected during a later
@@ -100,8 +153,9 @@ compat: gen ## the cross-language contract suite: the Go ingestion peer in a con
 peer: gen ## build the Go ingestion peer and its tools as static binaries in go-compat-tests/bin
 	cd go-compat-tests && CGO_ENABLED=0 go build -trimpath -o bin/ ./cmd/...
 
+# The generated code is committed: running needs neither buf nor Go.
 .PHONY: run
-run: gen ## run the backend on embedded defaults (SQLite under data/, auth :50053, HTTP :1323)
+run: setup-python ## run the backend on embedded defaults (SQLite under data/, auth :50053, HTTP :1323)
 	INGESTION_GRPC_ADDRESS=$${INGESTION_GRPC_ADDRESS:-127.0.0.1:50052} $(PY) junjo-backend serve
 
 .PHONY: demo
