@@ -123,7 +123,7 @@ endif
 # Only when a release is cut: this moves the baseline breaking-main compares with.
 .PHONY: contract-snapshot
 contract-snapshot: setup-python ## refresh the released-contract snapshot from proto/ (deliberate, at a release)
-	$(BUF) build --exclude-source-info -o $(CONTRACT_SNAPSHOT)
+	cd $(PROTO_ROOT) && $(abspath python/.venv/bin/buf) build --exclude-source-info -o '$(abspath $(CONTRACT_SNAPSHOT))'
 	@echo "contract-snapshot: wrote $(CONTRACT_SNAPSHOT); commit it with the release"
 
 # pytest runs as two processes with one coverage total. The app tests run whole lifespans

@@ -31,9 +31,9 @@ def _edit(root: Path, relative: str, old: str, new: str) -> None:
 
 
 def _breaking_go(repo_root: Path, proto_root: Path) -> subprocess.CompletedProcess[str]:
-    # The gate's own recipe, but `-o setup`: a test must not re-run `uv sync` on the
-    # environment it runs in, nor `go mod download` (a registry) five times per session.
-    command = ["make", "-s", "-o", "setup", "-C", str(repo_root), "breaking-go"]
+    # The gate's own recipe, but `-o setup-python`: a test must not re-run `uv sync` on the
+    # environment it runs in.
+    command = ["make", "-s", "-o", "setup-python", "-C", str(repo_root), "breaking-go"]
     return subprocess.run(
         [*command, f"PROTO_ROOT={proto_root}"],
         capture_output=True,
