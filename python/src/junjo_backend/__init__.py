@@ -1,3 +1,6 @@
 """junjo-backend: the Python backend's gRPC layer for junjo-server."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+# The version is defined once, in pyproject.toml; the installed metadata carries it.
+__version__ = version("junjo-backend")
