@@ -26,6 +26,7 @@ from junjo_backend.logs import JsonFormatter
 from junjo_backend.settings import Settings
 
 from .auth_calls import MISS_FLOOR_PASSED, KeyRegistry, auth_stub
+from .postgres_binaries import find_pg_tool, missing_postgres
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -133,7 +134,6 @@ def stub(channel: grpc.aio.Channel) -> auth_pb2_grpc.InternalAuthServiceAsyncStu
 
 # --- A throwaway PostgreSQL cluster -------------------------------------------------------
 
-_PG_BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/15/bin")
 _PG_READY = "database system is ready to accept connections"
 
 
@@ -182,17 +182,6 @@ class PostgresCluster:
         self._process = None
 
 
-def _pg_tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for folder in _PG_BIN_DIRS:
-        candidate = Path(folder) / name
-        if candidate.exists():
-            return str(candidate)
-    return None
-
-
 def _free_port() -> int:
     # PostgreSQL cannot bind port 0 and report it; a just-released ephemeral port is the
     # usual way, with a small race that a retry would cover.
@@ -204,10 +193,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
-    """A throwaway cluster for the session; skipped when the binaries are absent."""
-    initdb, server = _pg_tool("initdb"), _pg_tool("postgres")
+    """A throwaway cluster for the session; without the binaries, skipped (failed under CI)."""
+    initdb, server = find_pg_tool("initdb"), find_pg_tool("postgres")
     if initdb is None or server is None:
-        pytest.skip("PostgreSQL binaries (initdb, postgres) are not installed")
+        missing_postgres(
+            "PostgreSQL binaries (initdb, postgres) are not on PATH nor in pg_config's bindir"
+        )
     # PostgreSQL refuses to run as root: then it runs as nobody.
     user = "nobody" if os.geteuid() == 0 else None
     # Under /tmp rather than tmp_path: pytest's base folder is private to this user, and

@@ -9,11 +9,13 @@ must not re-run `uv sync` on the environment it runs in, nor ask a registry for 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 INGESTION = "proto/junjo_backend/_wire/ingestion/ingestion.proto"
 PY_WIRE = "python/src/junjo_backend/_wire"
@@ -72,7 +74,9 @@ class ScratchRepo:
     def commit_all(self, message: str) -> None:
         """Commit every change, new files included."""
         self.git("add", "-A")
-        self.git("-c", "user.name=gate test", "-c", "user.email=gate@test", "commit", "-qm", message)
+        self.git(
+            "-c", "user.name=gate test", "-c", "user.email=gate@test", "commit", "-qm", message
+        )
 
     def changed(self, path: str) -> str:
         """`git status --porcelain` of `path`: empty when it is as committed."""
@@ -89,7 +93,7 @@ def scratch_repo(real_root: Path, dest: Path) -> ScratchRepo:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, target)
-    os.symlink(real_root / "python" / ".venv", dest / "python" / ".venv")
+    (dest / "python" / ".venv").symlink_to(real_root / "python" / ".venv")
     (dest / ".gitignore").write_text(".venv\n__pycache__/\n")
     repo = ScratchRepo(dest, real_root)
     repo.git("init", "-q", "-b", "main")

@@ -115,7 +115,9 @@ def _upstream(repo_root: Path, tmp_path: Path) -> Path:
 def test_the_live_gate_passes_when_upstream_matches_the_pin(
     repo_root: Path, tmp_path: Path
 ) -> None:
-    result = _make(repo_root, "breaking-go-live", GO_LIVE_CONTRACT=str(_upstream(repo_root, tmp_path)))
+    result = _make(
+        repo_root, "breaking-go-live", GO_LIVE_CONTRACT=str(_upstream(repo_root, tmp_path))
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "matches the pin" in result.stdout
 

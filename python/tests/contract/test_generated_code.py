@@ -101,13 +101,16 @@ def test_the_contract_suite_fails_when_proto_drifts_from_the_peer(
         timeout=600,
     )
     output = result.stdout + result.stderr
-    assert str(drifted_src) in subprocess.run(
-        [sys.executable, "-c", "import junjo_backend._wire.ingestion as w; print(w.__path__)"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
+    assert (
+        str(drifted_src)
+        in subprocess.run(
+            [sys.executable, "-c", "import junjo_backend._wire.ingestion as w; print(w.__path__)"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+    )
     assert result.returncode == 1, output
     assert "1 failed" in output, output

@@ -7,7 +7,6 @@ pip, and its command runs with a PATH that holds nothing but that venv.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -101,8 +100,10 @@ def test_the_installed_wheel_runs_without_buf_or_go(wheel: Path, tmp_path: Path)
         [
             str(venv / "bin" / "python"),
             "-c",
-            "import junjo_backend, junjo_backend._wire.ingestion.ingestion_pb2_grpc as w;"
-            "print(junjo_backend.__version__, w.__file__)",
+            (
+                "import junjo_backend, junjo_backend._wire.ingestion.ingestion_pb2_grpc as w;"
+                "print(junjo_backend.__version__, w.__file__)"
+            ),
         ],
         env=env,
         cwd=tmp_path,
@@ -129,4 +130,4 @@ def test_the_license_is_apache_2_and_both_copies_agree(repo_root: Path) -> None:
     assert "Version 2.0, January 2004" in text
     assert (repo_root / "python" / "LICENSE").read_bytes() == text.encode()
     assert not (repo_root / "python" / "LICENSE").is_symlink()
-    assert os.path.exists(repo_root / "python" / pyproject["project"]["readme"])
+    assert (repo_root / "python" / pyproject["project"]["readme"]).is_file()
