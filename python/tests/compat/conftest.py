@@ -19,6 +19,7 @@ from testcontainers.core.config import testcontainers_config
 from .auth_backend import AuthBackend
 from .peer import (
     PEERS,
+    PeerError,
     PeerFleet,
     PeerImage,
     PeerPorts,
@@ -87,8 +88,11 @@ def peer_image(docker_client: docker.DockerClient) -> PeerImage:
 
 @pytest.fixture
 def peer_ports(peer_image: PeerImage) -> PeerPorts:
-    """Ports for one test's peer and auth server."""
-    return PeerPorts.pick(peer_image)
+    """Ports for one test's peer and auth server; a clear failure when fixed ones are taken."""
+    try:
+        return PeerPorts.pick(peer_image)
+    except PeerError as error:
+        pytest.fail(str(error), pytrace=False)
 
 
 @pytest.fixture

@@ -77,10 +77,31 @@ class PeerPorts:
 
     @classmethod
     def pick(cls, image: PeerImage) -> PeerPorts:
-        """Free ports for our image; the published image's fixed ports otherwise."""
+        """Free ports for our image, else the published image's fixed ones (PeerError if taken)."""
         if not image.built_here:
+            ensure_ports_free(PUBLISHED_PORTS, image.tag)
             return cls(*PUBLISHED_PORTS)
         return cls(*free_ports(3))
+
+
+def ensure_ports_free(ports: tuple[int, ...], image: str) -> None:
+    """PeerError naming each of `ports` that something already listens on (127.0.0.1)."""
+    taken = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As a server binds: connections of an earlier run in TIME_WAIT do not count.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                taken.append(str(port))
+    if taken:
+        raise PeerError(
+            f"loopback port(s) {', '.join(taken)} already in use. {image} is not our peer "
+            f"image, so it runs on the published image's fixed ports ({PUBLISHED_PORTS[0]} "
+            f"public, {PUBLISHED_PORTS[1]} internal) and dials our auth server on "
+            f"{PUBLISHED_PORTS[2]}: stop what holds them (another run of the suite?) and retry."
+        )
 
 
 def free_ports(count: int) -> list[int]:
