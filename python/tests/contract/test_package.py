@@ -131,3 +131,28 @@ def test_the_license_is_apache_2_and_both_copies_agree(repo_root: Path) -> None:
     assert (repo_root / "python" / "LICENSE").read_bytes() == text.encode()
     assert not (repo_root / "python" / "LICENSE").is_symlink()
     assert (repo_root / "python" / pyproject["project"]["readme"]).is_file()
+
+
+def test_make_run_neither_generates_nor_needs_go(repo_root: Path) -> None:
+    # A dry run lists every command `make run` would run (its environment setup aside).
+    planned = subprocess.run(
+        ["make", "-n", "-o", "setup-python", "-C", str(repo_root), "run"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert "junjo-backend serve" in planned
+    assert "generate" not in planned
+    assert "go " not in planned
+    assert "go-compat-tests" not in planned
+    # and the setup it depends on is Python's alone.
+    rule = subprocess.run(
+        ["make", "-p", "-n", "-C", str(repo_root), "help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert "\nrun: setup-python\n" in rule
+    assert "\nsetup-python: uv\n" in rule
