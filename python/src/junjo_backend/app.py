@@ -25,7 +25,6 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -34,12 +33,13 @@ from junjo_backend.auth_service import AuthServer
 from junjo_backend.database import (
     close_engine,
     create_engine,
+    database_label,
     describe_database_error,
     init_schema,
 )
 from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.poller import SpanPoller
-from junjo_backend.settings import Settings, get_settings
+from junjo_backend.settings import Settings, get_settings, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,13 @@ STARTUP_FAILURE_EXIT = 3
 
 
 class StartupError(RuntimeError):
-    """A start-up step failed; the steps started before it have been stopped again."""
+    """A start-up step failed; the steps started before it have been stopped again.
 
-    def __init__(self, step: str, cause: Exception) -> None:
-        super().__init__(f"start-up failed at step '{step}': {_describe(cause)}")
+    The message is one line naming the setting behind the step and the cause.
+    """
+
+    def __init__(self, step: str, setting: str, cause: Exception) -> None:
+        super().__init__(f"{setting}: {step} could not start: {_describe(cause)}")
         self.step = step
 
 
@@ -73,14 +76,14 @@ class LifespanState(TypedDict):
 
 
 @contextlib.contextmanager
-def _startup_step(step: str) -> Iterator[None]:
-    """Turn any failure inside the block into a `StartupError` that names `step`."""
+def _startup_step(step: str, setting: str) -> Iterator[None]:
+    """Turn any failure inside the block into a `StartupError` naming `step` and `setting`."""
     try:
         yield
     except Exception as exc:
-        # No traceback here: uvicorn (or whoever runs the lifespan) reports the raised error.
-        log.error("start-up step failed", extra={"step": step, "error": _describe(exc)})  # noqa: TRY400
-        raise StartupError(step, exc) from exc
+        # Whoever runs the lifespan reports the raised error (`serve`: one `error:` line).
+        log.debug("start-up step failed", exc_info=True, extra={"step": step})
+        raise StartupError(step, setting, exc) from exc
 
 
 async def _stop_step(step: str, stop: Callable[[], Awaitable[object]]) -> None:
@@ -90,7 +93,8 @@ async def _stop_step(step: str, stop: Callable[[], Awaitable[object]]) -> None:
     except Exception:
         log.exception("shutdown step failed", extra={"step": step})
     else:
-        log.info("stopped", extra={"step": step})
+        # DEBUG: after a failed start these would come before the `error:` line.
+        log.debug("stopped", extra={"step": step})
 
 
 def _describe(exc: BaseException) -> str:
@@ -106,18 +110,21 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
     A step that fails raises `StartupError`; the steps before it are stopped first.
     """
     async with contextlib.AsyncExitStack() as stack:
-        with _startup_step("database"):
-            engine = create_engine(settings.database_url)
+        with _startup_step("database", "DATABASE_URL"):
+            engine = create_engine(
+                settings.database_url,
+                connect_timeout_seconds=settings.database_connect_timeout_seconds,
+            )
             stack.push_async_callback(
                 _stop_step, "database", functools.partial(close_engine, engine)
             )
             await init_schema(engine)
         log.info(
             "database ready",
-            extra={"database": make_url(settings.database_url).render_as_string()},
+            extra={"database": database_label(settings.database_url)},
         )
 
-        with _startup_step("auth server"):
+        with _startup_step("auth server", "AUTH_GRPC_LISTEN_ADDRESS"):
             auth_server = AuthServer(settings, engine)
             stack.push_async_callback(
                 _stop_step,
@@ -126,7 +133,7 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
             )
             await auth_server.start()
 
-        with _startup_step("ingestion client"):
+        with _startup_step("ingestion client", "INGESTION_GRPC_ADDRESS"):
             ingestion = IngestionClient(settings=settings)
             stack.push_async_callback(_stop_step, "ingestion client", ingestion.close)
             await ingestion.connect()
@@ -142,7 +149,7 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
 
         poller: SpanPoller | None = None
         if settings.poller_enabled:
-            with _startup_step("span poller"):
+            with _startup_step("span poller", "DATABASE_URL"):
                 poller = SpanPoller(ingestion, engine, settings=settings)
                 stack.push_async_callback(_stop_step, "span poller", poller.stop)
                 await poller.start()
@@ -151,6 +158,7 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
 
         yield Backend(settings, engine, auth_server, ingestion, poller)
         log.info("shutting down")
+    log.info("shut down")
 
 
 class _Frozen(BaseModel):
@@ -292,14 +300,21 @@ def _backend(request: Request) -> Backend:
 RunningBackend = Annotated[Backend, Depends(_backend)]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app; nothing starts until its lifespan runs."""
+def create_app(settings: Settings | None = None, *, backend: Backend | None = None) -> FastAPI:
+    """The FastAPI app; nothing starts until its lifespan runs.
+
+    Given a `backend` already running (as `serve` starts it, to report a failed start-up in
+    one line), the lifespan hands that one to requests and leaves stopping it to the caller.
+    """
     resolved = settings if settings is not None else get_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[LifespanState]:
-        async with run_backend(resolved) as backend:
+        if backend is not None:
             yield {"backend": backend}
+            return
+        async with run_backend(resolved) as started:
+            yield {"backend": started}
 
     app = FastAPI(title="junjo-backend", version=__version__, lifespan=lifespan)
 
@@ -366,31 +381,99 @@ class _BackendServer(uvicorn.Server):
         if isinstance(backend, Backend):
             where["auth_grpc"] = backend.auth_server.address
             where["ingestion_grpc"] = backend.settings.ingestion_grpc_address
-            where["database"] = make_url(backend.settings.database_url).render_as_string()
+            where["database"] = database_label(backend.settings.database_url)
         log.info(
             "junjo-backend ready; create an API key with: junjo-backend api-keys create NAME",
             extra=where,
         )
+        for note in backend.settings.notes if isinstance(backend, Backend) else []:
+            log.info(note)
+
+
+def _bind_http(settings: Settings) -> socket.socket:
+    """The HTTP API's listening socket, bound before anything starts; errors name the setting."""
+    try:
+        infos = socket.getaddrinfo(
+            settings.http_host, settings.http_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        reason = exc.strerror
+        raise ServeError(f"HTTP_HOST: cannot resolve {settings.http_host!r}: {reason}") from None
+    family, kind, proto, _name, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ServeError(
+            f"HTTP_HOST/HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    sock.setblocking(False)  # noqa: FBT003 (socket API)
+    return sock
+
+
+def _probe_auth_address(settings: Settings) -> None:
+    """Fail fast, with the OS's reason, when the auth address cannot be bound.
+
+    grpc's own bind error says only "Failed to bind"; a plain socket bound and released
+    first names the cause (address in use, not an address of this host).
+    """
+    host, port = parse_address(settings.auth_grpc_listen_address)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _name, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ServeError(
+            f"AUTH_GRPC_LISTEN_ADDRESS: cannot listen on {settings.auth_grpc_listen_address}: "
+            f"{reason}"
+        ) from None
+
+
+class ServeError(RuntimeError):
+    """`serve` could not start; the message is one line naming the setting and the cause."""
+
+
+async def _serve(settings: Settings, http_socket: socket.socket) -> None:
+    try:
+        async with run_backend(settings) as backend:
+            config = uvicorn.Config(
+                create_app(settings, backend=backend),
+                # Our logging set-up (logs.configure_logging) formats uvicorn's records too.
+                log_config=None,
+                # A failing lifespan must stop the process, not be taken for "unsupported".
+                lifespan="on",
+                # grpc.aio needs the standard asyncio loop.
+                loop="asyncio",
+                timeout_graceful_shutdown=math.ceil(settings.grpc_shutdown_grace_seconds),
+                server_header=False,
+            )
+            server = _BackendServer(config)
+            await server.serve(sockets=[http_socket])
+    except StartupError as exc:
+        raise ServeError(str(exc)) from exc
 
 
 def serve(settings: Settings) -> int:
-    """Run the backend with uvicorn until SIGINT or SIGTERM; returns the exit status."""
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.http_host,
-        port=settings.http_port,
-        # Our logging set-up (logs.configure_logging) formats uvicorn's records too.
-        log_config=None,
-        # A failing lifespan must stop the process, not be taken for "unsupported".
-        lifespan="on",
-        # grpc.aio needs the standard asyncio loop.
-        loop="asyncio",
-        timeout_graceful_shutdown=math.ceil(settings.grpc_shutdown_grace_seconds),
-        server_header=False,
-    )
-    server = _BackendServer(config)
+    """Run the backend with uvicorn until SIGINT or SIGTERM; returns the exit status.
+
+    A start-up failure raises `ServeError` (one line naming the setting) before the HTTP API
+    answers anything: its socket is bound first, then the backend starts, then uvicorn serves.
+    """
+    _probe_auth_address(settings)
+    http_socket = _bind_http(settings)
     try:
-        server.run()
+        asyncio.run(_serve(settings, http_socket))
     except SystemExit as exit_:  # uvicorn exits this way when start-up fails
         return exit_.code if isinstance(exit_.code, int) else STARTUP_FAILURE_EXIT
+    finally:
+        http_socket.close()
     return 0
