@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from junjo_backend import __version__
-from junjo_backend.auth_service import AuthServer
+from junjo_backend.auth_service import AuthServer, listen_problem
 from junjo_backend.database import (
     close_engine,
     create_engine,
@@ -39,7 +39,7 @@ from junjo_backend.database import (
 )
 from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.poller import SpanPoller
-from junjo_backend.settings import Settings, get_settings, parse_address
+from junjo_backend.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,21 @@ def _startup_step(step: str, setting: str) -> Iterator[None]:
         raise StartupError(step, setting, exc) from exc
 
 
-async def _stop_step(step: str, stop: Callable[[], Awaitable[object]]) -> None:
-    """Run one shutdown step; a failure is logged and does not keep the later steps from running."""
+async def _stop_step(
+    step: str, stop: Callable[[], Awaitable[object]], started: asyncio.Event
+) -> None:
+    """Run one shutdown step; a failure is logged and does not keep the later steps from running.
+
+    Until the whole backend has `started`, a stopped step is logged at DEBUG: after a failed
+    start-up, the one line that matters is the error.
+    """
     try:
         await stop()
     except Exception:
         log.exception("shutdown step failed", extra={"step": step})
     else:
-        # DEBUG: after a failed start these would come before the `error:` line.
-        log.debug("stopped", extra={"step": step})
+        level = logging.INFO if started.is_set() else logging.DEBUG
+        log.log(level, "stopped", extra={"step": step})
 
 
 def _describe(exc: BaseException) -> str:
@@ -109,6 +115,7 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
 
     A step that fails raises `StartupError`; the steps before it are stopped first.
     """
+    started = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         with _startup_step("database", "DATABASE_URL"):
             engine = create_engine(
@@ -116,7 +123,7 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
                 connect_timeout_seconds=settings.database_connect_timeout_seconds,
             )
             stack.push_async_callback(
-                _stop_step, "database", functools.partial(close_engine, engine)
+                _stop_step, "database", functools.partial(close_engine, engine), started
             )
             await init_schema(engine)
         log.info(
@@ -130,12 +137,13 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
                 _stop_step,
                 "auth server",
                 functools.partial(auth_server.stop, settings.grpc_shutdown_grace_seconds),
+                started,
             )
             await auth_server.start()
 
         with _startup_step("ingestion client", "INGESTION_GRPC_ADDRESS"):
             ingestion = IngestionClient(settings=settings)
-            stack.push_async_callback(_stop_step, "ingestion client", ingestion.close)
+            stack.push_async_callback(_stop_step, "ingestion client", ingestion.close, started)
             await ingestion.connect()
         if await ingestion.check_connection(settings.health_probe_timeout_seconds):
             log.info(
@@ -151,11 +159,12 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
         if settings.poller_enabled:
             with _startup_step("span poller", "DATABASE_URL"):
                 poller = SpanPoller(ingestion, engine, settings=settings)
-                stack.push_async_callback(_stop_step, "span poller", poller.stop)
+                stack.push_async_callback(_stop_step, "span poller", poller.stop, started)
                 await poller.start()
         else:
             log.info("span poller disabled (POLLER_ENABLED=false)")
 
+        started.set()
         yield Backend(settings, engine, auth_server, ingestion, poller)
         log.info("shutting down")
     log.info("shut down")
@@ -300,21 +309,32 @@ def _backend(request: Request) -> Backend:
 RunningBackend = Annotated[Backend, Depends(_backend)]
 
 
-def create_app(settings: Settings | None = None, *, backend: Backend | None = None) -> FastAPI:
+@dataclass(slots=True)
+class StartedBackend:
+    """Where `serve` puts the backend it started itself, for the app's lifespan to hand out."""
+
+    backend: Backend | None = None
+
+
+def create_app(
+    settings: Settings | None = None, *, started: StartedBackend | None = None
+) -> FastAPI:
     """The FastAPI app; nothing starts until its lifespan runs.
 
-    Given a `backend` already running (as `serve` starts it, to report a failed start-up in
-    one line), the lifespan hands that one to requests and leaves stopping it to the caller.
+    Given `started` (as `serve` does, to report a failed start-up in one line), the lifespan
+    hands out the backend already running there and leaves stopping it to the caller.
     """
     resolved = settings if settings is not None else get_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[LifespanState]:
-        if backend is not None:
-            yield {"backend": backend}
+        if started is not None:
+            if started.backend is None:
+                raise RuntimeError("the app was served before its backend started")
+            yield {"backend": started.backend}
             return
-        async with run_backend(resolved) as started:
-            yield {"backend": started}
+        async with run_backend(resolved) as backend:
+            yield {"backend": backend}
 
     app = FastAPI(title="junjo-backend", version=__version__, lifespan=lifespan)
 
@@ -416,26 +436,13 @@ def _bind_http(settings: Settings) -> socket.socket:
 
 
 def _probe_auth_address(settings: Settings) -> None:
-    """Fail fast, with the OS's reason, when the auth address cannot be bound.
-
-    grpc's own bind error says only "Failed to bind"; a plain socket bound and released
-    first names the cause (address in use, not an address of this host).
-    """
-    host, port = parse_address(settings.auth_grpc_listen_address)
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _name, address = infos[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    """Fail before anything starts when the auth address cannot be bound."""
+    problem = listen_problem(settings.auth_grpc_listen_address)
+    if problem is not None:
         raise ServeError(
             f"AUTH_GRPC_LISTEN_ADDRESS: cannot listen on {settings.auth_grpc_listen_address}: "
-            f"{reason}"
-        ) from None
+            f"{problem}"
+        )
 
 
 class ServeError(RuntimeError):
@@ -443,23 +450,28 @@ class ServeError(RuntimeError):
 
 
 async def _serve(settings: Settings, http_socket: socket.socket) -> None:
-    try:
-        async with run_backend(settings) as backend:
-            config = uvicorn.Config(
-                create_app(settings, backend=backend),
-                # Our logging set-up (logs.configure_logging) formats uvicorn's records too.
-                log_config=None,
-                # A failing lifespan must stop the process, not be taken for "unsupported".
-                lifespan="on",
-                # grpc.aio needs the standard asyncio loop.
-                loop="asyncio",
-                timeout_graceful_shutdown=math.ceil(settings.grpc_shutdown_grace_seconds),
-                server_header=False,
-            )
-            server = _BackendServer(config)
-            await server.serve(sockets=[http_socket])
-    except StartupError as exc:
-        raise ServeError(str(exc)) from exc
+    started = StartedBackend()
+    config = uvicorn.Config(
+        create_app(settings, started=started),
+        # Our logging set-up (logs.configure_logging) formats uvicorn's records too.
+        log_config=None,
+        # A failing lifespan must stop the process, not be taken for "unsupported".
+        lifespan="on",
+        # grpc.aio needs the standard asyncio loop.
+        loop="asyncio",
+        timeout_graceful_shutdown=math.ceil(settings.grpc_shutdown_grace_seconds),
+        server_header=False,
+    )
+    server = _BackendServer(config)
+    # Our signal policy covers the backend's start and stop too, not only uvicorn's part.
+    with server.capture_signals():
+        try:
+            async with run_backend(settings) as backend:
+                started.backend = backend
+                if not server.should_exit:
+                    await server.serve(sockets=[http_socket])
+        except StartupError as exc:
+            raise ServeError(str(exc)) from exc
 
 
 def serve(settings: Settings) -> int:
