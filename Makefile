@@ -155,12 +155,14 @@ peer: gen ## build the Go ingestion peer and its tools as static binaries in go-
 
 # The generated code is committed: running needs neither buf nor Go.
 .PHONY: run
-run: setup-python ## run the backend on embedded defaults (SQLite under data/, auth :50053, HTTP :1323)
-	INGESTION_GRPC_ADDRESS=$${INGESTION_GRPC_ADDRESS:-127.0.0.1:50052} $(PY) junjo-backend serve
+# No settings here: the embedded defaults are local ones, and .env (see .env.example) wins.
+run: setup-python ## run the backend on embedded defaults (SQLite under data/, auth 127.0.0.1:50053, HTTP 127.0.0.1:1323)
+	$(PY) junjo-backend serve
 
 .PHONY: demo
+# Options go through ARGS (make would read `--peer binary` itself): make demo ARGS="--peer binary"
 demo: gen peer ## the whole loop on this machine: Go peer, backend, API key, OTLP spans, drain
-	$(PY) python python/scripts/demo.py
+	$(PY) python python/scripts/demo.py $(ARGS)
 
 .PHONY: demo-check
 demo-check: gen peer

@@ -1,4 +1,4 @@
-"""API keys: generation, the key store in the `api_keys` table, and the `api-keys` command.
+"""API keys: generation and the key store in the `api_keys` table (its CLI: key_commands.py).
 
 Keys are made like the Go backend made them (64 characters of `[0-9A-Za-z]` from a
 CSPRNG, URL-safe random ids) and stored in the same table layout, so keys issued by
@@ -12,7 +12,6 @@ import hashlib
 import logging
 import secrets
 import string
-import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -20,21 +19,13 @@ from typing import TYPE_CHECKING
 from sqlalchemy import String, delete, insert, select, type_coerce
 from sqlalchemy.exc import SQLAlchemyError
 
-from junjo_backend.database import (
-    api_keys,
-    close_engine,
-    create_engine,
-    describe_database_error,
-    init_schema,
-)
+from junjo_backend.database import api_keys, describe_database_error
 
 if TYPE_CHECKING:
-    import argparse
-    from typing import TextIO
+    from typing import Any
 
+    from sqlalchemy import Row, Select
     from sqlalchemy.ext.asyncio import AsyncEngine
-
-    from junjo_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +158,8 @@ async def create_api_key(engine: AsyncEngine, name: str) -> NewApiKey:
     return new
 
 
-async def list_api_keys(engine: AsyncEngine) -> list[ApiKeyInfo]:
-    """Every stored key, oldest first, each with a hint instead of the key."""
-    query = select(
+def _listing_query() -> Select[Any]:
+    return select(
         api_keys.c.id,
         api_keys.c.name,
         # Read as stored: Go-era rows may hold timestamps SQLAlchemy's SQLite DateTime
@@ -177,20 +167,25 @@ async def list_api_keys(engine: AsyncEngine) -> list[ApiKeyInfo]:
         type_coerce(api_keys.c.created_at, String).label("created_at"),
         api_keys.c.key,
     )
+
+
+def _listed(row: Row[Any]) -> ApiKeyInfo:
+    return ApiKeyInfo(
+        id=row.id,
+        name=row.name,
+        created_at=_as_utc(row.created_at),
+        key_hint=key_fingerprint(row.key),
+    )
+
+
+async def list_api_keys(engine: AsyncEngine) -> list[ApiKeyInfo]:
+    """Every stored key, oldest first, each with a hint instead of the key."""
     try:
         async with engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
+            rows = (await conn.execute(_listing_query())).all()
     except SQLAlchemyError as exc:
         raise ApiKeyStoreError(f"could not list API keys: {describe_database_error(exc)}") from None
-    keys = [
-        ApiKeyInfo(
-            id=row.id,
-            name=row.name,
-            created_at=_as_utc(row.created_at),
-            key_hint=key_fingerprint(row.key),
-        )
-        for row in rows
-    ]
+    keys = [_listed(row) for row in rows]
     keys.sort(key=lambda info: (info.created_at, info.id))
     return keys
 
@@ -214,70 +209,12 @@ async def revoke_api_key(engine: AsyncEngine, key_id: str) -> bool:
     return revoked
 
 
-def _print_created(new: NewApiKey, out: TextIO) -> None:
-    out.write(
-        f"Created API key {new.name!r} (id {new.id}).\n"
-        "\n"
-        f"    {new.key}\n"
-        "\n"
-        "This is the only time the key is shown: store it now.\n"
-        f"Clients send it with every OTLP request in the gRPC metadata header {API_KEY_HEADER},\n"
-        f"e.g. OTEL_EXPORTER_OTLP_HEADERS={API_KEY_HEADER}=<key>.\n"
-        f"Revoke it with: junjo-backend api-keys revoke {new.id}\n"
-    )
-
-
-def _print_listing(keys: list[ApiKeyInfo], out: TextIO) -> None:
-    if not keys:
-        out.write("No API keys. Create one with: junjo-backend api-keys create NAME\n")
-        return
-    header = ("ID", "NAME", "CREATED (UTC)", "KEY HINT")
-    rows = [(k.id, k.name, k.created_at.strftime("%Y-%m-%d %H:%M:%S"), k.key_hint) for k in keys]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-        out.write("\n")
-
-
-async def _run_action(
-    engine: AsyncEngine, settings: Settings, args: argparse.Namespace, out: TextIO
-) -> int:
-    action = args.api_keys_command
-    if action == "create":
-        _print_created(await create_api_key(engine, args.name), out)
-    elif action == "list":
-        _print_listing(await list_api_keys(engine), out)
-    elif action == "revoke":
-        if not await revoke_api_key(engine, args.id):
-            sys.stderr.write(f"error: no API key with id {args.id!r}\n")
-            return 1
-        out.write(
-            f"Revoked API key {args.id}: the auth server refuses it within "
-            f"{settings.api_key_cache_max_age_seconds:g} s.\n"
-            "An ingestion-service that accepted it before keeps it in its own cache of valid\n"
-            "keys for up to an hour; restart the ingestion-service to cut it off at once.\n"
-        )
-    else:
-        sys.stderr.write(f"error: unknown api-keys command {action!r}\n")
-        return 2
-    return 0
-
-
-async def run_api_keys_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    """Run `junjo-backend api-keys create|list|revoke`; returns the exit status."""
+async def find_api_key(engine: AsyncEngine, key: str) -> ApiKeyInfo | None:
+    """The stored key equal to `key`, as listings show it; None when there is none."""
     try:
-        engine = create_engine(settings.database_url)
-    except OSError as exc:  # the SQLite file's folder cannot be created
-        sys.stderr.write(f"error: database unavailable: {exc}\n")
-        return 1
-    try:
-        await init_schema(engine)
-        return await _run_action(engine, settings, args, out)
-    except (ApiKeyStoreError, ValueError) as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
-    except SQLAlchemyError as exc:  # init_schema: the database cannot be opened or created
-        sys.stderr.write(f"error: database unavailable: {describe_database_error(exc)}\n")
-        return 1
-    finally:
-        await close_engine(engine)
+        async with engine.connect() as conn:
+            row = (await conn.execute(_listing_query().where(api_keys.c.key == key))).first()
+    except SQLAlchemyError as exc:
+        reason = describe_database_error(exc)
+        raise ApiKeyStoreError(f"could not look the key up: {reason}") from None
+    return None if row is None else _listed(row)

@@ -25,15 +25,15 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from junjo_backend import __version__
-from junjo_backend.auth_service import AuthServer
+from junjo_backend.auth_service import AuthServer, listen_problem
 from junjo_backend.database import (
     close_engine,
     create_engine,
+    database_label,
     describe_database_error,
     init_schema,
 )
@@ -48,10 +48,13 @@ STARTUP_FAILURE_EXIT = 3
 
 
 class StartupError(RuntimeError):
-    """A start-up step failed; the steps started before it have been stopped again."""
+    """A start-up step failed; the steps started before it have been stopped again.
 
-    def __init__(self, step: str, cause: Exception) -> None:
-        super().__init__(f"start-up failed at step '{step}': {_describe(cause)}")
+    The message is one line naming the setting behind the step and the cause.
+    """
+
+    def __init__(self, step: str, setting: str, cause: Exception) -> None:
+        super().__init__(f"{setting}: {step} could not start: {_describe(cause)}")
         self.step = step
 
 
@@ -73,24 +76,31 @@ class LifespanState(TypedDict):
 
 
 @contextlib.contextmanager
-def _startup_step(step: str) -> Iterator[None]:
-    """Turn any failure inside the block into a `StartupError` that names `step`."""
+def _startup_step(step: str, setting: str) -> Iterator[None]:
+    """Turn any failure inside the block into a `StartupError` naming `step` and `setting`."""
     try:
         yield
     except Exception as exc:
-        # No traceback here: uvicorn (or whoever runs the lifespan) reports the raised error.
-        log.error("start-up step failed", extra={"step": step, "error": _describe(exc)})  # noqa: TRY400
-        raise StartupError(step, exc) from exc
+        # Whoever runs the lifespan reports the raised error (`serve`: one `error:` line).
+        log.debug("start-up step failed", exc_info=True, extra={"step": step})
+        raise StartupError(step, setting, exc) from exc
 
 
-async def _stop_step(step: str, stop: Callable[[], Awaitable[object]]) -> None:
-    """Run one shutdown step; a failure is logged and does not keep the later steps from running."""
+async def _stop_step(
+    step: str, stop: Callable[[], Awaitable[object]], started: asyncio.Event
+) -> None:
+    """Run one shutdown step; a failure is logged and does not keep the later steps from running.
+
+    Until the whole backend has `started`, a stopped step is logged at DEBUG: after a failed
+    start-up, the one line that matters is the error.
+    """
     try:
         await stop()
     except Exception:
         log.exception("shutdown step failed", extra={"step": step})
     else:
-        log.info("stopped", extra={"step": step})
+        level = logging.INFO if started.is_set() else logging.DEBUG
+        log.log(level, "stopped", extra={"step": step})
 
 
 def _describe(exc: BaseException) -> str:
@@ -105,30 +115,35 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
 
     A step that fails raises `StartupError`; the steps before it are stopped first.
     """
+    started = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
-        with _startup_step("database"):
-            engine = create_engine(settings.database_url)
+        with _startup_step("database", "DATABASE_URL"):
+            engine = create_engine(
+                settings.database_url,
+                connect_timeout_seconds=settings.database_connect_timeout_seconds,
+            )
             stack.push_async_callback(
-                _stop_step, "database", functools.partial(close_engine, engine)
+                _stop_step, "database", functools.partial(close_engine, engine), started
             )
             await init_schema(engine)
         log.info(
             "database ready",
-            extra={"database": make_url(settings.database_url).render_as_string()},
+            extra={"database": database_label(settings.database_url)},
         )
 
-        with _startup_step("auth server"):
+        with _startup_step("auth server", "AUTH_GRPC_LISTEN_ADDRESS"):
             auth_server = AuthServer(settings, engine)
             stack.push_async_callback(
                 _stop_step,
                 "auth server",
                 functools.partial(auth_server.stop, settings.grpc_shutdown_grace_seconds),
+                started,
             )
             await auth_server.start()
 
-        with _startup_step("ingestion client"):
+        with _startup_step("ingestion client", "INGESTION_GRPC_ADDRESS"):
             ingestion = IngestionClient(settings=settings)
-            stack.push_async_callback(_stop_step, "ingestion client", ingestion.close)
+            stack.push_async_callback(_stop_step, "ingestion client", ingestion.close, started)
             await ingestion.connect()
         if await ingestion.check_connection(settings.health_probe_timeout_seconds):
             log.info(
@@ -142,15 +157,17 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
 
         poller: SpanPoller | None = None
         if settings.poller_enabled:
-            with _startup_step("span poller"):
+            with _startup_step("span poller", "DATABASE_URL"):
                 poller = SpanPoller(ingestion, engine, settings=settings)
-                stack.push_async_callback(_stop_step, "span poller", poller.stop)
+                stack.push_async_callback(_stop_step, "span poller", poller.stop, started)
                 await poller.start()
         else:
             log.info("span poller disabled (POLLER_ENABLED=false)")
 
+        started.set()
         yield Backend(settings, engine, auth_server, ingestion, poller)
         log.info("shutting down")
+    log.info("shut down")
 
 
 class _Frozen(BaseModel):
@@ -292,12 +309,30 @@ def _backend(request: Request) -> Backend:
 RunningBackend = Annotated[Backend, Depends(_backend)]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app; nothing starts until its lifespan runs."""
+@dataclass(slots=True)
+class StartedBackend:
+    """Where `serve` puts the backend it started itself, for the app's lifespan to hand out."""
+
+    backend: Backend | None = None
+
+
+def create_app(
+    settings: Settings | None = None, *, started: StartedBackend | None = None
+) -> FastAPI:
+    """The FastAPI app; nothing starts until its lifespan runs.
+
+    Given `started` (as `serve` does, to report a failed start-up in one line), the lifespan
+    hands out the backend already running there and leaves stopping it to the caller.
+    """
     resolved = settings if settings is not None else get_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[LifespanState]:
+        if started is not None:
+            if started.backend is None:
+                raise RuntimeError("the app was served before its backend started")
+            yield {"backend": started.backend}
+            return
         async with run_backend(resolved) as backend:
             yield {"backend": backend}
 
@@ -366,19 +401,58 @@ class _BackendServer(uvicorn.Server):
         if isinstance(backend, Backend):
             where["auth_grpc"] = backend.auth_server.address
             where["ingestion_grpc"] = backend.settings.ingestion_grpc_address
-            where["database"] = make_url(backend.settings.database_url).render_as_string()
+            where["database"] = database_label(backend.settings.database_url)
         log.info(
             "junjo-backend ready; create an API key with: junjo-backend api-keys create NAME",
             extra=where,
         )
+        for note in backend.settings.notes if isinstance(backend, Backend) else []:
+            log.info(note)
 
 
-def serve(settings: Settings) -> int:
-    """Run the backend with uvicorn until SIGINT or SIGTERM; returns the exit status."""
+def _bind_http(settings: Settings) -> socket.socket:
+    """The HTTP API's listening socket, bound before anything starts; errors name the setting."""
+    try:
+        infos = socket.getaddrinfo(
+            settings.http_host, settings.http_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        reason = exc.strerror
+        raise ServeError(f"HTTP_HOST: cannot resolve {settings.http_host!r}: {reason}") from None
+    family, kind, proto, _name, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ServeError(
+            f"HTTP_HOST/HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    sock.setblocking(False)  # noqa: FBT003 (socket API)
+    return sock
+
+
+def _probe_auth_address(settings: Settings) -> None:
+    """Fail before anything starts when the auth address cannot be bound."""
+    problem = listen_problem(settings.auth_grpc_listen_address)
+    if problem is not None:
+        raise ServeError(
+            f"AUTH_GRPC_LISTEN_ADDRESS: cannot listen on {settings.auth_grpc_listen_address}: "
+            f"{problem}"
+        )
+
+
+class ServeError(RuntimeError):
+    """`serve` could not start; the message is one line naming the setting and the cause."""
+
+
+async def _serve(settings: Settings, http_socket: socket.socket) -> None:
+    started = StartedBackend()
     config = uvicorn.Config(
-        create_app(settings),
-        host=settings.http_host,
-        port=settings.http_port,
+        create_app(settings, started=started),
         # Our logging set-up (logs.configure_logging) formats uvicorn's records too.
         log_config=None,
         # A failing lifespan must stop the process, not be taken for "unsupported".
@@ -389,8 +463,29 @@ def serve(settings: Settings) -> int:
         server_header=False,
     )
     server = _BackendServer(config)
+    # Our signal policy covers the backend's start and stop too, not only uvicorn's part.
+    with server.capture_signals():
+        try:
+            async with run_backend(settings) as backend:
+                started.backend = backend
+                if not server.should_exit:
+                    await server.serve(sockets=[http_socket])
+        except StartupError as exc:
+            raise ServeError(str(exc)) from exc
+
+
+def serve(settings: Settings) -> int:
+    """Run the backend with uvicorn until SIGINT or SIGTERM; returns the exit status.
+
+    A start-up failure raises `ServeError` (one line naming the setting) before the HTTP API
+    answers anything: its socket is bound first, then the backend starts, then uvicorn serves.
+    """
+    _probe_auth_address(settings)
+    http_socket = _bind_http(settings)
     try:
-        server.run()
+        asyncio.run(_serve(settings, http_socket))
     except SystemExit as exit_:  # uvicorn exits this way when start-up fails
         return exit_.code if isinstance(exit_.code, int) else STARTUP_FAILURE_EXIT
+    finally:
+        http_socket.close()
     return 0

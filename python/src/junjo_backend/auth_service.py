@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 
 from junjo_backend._wire.ingestion import auth_pb2
 from junjo_backend.known_keys import KeyStoreUnavailable, KnownKeys
+from junjo_backend.settings import parse_address
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -214,6 +216,26 @@ def _split_address(address: str) -> tuple[str, str]:
     return host, port
 
 
+def listen_problem(address: str) -> str | None:
+    """Why `address` cannot be listened on (the OS's words), or None when it can.
+
+    grpc's own bind error says only "Failed to bind"; a plain socket bound and released
+    names the cause (address in use, not an address of this host). Port 0 always can.
+    """
+    host, port = parse_address(address)
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _name, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 class AuthServer:
     """The auth gRPC server: started and stopped by the FastAPI lifespan or by tests."""
 
@@ -286,13 +308,13 @@ class AuthServer:
                 ],
                 server,
             )
+        address = self._settings.auth_grpc_listen_address
         try:
-            port = server.add_insecure_port(self._settings.auth_grpc_listen_address)
+            port = server.add_insecure_port(address)
         except RuntimeError as exc:
             await server.stop(None)
-            raise OSError(
-                f"cannot listen on {self._settings.auth_grpc_listen_address}: {exc}"
-            ) from exc
+            reason = listen_problem(address) or str(exc)
+            raise OSError(f"cannot listen on {address}: {reason}") from exc
         await server.start()
         self._server = server
         self._port = port

@@ -1,38 +1,90 @@
-"""`junjo-backend`: run the backend, manage API keys, look at spans."""
+"""`junjo-backend`: run the backend, manage API keys, look at spans.
+
+Every mistake in a setting and every failed start ends in one line on stderr,
+`error: ...`, naming the setting, address or path and the reason, and a non-zero exit; the
+traceback is added only at `LOG_LEVEL=DEBUG` (console.py has the whole stream contract).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+import traceback
 from typing import TYPE_CHECKING
 
+from junjo_backend import __version__
+from junjo_backend.console import CommandError, Console
 from junjo_backend.logs import configure_logging
-from junjo_backend.settings import get_settings
+from junjo_backend.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+_EXIT_FAILED = 1
+_EXIT_BAD_SETTINGS = 2
+_EXIT_INTERRUPTED = 130
+
+
+def _settings_help() -> str:
+    """Every setting with its default and meaning, from the settings' own descriptions."""
+    lines = ["settings (environment variables, or .env in the working folder; any case):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = str(default).lower() if isinstance(default, bool) else str(default)
+        lines.append(f"  {name.upper()}={shown}")
+        lines.append(f"      {field.description}")
+    return "\n".join(lines)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line grammar."""
-    parser = argparse.ArgumentParser(prog="junjo-backend", description=__doc__)
+    parser = argparse.ArgumentParser(prog="junjo-backend", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument(
+        "-q", "--quiet", action="store_true", help="no informational lines on stderr"
+    )
 
-    commands.add_parser("serve", help="run the backend until SIGINT or SIGTERM")
+    commands.add_parser(
+        "serve",
+        help="run the backend until SIGINT or SIGTERM",
+        description="Run the auth gRPC server, the span poller and the HTTP API.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
-    keys = commands.add_parser("api-keys", help="create, list and revoke API keys")
+    keys = commands.add_parser("api-keys", help="create, list, check and revoke API keys")
     key_commands = keys.add_subparsers(dest="api_keys_command", required=True, metavar="ACTION")
-    create = key_commands.add_parser("create", help="create a key and print it once")
+    create = key_commands.add_parser(
+        "create", parents=[quiet], help="create a key and print it (only this once) on stdout"
+    )
     create.add_argument("name", help="a label for the key, such as the app that will use it")
-    key_commands.add_parser("list", help="list keys (never prints a full key)")
-    revoke = key_commands.add_parser("revoke", help="delete a key by its id")
+    create.add_argument(
+        "--json", action="store_true", help="print id, name and key as one JSON object"
+    )
+    listing = key_commands.add_parser(
+        "list", parents=[quiet], help="list keys (never prints a full key)"
+    )
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    check = key_commands.add_parser(
+        "check",
+        parents=[quiet],
+        help="read a key on stdin and print its id and name, or exit 1 when it is not stored",
+    )
+    check.add_argument("--json", action="store_true", help="print the match as a JSON object")
+    check.set_defaults(key_file="-")
+    revoke = key_commands.add_parser("revoke", parents=[quiet], help="delete a key by its id")
     revoke.add_argument("id", help="the key's id, as `list` shows it")
 
     spans = commands.add_parser("spans", help="look at spans in the ingestion-service's WAL")
     span_commands = spans.add_subparsers(dest="spans_command", required=True, metavar="ACTION")
     tail = span_commands.add_parser(
-        "tail", help="print decoded spans as they arrive, without moving the poller's checkpoint"
+        "tail",
+        parents=[quiet],
+        help="print decoded spans as they arrive, without moving the poller's checkpoint",
     )
     start = tail.add_mutually_exclusive_group()
     start.add_argument(
@@ -48,20 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `junjo-backend` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    settings = get_settings()
-    configure_logging(settings.log_level, settings.log_format)
+def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     # Imports are deferred so that `api-keys list` does not pay for FastAPI and uvicorn.
     if args.command == "serve":
-        from junjo_backend.app import serve  # noqa: PLC0415
+        from junjo_backend.app import ServeError, serve  # noqa: PLC0415
 
-        return serve(settings)
+        try:
+            return serve(settings)  # logs the settings' notes once it is ready
+        except ServeError as exc:
+            for note in settings.notes:
+                console.note(note)
+            raise CommandError(str(exc)) from exc
     if args.command == "api-keys":
-        from junjo_backend.api_keys import run_api_keys_command  # noqa: PLC0415
+        from junjo_backend.key_commands import run_api_keys_command  # noqa: PLC0415
 
-        return asyncio.run(run_api_keys_command(settings, args, sys.stdout))
+        return asyncio.run(run_api_keys_command(settings, args, console))
     from junjo_backend.span_tail import run_tail  # noqa: PLC0415
 
     return asyncio.run(
@@ -70,9 +123,57 @@ def main(argv: Sequence[str] | None = None) -> int:
             from_start=args.from_start,
             follow=args.follow,
             as_json=args.json,
-            out=sys.stdout,
+            out=console.out,
         )
     )
+
+
+def _log_level(args: argparse.Namespace, settings: Settings) -> str:
+    """`serve` logs at LOG_LEVEL; the other commands at WARNING unless LOG_LEVEL is set."""
+    if args.command == "serve" or "log_level" in settings.model_fields_set:
+        return settings.log_level
+    return "WARNING"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `junjo-backend` command; returns the exit status."""
+    # grpc-core writes its own lines to stderr (`E1128 ... hpack_encoder`), which would break
+    # logfmt and one-JSON-object-per-line output. Silenced unless the operator asks for them
+    # (GRPC_VERBOSITY=ERROR, or DEBUG with GRPC_TRACE). Set before grpc is first imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    args = build_parser().parse_args(argv)
+    console = Console(quiet=getattr(args, "quiet", False))
+    debug = os.environ.get("LOG_LEVEL", "").strip().upper() == "DEBUG"
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        console.finish(str(exc))
+        return _EXIT_BAD_SETTINGS
+    if args.command != "serve":
+        for note in settings.notes:
+            console.note(note)
+    configure_logging(_log_level(args, settings), settings.log_format)
+    try:
+        status = _run(args, settings, console)
+    except CommandError as exc:
+        console.finish(str(exc))
+        if debug:
+            traceback.print_exc(file=console.err)
+        return _EXIT_FAILED
+    except KeyboardInterrupt:
+        console.finish("interrupted")
+        return _EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 (the last resort: one line, the traceback at DEBUG)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        console.finish(
+            f"unexpected {type(exc).__name__}{': ' + first if first else ''} "
+            "(LOG_LEVEL=DEBUG shows the traceback)"
+        )
+        if debug:
+            traceback.print_exc(file=console.err)
+        return _EXIT_FAILED
+    console.finish()
+    return status
 
 
 if __name__ == "__main__":

@@ -76,15 +76,45 @@ def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def create_engine(database_url: str) -> AsyncEngine:
-    """An async engine for `database_url`; for a SQLite file, its folder is created."""
+def sqlite_file(database_url: str) -> Path | None:
+    """The absolute path of the SQLite file `database_url` names; None for other databases."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database).expanduser().absolute()
+
+
+def database_label(database_url: str) -> str:
+    """How to name the database to an operator.
+
+    A SQLite file by its absolute path, anything else by its URL without the password.
+    """
+    path = sqlite_file(database_url)
+    return str(path) if path is not None else make_url(database_url).render_as_string()
+
+
+def create_engine(
+    database_url: str, *, connect_timeout_seconds: float = 10.0, create_folder: bool = True
+) -> AsyncEngine:
+    """An async engine for `database_url`.
+
+    For a SQLite file, its folder is created unless `create_folder` is false. Opening a
+    connection gives up after `connect_timeout_seconds` (a PostgreSQL server that accepts
+    connections but never answers).
+    """
     url = make_url(database_url)
     # hide_parameters: statement parameters (API keys among them) never reach an error
     # message or a log line.
     if url.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
-    if url.database and url.database != ":memory:":
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        connect_args = (
+            {"timeout": connect_timeout_seconds} if url.get_driver_name() == "asyncpg" else {}
+        )
+        return create_async_engine(
+            url, pool_pre_ping=True, hide_parameters=True, connect_args=connect_args
+        )
+    path = sqlite_file(database_url)
+    if path is not None and create_folder:
+        path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(url, hide_parameters=True)
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -105,14 +135,24 @@ async def init_schema(engine: AsyncEngine) -> None:
         await conn.run_sync(metadata.create_all)
 
 
-async def close_engine(engine: AsyncEngine) -> None:
-    """Fold SQLite's WAL back into the database file, then release every connection."""
+async def close_engine(engine: AsyncEngine, *, quiet: bool = False) -> None:
+    """Fold SQLite's WAL back into the database file, then release every connection.
+
+    `quiet` (a CLI command, which has already reported any database error in one line)
+    logs a failed checkpoint at DEBUG only.
+    """
     if is_sqlite(engine):
         try:
             async with engine.connect() as conn:
                 await conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
-        except Exception:  # shutting down: report and still dispose
-            log.warning("SQLite WAL checkpoint on shutdown failed", exc_info=True)
+        except Exception as exc:  # shutting down: report and still dispose
+            if quiet:
+                log.debug("SQLite WAL checkpoint on close failed", exc_info=True)
+            else:
+                log.warning(
+                    "SQLite WAL checkpoint on shutdown failed",
+                    extra={"error": describe_database_error(exc)},
+                )
     await engine.dispose()
 
 

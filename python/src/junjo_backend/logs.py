@@ -42,29 +42,83 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
-class TextFormatter(logging.Formatter):
-    """`time level logger: message key=value ...` with `extra` fields appended."""
+def _logfmt_value(value: object) -> str:
+    """A logfmt value: bare when it can be, else double-quoted with escapes."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if text and not any(char in text for char in ' ="\\\n\r\t'):
+        return text
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return f'"{escaped}"'
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+class TextFormatter(logging.Formatter):
+    """logfmt: `time=... level=... logger=... msg="..."` then each `extra` field as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
-        """Render `record` as one text line plus its `extra` fields."""
-        line = super().format(record)
-        extras = " ".join(f"{name}={value}" for name, value in _extras(record).items())
-        return f"{line} {extras}" if extras else line
+        """Render `record` as one logfmt line."""
+        fields: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields.update(_extras(record))
+        if record.exc_info:
+            fields["exc_info"] = self.formatException(record.exc_info)
+        return " ".join(f"{name}={_logfmt_value(value)}" for name, value in fields.items())
+
+
+# uvicorn's loggers, renamed so that every line carries one of ours.
+_RENAMED_LOGGERS = {
+    "uvicorn": "junjo_backend.http",
+    "uvicorn.error": "junjo_backend.http",
+    "uvicorn.access": "junjo_backend.http.access",
+}
+# Probes and scrapes: their access lines go to DEBUG, or every probe would log at INFO.
+_QUIET_PATHS = frozenset({"/ping", "/health", "/metrics"})
+_ACCESS_PATH_ARG = 2  # uvicorn's access record args: client, method, path, version, status
+
+
+class _RenameLogger(logging.Filter):
+    """Give uvicorn's records our logger names (a handler filter: it sees every record)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.name = _RENAMED_LOGGERS.get(record.name, record.name)
+        return True
+
+
+class _QuietProbes(logging.Filter):
+    """Demote access lines of `/ping`, `/health` and `/metrics` to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or len(args) <= _ACCESS_PATH_ARG:
+            return True
+        path = str(args[_ACCESS_PATH_ARG]).split("?", 1)[0]
+        if path not in _QUIET_PATHS:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 class _BackendHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler this module installed, so a second call replaces it."""
 
 
+_QUIET_PROBES = _QuietProbes()
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Send every logger's records to stderr in one format; safe to call more than once."""
     handler = _BackendHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_RenameLogger())
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _BackendHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(level.upper())
+    access = logging.getLogger("uvicorn.access")
+    if _QUIET_PROBES not in access.filters:
+        access.addFilter(_QUIET_PROBES)

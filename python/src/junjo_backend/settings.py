@@ -1,56 +1,237 @@
-"""The one settings object: environment variables and `.env`, with embedded defaults."""
+"""The one settings object: environment variables and `.env`, with embedded defaults.
+
+The defaults are for a local run: everything listens on and dials 127.0.0.1 (as the
+OpenTelemetry Collector moved its defaults from 0.0.0.0 to localhost). Containers set
+`AUTH_GRPC_LISTEN_ADDRESS=0.0.0.0:50053`, `HTTP_HOST=0.0.0.0` and
+`INGESTION_GRPC_ADDRESS=junjo-server-ingestion:50052` themselves.
+
+Every field carries a description: `junjo-backend serve --help` prints them, so the help and
+the settings cannot drift apart.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+_MAX_PORT = 65535
+# URL schemes that hosting platforms hand out, and the async driver each one needs.
+_ASYNC_DRIVERS = {
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+}
+_SUPPORTED_DRIVERS = frozenset({"postgresql+asyncpg", "sqlite+aiosqlite"})
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """Split `host:port` (IPv6 hosts in brackets); ValueError says what is wrong."""
+    host, sep, port_text = value.strip().rpartition(":")
+    if not sep or not host or not port_text:
+        raise ValueError("expected HOST:PORT")
+    if not port_text.isdigit():
+        raise ValueError(f"port {port_text!r} is not a number")
+    port = int(port_text)
+    if port > _MAX_PORT:
+        raise ValueError(f"port {port} is out of range (0-{_MAX_PORT})")
+    return host.removeprefix("[").removesuffix("]"), port
+
+
+def _check_address(value: str) -> str:
+    parse_address(value)
+    return value.strip()
+
+
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+Address = Annotated[str, AfterValidator(_check_address)]
+
+
+def async_database_url(value: str) -> str:
+    """`value` with an async driver.
+
+    `postgres://` and `postgresql://` (what hosting platforms hand out) become
+    `postgresql+asyncpg://`, `sqlite://` becomes `sqlite+aiosqlite://`; a driver we cannot
+    run is a ValueError naming it.
+    """
+    try:
+        url = make_url(value.strip())
+    except ArgumentError:
+        raise ValueError(
+            "not a database URL (expected e.g. sqlite+aiosqlite:///data/junjo.db or "
+            "postgresql+asyncpg://user:password@host/db)"
+        ) from None
+    driver = url.drivername
+    if driver in _SUPPORTED_DRIVERS:
+        return url.render_as_string(hide_password=False)
+    if driver in _ASYNC_DRIVERS:
+        return url.set(drivername=_ASYNC_DRIVERS[driver]).render_as_string(hide_password=False)
+    raise ValueError(
+        f"driver {driver!r} is not supported (use sqlite+aiosqlite:// or postgresql+asyncpg://)"
+    )
 
 
 class Settings(BaseSettings):
     """Backend settings. Each field reads the environment variable of its upper-cased name."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", validate_default=True
+    )
 
-    # Database. Any SQLAlchemy async URL; PostgreSQL works as postgresql+asyncpg://...
-    database_url: str = "sqlite+aiosqlite:///data/junjo.db"
+    # Database.
+    database_url: Annotated[str, AfterValidator(async_database_url)] = Field(
+        default="sqlite+aiosqlite:///data/junjo.db",
+        description="SQLAlchemy URL of the API key and checkpoint database; a relative SQLite "
+        "path is relative to the working folder; postgres:// URLs get the asyncpg driver",
+    )
+    database_connect_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="how long opening a database connection may take"
+    )
 
     # Auth server (served to the Go ingestion-service).
-    # All interfaces: the ingestion-service reaches us from another container.
-    auth_grpc_listen_address: str = "0.0.0.0:50053"
-    grpc_shutdown_grace_seconds: float = Field(default=5.0, ge=0)
-    grpc_reflection_enabled: bool = False
-    # How stale the in-memory view of the api_keys table may get; revocations and new keys
-    # take effect within this window. The contract allows at most 1 s.
-    api_key_cache_max_age_seconds: float = Field(default=0.5, gt=0, le=1.0)
+    auth_grpc_listen_address: Address = Field(
+        default="127.0.0.1:50053",
+        description="where the auth gRPC server listens (port 0: any free port); containers "
+        "set 0.0.0.0:50053, the address the ingestion-service dials",
+    )
+    grpc_shutdown_grace_seconds: float = Field(
+        default=5.0, ge=0, description="grace for in-flight calls when the gRPC server stops"
+    )
+    grpc_reflection_enabled: bool = Field(
+        default=False, description="serve gRPC server reflection on the auth server"
+    )
+    # The contract allows at most 1 s.
+    api_key_cache_max_age_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        le=1.0,
+        description="how stale the in-memory view of api_keys may get (at most 1); a revoked "
+        "key stops validating within it",
+    )
 
     # Ingestion client (reads the Go ingestion-service's WAL).
-    ingestion_grpc_address: str = "junjo-server-ingestion:50052"
-    ingestion_call_timeout_seconds: float = Field(default=30.0, gt=0)
-    ingestion_retry_deadline_seconds: float = Field(default=60.0, gt=0)
-    ingestion_keepalive_time_seconds: float = Field(default=30.0, gt=0)
-    ingestion_max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
-    ingestion_wait_for_ready: bool = False
+    ingestion_grpc_address: Address = Field(
+        default="127.0.0.1:50052",
+        description="the ingestion-service's internal gRPC address (containers: "
+        "junjo-server-ingestion:50052)",
+    )
+    ingestion_call_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="deadline of each ReadSpans call"
+    )
+    ingestion_retry_deadline_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="overall deadline for retrying an unreachable ingestion-service (restarts "
+        "on progress)",
+    )
+    ingestion_keepalive_time_seconds: float = Field(
+        default=30.0, gt=0, description="HTTP/2 keepalive ping interval to the ingestion-service"
+    )
+    ingestion_max_message_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="largest ReadSpansResponse accepted"
+    )
+    ingestion_wait_for_ready: bool = Field(
+        default=False, description="let calls wait for the channel instead of failing fast"
+    )
 
     # Span poller.
-    poller_enabled: bool = True
-    poller_batch_size: int = Field(default=1000, gt=0, le=1_000_000)
-    poller_idle_wait_seconds: float = Field(default=1.0, gt=0)
-    poller_max_backoff_seconds: float = Field(default=30.0, gt=0)
+    poller_enabled: bool = Field(default=True, description="run the span poller")
+    poller_batch_size: int = Field(
+        default=1000, gt=0, le=1_000_000, description="spans per checkpoint commit"
+    )
+    poller_idle_wait_seconds: float = Field(
+        default=1.0, gt=0, description="pause once the WAL is drained (never while behind)"
+    )
+    poller_max_backoff_seconds: float = Field(
+        default=30.0, gt=0, description="ceiling of the retry backoff after errors"
+    )
 
     # HTTP API and process.
-    http_host: str = "0.0.0.0"  # noqa: S104
-    http_port: int = Field(default=1323, ge=0, le=65535)
-    # How long /health waits for each live probe (database, ingestion-service) before it
-    # reports that part as down.
-    health_probe_timeout_seconds: float = Field(default=1.0, gt=0)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["text", "json"] = "text"
+    http_host: str = Field(
+        default="127.0.0.1", description="where the HTTP API listens (containers: 0.0.0.0)"
+    )
+    http_port: int = Field(
+        default=1323, ge=0, le=_MAX_PORT, description="HTTP API port (0: any free port)"
+    )
+    health_probe_timeout_seconds: float = Field(
+        default=1.0, gt=0, description="how long /health waits for each live probe"
+    )
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = (
+        Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR (any case)")
+    )
+    log_format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = Field(
+        default="text", description="text (logfmt) or json (one object per line)"
+    )
+
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_rewritten_url(cls, data: object, handler: ValidatorFunctionWrapHandler) -> Settings:
+        """Remember a note when DATABASE_URL's driver was rewritten to an async one."""
+        settings = handler(data)
+        if not isinstance(settings, Settings):  # pragma: no cover - pydantic's contract
+            raise TypeError("settings validation returned another type")
+        given = data.get("database_url") if isinstance(data, dict) else None
+        if isinstance(given, str):
+            before = make_url(given.strip()).drivername
+            after = make_url(settings.database_url).drivername
+            if before != after:
+                settings._notes = [f"DATABASE_URL: {before}:// rewritten to {after}://"]  # noqa: SLF001 (its own class)
+        return settings
+
+    @property
+    def notes(self) -> list[str]:
+        """Informational lines about how the settings were read (e.g. a rewritten URL)."""
+        return list(self._notes)
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message (one line) names it."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming each bad setting (as its environment variable) and why."""
+    parts = []
+    for problem in error.errors(include_url=False):
+        name = ".".join(str(part) for part in problem["loc"]).upper() or "settings"
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        value = problem.get("input")
+        # A database URL can carry a password: never echo it.
+        echo = isinstance(value, str | int | float) and name != "DATABASE_URL"
+        shown = f" (got {value!r})" if echo and repr(value) not in message else ""
+        parts.append(f"{name}: {message}{shown}")
+    return "; ".join(parts)
+
+
+def load_settings() -> Settings:
+    """Read the settings; a bad value is a `SettingsError` with one line naming the setting."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
-    return Settings()
+    return load_settings()

@@ -215,7 +215,8 @@ async def test_startup_failure_at_the_auth_server_stops_what_started_before_it(
                 pytest.fail("the lifespan started although the auth port was taken")
 
     assert failure.value.step == "auth server"
-    assert str(failure.value).startswith("start-up failed at step 'auth server'")
+    assert str(failure.value).startswith("AUTH_GRPC_LISTEN_ADDRESS: auth server could not start")
+    assert str(failure.value).endswith("Address already in use")
     # The database step had run; it must have been closed again.
     assert open_files_under(database_path.parent) == []
     assert other_tasks() <= tasks_before

@@ -93,30 +93,23 @@ def test_a_second_signal_forces_exit(serve_process: Start, tmp_path: Path) -> No
     assert "database" not in stopped_steps(process)
 
 
-def test_auth_port_taken_fails_startup_with_the_step_named(serve_process: Start) -> None:
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("AUTH_GRPC_LISTEN_ADDRESS", "127.0.0.1:{port}"), ("HTTP_PORT", "{port}")],
+)
+def test_a_taken_port_fails_before_anything_starts(
+    serve_process: Start, setting: str, value: str
+) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        process = serve_process({"AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{port}"})
+        process = serve_process({setting: value.format(port=port)})
         code = process.wait()
 
-    assert code == 3
-    failed = process.wait_for("start-up step failed", timeout=0)
-    assert failed["step"] == "auth server"
-    assert "start-up failed at step 'auth server'" in "".join(process.lines)
-    assert stopped_steps(process) == ["auth server", "database"]
-
-
-def test_http_port_taken_stops_everything_the_lifespan_started(serve_process: Start) -> None:
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        port = squatter.getsockname()[1]
-        process = serve_process({"HTTP_PORT": str(port)})
-        code = process.wait()
-
-    assert code == 3
-    auth = str(process.wait_for("auth gRPC server listening", timeout=0)["address"])
-    assert stopped_steps(process) == SHUTDOWN_STEPS
-    assert port_is_free(int(auth.rsplit(":", 1)[1]))
+    assert code == 1
+    assert process.lines[0].startswith("error: ")
+    assert f"127.0.0.1:{port}: Address already in use" in process.lines[0]
+    assert setting in process.lines[0]
+    # Both ports are checked before the database opens: nothing started, nothing to stop.
+    assert process.records == []

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import io
+import json
 import logging
 import os
 import re
@@ -14,8 +13,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from junjo_backend import cli
-from junjo_backend.api_keys import API_KEY_HEADER, key_fingerprint, run_api_keys_command
-from junjo_backend.settings import Settings, get_settings
+from junjo_backend.api_keys import API_KEY_HEADER, key_fingerprint
+from junjo_backend.settings import get_settings
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -53,89 +52,138 @@ def run_cli(
     get_settings.cache_clear()
 
 
-def test_create_prints_the_key_once_with_how_to_use_it(
+def test_create_prints_only_the_key_on_stdout_and_how_to_use_it_on_stderr(
     run_cli: Callable[..., tuple[int, str, str]], used_keys: KeyRegistry
 ) -> None:
     status, out, err = run_cli("api-keys", "create", "my app")
     assert status == 0, err
-    keys = KEY_LINE.findall(out)
-    assert len(keys) == 1
-    key = used_keys.add(keys[0])
-    assert out.count(key) == 1
-    assert API_KEY_HEADER in out
+    assert KEY_LINE.fullmatch(out.rstrip("\n")) is not None
+    used_keys.add(out.strip())
+    assert API_KEY_HEADER in err
+    assert err.splitlines()[0].startswith("database: ")
     assert not used_keys.found_in(err)
+
+
+def test_create_quiet_and_json(
+    run_cli: Callable[..., tuple[int, str, str]], used_keys: KeyRegistry
+) -> None:
+    status, out, err = run_cli("api-keys", "create", "quiet", "-q")
+    assert status == 0
+    used_keys.add(out.strip())
+    assert KEY_LINE.fullmatch(out.rstrip("\n")) is not None
+    assert err == ""
+    status, out, err = run_cli("api-keys", "create", "as json", "--json")
+    assert status == 0, err
+    created = json.loads(out)
+    used_keys.add(created["key"])
+    assert created["name"] == "as json"
+    assert created["header"] == API_KEY_HEADER
+    assert not used_keys.found_in(err)
+
+
+def test_a_duplicate_name_gets_a_warning_even_when_quiet(
+    run_cli: Callable[..., tuple[int, str, str]], used_keys: KeyRegistry
+) -> None:
+    _, out, err = run_cli("api-keys", "create", "twice", "-q")
+    used_keys.add(out.strip())
+    assert "warning" not in err
+    status, out, err = run_cli("api-keys", "create", "twice", "-q")
+    used_keys.add(out.strip())
+    assert status == 0
+    assert err.splitlines() == ["warning: another API key is already named 'twice'"]
 
 
 def test_list_shows_ids_names_and_hints_but_never_a_key(
     run_cli: Callable[..., tuple[int, str, str]], used_keys: KeyRegistry
 ) -> None:
-    status, out, _ = run_cli("api-keys", "list")
-    assert status == 0
-    assert "No API keys" in out
+    run_cli("api-keys", "create", "makes the database", "-q")  # list never creates one
     created = []
     for name in ("first", "second"):
-        _, out, _ = run_cli("api-keys", "create", name)
-        created.append((ID_IN_CREATE.search(out), used_keys.add(KEY_LINE.findall(out)[0])))
+        _, out, _ = run_cli("api-keys", "create", name, "--json")
+        new = json.loads(out)
+        created.append((new["id"], used_keys.add(new["key"])))
     status, out, err = run_cli("api-keys", "list")
     assert status == 0, err
     lines = out.splitlines()
     assert lines[0].split() == ["ID", "NAME", "CREATED", "(UTC)", "KEY", "HINT"]
-    for (key_id, key), line in zip(created, lines[1:], strict=True):
-        assert key_id is not None
-        assert line.startswith(key_id.group(1))
+    for (key_id, key), line in zip(created, lines[2:], strict=True):
+        assert line.startswith(key_id)
         assert key_fingerprint(key) in line
     assert not KEY_LINE.search(out)
+    assert not used_keys.found_in(out + err)
+    status, out, err = run_cli("api-keys", "list", "--json")
+    assert status == 0, err
+    listed = json.loads(out)
+    assert [entry["id"] for entry in listed[1:]] == [key_id for key_id, _ in created]
+    assert {entry["key_hint"] for entry in listed[1:]} == {
+        key_fingerprint(key) for _, key in created
+    }
+    assert not used_keys.found_in(out)
+
+
+def test_check_names_the_stored_key_read_on_stdin(
+    run_cli: Callable[..., tuple[int, str, str]],
+    used_keys: KeyRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, out, _ = run_cli("api-keys", "create", "held by an operator", "--json")
+    new = json.loads(out)
+    used_keys.add(new["key"])
+    monkeypatch.setattr("sys.stdin", io.StringIO(new["key"] + "\n"))
+    status, out, err = run_cli("api-keys", "check")
+    assert status == 0, err
+    assert out == f"{new['id']}\theld by an operator\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(new["key"][:-1] + "x\n"))
+    status, out, err = run_cli("api-keys", "check")
+    assert status == 1
+    assert out == ""
     assert not used_keys.found_in(out + err)
 
 
 def test_revoke_deletes_the_key_and_an_unknown_id_fails(
     run_cli: Callable[..., tuple[int, str, str]], used_keys: KeyRegistry
 ) -> None:
-    _, out, _ = run_cli("api-keys", "create", "short-lived")
-    used_keys.add(KEY_LINE.findall(out)[0])
-    found = ID_IN_CREATE.search(out)
-    assert found is not None
-    key_id = found.group(1)
-    status, out, err = run_cli("api-keys", "revoke", key_id)
+    _, out, _ = run_cli("api-keys", "create", "short-lived", "--json")
+    new = json.loads(out)
+    used_keys.add(new["key"])
+    status, out, err = run_cli("api-keys", "revoke", new["id"])
     assert status == 0, err
-    assert f"Revoked API key {key_id}" in out
-    status, out, err = run_cli("api-keys", "revoke", key_id)
+    assert out == ""
+    assert f"revoked API key {new['id']}" in err
+    status, out, err = run_cli("api-keys", "revoke", new["id"])
     assert status == 1
-    assert "no API key with id" in err
+    assert err.splitlines()[0].startswith("error: no API key with id")
     _, out, _ = run_cli("api-keys", "list")
-    assert key_id not in out
+    assert new["id"] not in out
 
 
-def test_an_unusable_database_is_an_error_exit(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_an_unusable_database_is_one_error_line(
+    run_cli: Callable[..., tuple[int, str, str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     # The database's folder cannot be created (a file is in the way).
-    url = f"sqlite+aiosqlite:///{blocker / 'sub' / 'junjo.db'}"
-    settings = Settings(database_url=url, _env_file=None)
-    args = argparse.Namespace(api_keys_command="list")
-    assert _run(settings, args) == 1
+    monkeypatch.setenv("DATABASE_URL", f"sqlite+aiosqlite:///{blocker / 'sub' / 'junjo.db'}")
+    get_settings.cache_clear()
+    status, _, err = run_cli("api-keys", "create", "x")
+    assert status == 1
+    expected = f"error: DATABASE_URL: cannot create the folder {blocker}"
+    assert err.splitlines()[0].startswith(expected)
     # The database path is a folder: SQLite cannot open it.
-    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}", _env_file=None)
-    assert _run(settings, args) == 1
-    assert "database unavailable" in capsys.readouterr().err
+    monkeypatch.setenv("DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}")
+    get_settings.cache_clear()
+    status, _, err = run_cli("api-keys", "list")
+    assert status == 1
+    assert err.splitlines()[0].startswith(f"error: database {tmp_path} unavailable")
+    assert "Traceback" not in err
 
 
-def test_an_unknown_action_is_a_usage_error(
-    settings: Settings, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert _run(settings, argparse.Namespace(api_keys_command="rotate")) == 2
-    assert "unknown api-keys command" in capsys.readouterr().err
-
-
-def test_a_blank_name_is_refused(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _run(settings, argparse.Namespace(api_keys_command="create", name=" ")) == 1
-    assert "needs a name" in capsys.readouterr().err
-
-
-def _run(settings: Settings, args: argparse.Namespace) -> int:
-    return asyncio.run(run_api_keys_command(settings, args, io.StringIO()))
+def test_a_blank_name_is_refused(run_cli: Callable[..., tuple[int, str, str]]) -> None:
+    status, _, err = run_cli("api-keys", "create", " ")
+    assert status == 1
+    assert err.splitlines()[0] == "error: an API key needs a name"
 
 
 def test_the_console_script_creates_lists_and_revokes(
@@ -158,7 +206,7 @@ def test_the_console_script_creates_lists_and_revokes(
     used_keys.add(KEY_LINE.findall(created.stdout)[0])
     # At DEBUG the process logs everything it does, and still never the key (or a part).
     assert not used_keys.found_in(created.stderr)
-    found = ID_IN_CREATE.search(created.stdout)
+    found = ID_IN_CREATE.search(created.stderr)
     assert found is not None
 
     listed = run("api-keys", "list")

@@ -15,10 +15,11 @@ from junjo_backend.api_keys import (
     create_api_key,
     list_api_keys,
     revoke_api_key,
-    run_api_keys_command,
 )
 from junjo_backend.auth_service import AuthServer
+from junjo_backend.console import Console
 from junjo_backend.database import api_keys, close_engine, create_engine, init_schema
+from junjo_backend.key_commands import run_api_keys_command
 from junjo_backend.settings import Settings
 
 from .auth_calls import NOT_SERVING, SERVING, auth_stub, health, validate, wait_for
@@ -116,14 +117,12 @@ async def test_the_api_keys_command_works_on_postgresql(
     settings = _settings(postgres)
     await close_engine(await _fresh_engine(postgres))
     out = io.StringIO()
-    create = argparse.Namespace(api_keys_command="create", name="pg cli")
-    assert await run_api_keys_command(settings, create, out) == 0
-    key = next(line.strip() for line in out.getvalue().splitlines() if len(line.strip()) == 64)
+    create = argparse.Namespace(api_keys_command="create", name="pg cli", json=False)
+    assert await run_api_keys_command(settings, create, Console(out, io.StringIO())) == 0
+    key = out.getvalue().strip()
     used_keys.add(key)
     listing = io.StringIO()
-    assert (
-        await run_api_keys_command(settings, argparse.Namespace(api_keys_command="list"), listing)
-        == 0
-    )
+    list_args = argparse.Namespace(api_keys_command="list", json=False)
+    assert await run_api_keys_command(settings, list_args, Console(listing, io.StringIO())) == 0
     assert "pg cli" in listing.getvalue()
     assert key not in listing.getvalue()

@@ -1,0 +1,7 @@
+"""`python -m junjo_backend`: the same as the `junjo-backend` command."""
+
+import sys
+
+from junjo_backend.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""What `serve` writes to stderr, in both formats: only log lines, under our logger names."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import TYPE_CHECKING
+
+import pytest
+
+from junjo_backend.settings import Settings
+
+from .test_operator_errors import _SETTING_NAMES
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# One logfmt pair: key=bare-value or key="quoted value with \" escapes".
+_LOGFMT_PAIR = r'[A-Za-z_][A-Za-z0-9_.]*=(?:"(?:[^"\\]|\\.)*"|[^\s"=]+)'
+LOGFMT_LINE = re.compile(rf"^{_LOGFMT_PAIR}(?: {_LOGFMT_PAIR})*$")
+READY = "junjo-backend ready"
+
+
+def serve_once(tmp_path: Path, log_format: str) -> list[str]:
+    """Start `serve`, probe /ping and /health, stop it with SIGINT; its stderr lines."""
+    base = {k: v for k, v in os.environ.items() if k not in _SETTING_NAMES}
+    env = {
+        **base,
+        "LOG_FORMAT": log_format,
+        "AUTH_GRPC_LISTEN_ADDRESS": "127.0.0.1:0",
+        "HTTP_PORT": "0",
+        "INGESTION_GRPC_ADDRESS": "127.0.0.1:1",  # nothing there: the poller retries
+        "DATABASE_URL": "sqlite:///data/junjo.db",  # rewritten, with a note
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "junjo_backend", "serve"],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert process.stderr is not None
+        deadline = time.monotonic() + 60
+        port = None
+        while time.monotonic() < deadline and port is None:
+            line = process.stderr.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            if READY in line:
+                found = re.search(r"http_port.? ?[=:] ?(\d+)", line)
+                assert found is not None, line
+                port = int(found.group(1))
+        assert port is not None, "\n".join(lines)
+        for path in ("/ping", "/health", "/ping"):
+            # /health may answer 503 (no ingestion-service): still a request.
+            with contextlib.suppress(urllib.error.HTTPError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).close()
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=60)
+        lines.extend(rest.splitlines())
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, "\n".join(lines)
+    return lines
+
+
+def test_json_mode_writes_only_json_objects_under_our_logger_names(tmp_path: Path) -> None:
+    lines = serve_once(tmp_path, "json")
+    records = [json.loads(line) for line in lines]  # a non-JSON line fails here
+    loggers = {str(record["logger"]) for record in records}
+    assert all(name.startswith(("junjo_backend", "asyncio")) for name in loggers), loggers
+    messages = [str(record["message"]) for record in records]
+    assert "DATABASE_URL: sqlite:// rewritten to sqlite+aiosqlite://" in messages
+    # Probes are logged at DEBUG only, so at INFO none of them shows.
+    assert not [m for m in messages if "/ping" in m or "/health" in m]
+
+
+def test_text_mode_is_logfmt(tmp_path: Path) -> None:
+    lines = serve_once(tmp_path, "text")
+    assert lines
+    bad = [line for line in lines if not LOGFMT_LINE.match(line)]
+    assert not bad
+    assert any("logger=junjo_backend.http " in line for line in lines)
+    assert not any("uvicorn" in line.split(" msg=")[0] for line in lines)
+
+
+@pytest.mark.parametrize("value", ["a b", 'say "hi"', "back\\slash", "two\nlines", "", "k=v"])
+def test_logfmt_quotes_what_needs_quoting(value: str) -> None:
+    from junjo_backend.logs import _logfmt_value  # noqa: PLC0415
+
+    rendered = f"key={_logfmt_value(value)}"
+    assert LOGFMT_LINE.match(rendered), rendered
+    assert "\n" not in rendered
+
+
+def test_env_example_holds_the_embedded_defaults(repo_root: Path) -> None:
+    example = Settings(_env_file=repo_root / ".env.example")
+    defaults = Settings(_env_file=None)
+    for name in Settings.model_fields:
+        assert getattr(example, name) == getattr(defaults, name), name
