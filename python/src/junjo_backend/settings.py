@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     # HTTP API and process.
     http_host: str = "0.0.0.0"  # noqa: S104
     http_port: int = Field(default=1323, ge=0, le=65535)
+    # How long a connection may take to deliver a complete request head, from its opening
+    # or from the end of the previous response; a connection still short of one is closed.
+    # uvicorn alone never times out a connection that has not had a first response, so
+    # idle and trickling (slow-loris) connections would stay open forever.
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Open HTTP connections beyond this many are closed as soon as they are accepted.
+    http_max_connections: int = Field(default=1000, gt=0)
     # How long /health waits for each live probe (database, ingestion-service) before it
     # reports that part as down.
     health_probe_timeout_seconds: float = Field(default=1.0, gt=0)
