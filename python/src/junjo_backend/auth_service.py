@@ -281,7 +281,7 @@ class AuthServer:
             raise RuntimeError("AuthServer.start() called twice")
         await self._keys.refresh()
         internals = logging.getLogger(_GRPC_INTERNALS_LOGGER)
-        if internals.getEffectiveLevel() < logging.INFO:
+        if internals.level < logging.INFO:  # NOTSET too: it would follow a DEBUG root
             internals.setLevel(logging.INFO)
         server = grpc.aio.server(
             interceptors=[CallLogInterceptor()],
