@@ -7,6 +7,14 @@
 // worker loops until the duration is over; -invalid-ratio mixes invalid keys into
 // every worker's calls, -flood adds workers that send only invalid keys.
 //
+// -flood-timeout gives the flood workers' calls their own deadline (1ms makes a
+// deadline flood), and -flood-cancel makes the client cancel each of them at a random
+// moment within that time instead (RST_STREAM from the client): the flood shares the
+// one connection with the legitimate workers, as cache misses do in the
+// ingestion-service. The "valid" class then counts the legitimate calls the flood hurt.
+// -invalid-keys draws the invalid keys from a file instead of making random ones (so that
+// a caller can watch logs for every key it sent).
+//
 //	authload -addr 127.0.0.1:50053 -keys keys.txt -concurrency 16 -duration 5s
 //
 // The result is one JSON object on stdout; the exit status is 0 even when answers
@@ -44,12 +52,19 @@ type classStats struct {
 	MaxMs  float64 `json:"max_ms"`
 	Errors int     `json:"errors"`
 	Wrong  int     `json:"wrong_answers"`
+	// ErrorCodes counts this class's failed calls by status code.
+	ErrorCodes map[string]int `json:"error_codes,omitempty"`
+	// FirstError is the first failed call's status message (it tells a server's status
+	// from a stream reset).
+	FirstError string `json:"first_error,omitempty"`
 }
 
 type report struct {
 	Addr         string                `json:"addr"`
 	Concurrency  int                   `json:"concurrency"`
 	Flood        int                   `json:"flood"`
+	FloodTimeout string                `json:"flood_timeout"`
+	FloodCancel  bool                  `json:"flood_cancel"`
 	InvalidRatio float64               `json:"invalid_ratio"`
 	Seconds      float64               `json:"seconds"`
 	Calls        int                   `json:"calls"`
@@ -68,6 +83,7 @@ type sample struct {
 	invalid bool
 	latency time.Duration
 	code    string // "" when the call succeeded
+	message string // the status message of a failed call
 	wrong   bool
 }
 
@@ -80,16 +96,37 @@ func main() {
 	warmup := flag.Duration("warmup", 500*time.Millisecond, "calls before measuring (not reported)")
 	invalidRatio := flag.Float64("invalid-ratio", 0, "share of each worker's calls that use an invalid key")
 	timeout := flag.Duration("timeout", 5*time.Second, "deadline of each call (the ingestion-service uses 5s)")
+	floodTimeout := flag.Duration("flood-timeout", 0, "deadline of each flood call (0: -timeout)")
+	invalidPath := flag.String("invalid-keys", "", "file with the invalid keys to send, one per line (default: fresh random keys)")
+	floodCancel := flag.Bool("flood-cancel", false, "cancel each flood call at a random moment within -flood-timeout instead of letting its deadline expire")
 	flag.Parse()
 
-	if err := run(*addr, *keysPath, *concurrency, *flood, *duration, *warmup, *invalidRatio, *timeout); err != nil {
+	fl := floodMode{timeout: *floodTimeout, cancel: *floodCancel}
+	invalid, err := readKeys(*invalidPath)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "authload:", err)
+		os.Exit(2)
+	}
+	fl.invalidKeys = invalid
+	if fl.timeout <= 0 {
+		fl.timeout = *timeout
+	}
+	if err := run(*addr, *keysPath, *concurrency, *flood, *duration, *warmup, *invalidRatio, *timeout, fl); err != nil {
 		fmt.Fprintln(os.Stderr, "authload:", err)
 		os.Exit(2)
 	}
 }
 
+// floodMode is how the flood workers end their calls.
+type floodMode struct {
+	timeout time.Duration // each flood call's deadline
+	cancel  bool          // cancel within timeout rather than let the deadline expire
+	// invalidKeys, when not empty, are the invalid keys to send (else random ones).
+	invalidKeys []string
+}
+
 func run(addr, keysPath string, concurrency, flood int, duration, warmup time.Duration,
-	invalidRatio float64, timeout time.Duration) error {
+	invalidRatio float64, timeout time.Duration, fl floodMode) error {
 	if concurrency < 0 || flood < 0 || concurrency+flood == 0 {
 		return errors.New("need at least one worker")
 	}
@@ -128,13 +165,15 @@ func run(addr, keysPath string, concurrency, flood int, duration, warmup time.Du
 	var wg sync.WaitGroup
 	for w := range concurrency + flood {
 		ratio := invalidRatio
+		mode := floodMode{timeout: timeout, invalidKeys: fl.invalidKeys}
 		if w >= concurrency {
 			ratio = 1
+			mode = fl
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			results[w], warmups[w] = work(client, valid, ratio, timeout, measureFrom, stop, uint64(w))
+			results[w], warmups[w] = work(client, valid, ratio, mode, measureFrom, stop, uint64(w))
 		}()
 	}
 	wg.Wait()
@@ -146,6 +185,7 @@ func run(addr, keysPath string, concurrency, flood int, duration, warmup time.Du
 	}
 	out := summarize(all, elapsed)
 	out.Addr, out.Concurrency, out.Flood, out.InvalidRatio = addr, concurrency, flood, invalidRatio
+	out.FloodTimeout, out.FloodCancel = fl.timeout.String(), fl.cancel
 	for _, n := range warmups {
 		out.WarmupCalls += n
 	}
@@ -156,7 +196,7 @@ func run(addr, keysPath string, concurrency, flood int, duration, warmup time.Du
 // work calls until stop; it returns the calls made after measureFrom, and how many
 // were made before (so that a caller can divide the server's CPU time by every call).
 func work(client ingestion.InternalAuthServiceClient, valid []string, invalidRatio float64,
-	timeout time.Duration, measureFrom, stop time.Time, seed uint64) ([]sample, int) {
+	mode floodMode, measureFrom, stop time.Time, seed uint64) ([]sample, int) {
 	rng := mrand.New(mrand.NewPCG(seed, uint64(time.Now().UnixNano()))) //nolint:gosec // load, not secrets
 	samples := make([]sample, 0, 4096)
 	warmup := 0
@@ -167,15 +207,27 @@ func work(client ingestion.InternalAuthServiceClient, valid []string, invalidRat
 		}
 		invalid := invalidRatio >= 1 || (invalidRatio > 0 && rng.Float64() < invalidRatio)
 		var key string
-		if invalid {
+		switch {
+		case invalid && len(mode.invalidKeys) > 0:
+			key = mode.invalidKeys[rng.IntN(len(mode.invalidKeys))]
+		case invalid:
 			key = randomKey(rng)
-		} else {
+		default:
 			key = valid[rng.IntN(len(valid))]
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		ctx, cancel := context.WithTimeout(context.Background(), mode.timeout)
+		var timer *time.Timer
+		if mode.cancel {
+			// A random moment within the deadline, so that cancellations land before,
+			// during and after the server's handling of the call.
+			timer = time.AfterFunc(time.Duration(rng.Int64N(int64(mode.timeout))+1), cancel)
+		}
 		t0 := time.Now()
 		resp, err := client.ValidateApiKey(ctx, &ingestion.ValidateApiKeyRequest{ApiKey: key})
 		latency := time.Since(t0)
+		if timer != nil {
+			timer.Stop()
+		}
 		cancel()
 		if t0.Before(measureFrom) {
 			warmup++
@@ -184,6 +236,7 @@ func work(client ingestion.InternalAuthServiceClient, valid []string, invalidRat
 		s := sample{invalid: invalid, latency: latency}
 		if err != nil {
 			s.code = status.Code(err).String()
+			s.message = status.Convert(err).Message()
 		} else {
 			s.wrong = resp.GetIsValid() == invalid
 		}
@@ -207,6 +260,13 @@ func summarize(all []sample, seconds float64) report {
 		c := out.Classes[class]
 		c.Calls++
 		if s.code != "" {
+			if c.ErrorCodes == nil {
+				c.ErrorCodes = map[string]int{}
+			}
+			c.ErrorCodes[s.code]++
+			if c.FirstError == "" {
+				c.FirstError = s.message
+			}
 			c.Errors++
 			out.Errors++
 			out.ErrorCodes[s.code]++

@@ -37,6 +37,7 @@ from junjo_backend.database import (
     describe_database_error,
     init_schema,
 )
+from junjo_backend.http_protocol import bounded_h11_protocol
 from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.poller import SpanPoller
 from junjo_backend.settings import Settings, get_settings
@@ -461,6 +462,11 @@ async def _serve(settings: Settings, http_socket: socket.socket) -> None:
         loop="asyncio",
         timeout_graceful_shutdown=math.ceil(settings.grpc_shutdown_grace_seconds),
         server_header=False,
+        # uvicorn has no request-head timeout and no connection cap: slow-loris and idle
+        # connections would stay open forever (see http_protocol.py).
+        http=bounded_h11_protocol(
+            settings.http_header_timeout_seconds, settings.http_max_connections
+        ),
     )
     server = _BackendServer(config)
     # Our signal policy covers the backend's start and stop too, not only uvicorn's part.

@@ -49,6 +49,23 @@ READINESS_PROBE_KEY = "startup-readiness-check"
 # it costs a lookup.
 MAX_KEY_BYTES = 256
 
+# Calls that have arrived but that the server has not picked up yet queue in grpc core;
+# past the soft limit, core sheds new arrivals at random (all of them at the hard limit)
+# with CANCELLED. A call whose client hung up or whose deadline passed stays in that queue
+# until the server picks it up, so a flood of such calls on the ingestion-service's one
+# connection, faster than this server's call rate, makes core shed legitimate calls too.
+# The cap is grpc/grpc#34782; grpc/grpc#38164 reports the same bare CANCELLED from an
+# overloaded Python server. These are core's defaults, kept on purpose and stated here: a
+# larger queue trades the shedding for queueing delay that grows past the
+# ingestion-service's 5 s deadline, a smaller one sheds earlier. What spills is measured by
+# the fault suite (tests/faults/test_auth_deadline_flood.py).
+PENDING_CALLS_SOFT_LIMIT = 1000
+PENDING_CALLS_HARD_LIMIT = 3000
+# grpc's own DEBUG lines come once per call and once more per cancelled call: at
+# LOG_LEVEL=DEBUG a flood of dead calls would become a log storm that slows the server
+# further. CallLogInterceptor already logs every call, with a burst limit on failures.
+_GRPC_INTERNALS_LOGGER = "grpc._cython.cygrpc"
+
 # Both answers are constants, serialized once: the handler returns bytes.
 _VALID = auth_pb2.ValidateApiKeyResponse(is_valid=True).SerializeToString()
 _INVALID = auth_pb2.ValidateApiKeyResponse(is_valid=False).SerializeToString()
@@ -285,10 +302,17 @@ class AuthServer:
         if self._server is not None:
             raise RuntimeError("AuthServer.start() called twice")
         await self._keys.refresh()
+        internals = logging.getLogger(_GRPC_INTERNALS_LOGGER)
+        if internals.level < logging.INFO:  # NOTSET too: it would follow a DEBUG root
+            internals.setLevel(logging.INFO)
         server = grpc.aio.server(
             interceptors=[CallLogInterceptor()],
-            # Without this, Linux lets a second server bind the same port and steal calls.
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                # Without this, Linux lets a second server bind the same port and steal calls.
+                ("grpc.so_reuseport", 0),
+                ("grpc.server.max_pending_requests", PENDING_CALLS_SOFT_LIMIT),
+                ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_HARD_LIMIT),
+            ],
         )
         servicer = InternalAuthServicer(self._keys)
         handlers = servicer.method_handlers()

@@ -172,6 +172,15 @@ class Settings(BaseSettings):
     http_port: int = Field(
         default=1323, ge=0, le=_MAX_PORT, description="HTTP API port (0: any free port)"
     )
+    http_header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="how long a connection may take to deliver a complete request head "
+        "(from its opening or the previous response); slower ones are closed (slow-loris)",
+    )
+    http_max_connections: int = Field(
+        default=1000, gt=0, description="open HTTP connections beyond this are closed at once"
+    )
     health_probe_timeout_seconds: float = Field(
         default=1.0, gt=0, description="how long /health waits for each live probe"
     )
