@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     poller_batch_size: int = Field(default=1000, gt=0, le=1_000_000)
     poller_idle_wait_seconds: float = Field(default=1.0, gt=0)
     poller_max_backoff_seconds: float = Field(default=30.0, gt=0)
+    # The settle window W: the poller moves past a WAL entry only once its key is this old
+    # (the key's ULID time against this host's clock), because the ingestion-service
+    # commits entries out of key order. Every entry committed within this horizon of its
+    # key's time is delivered; see poller.py. 0 turns the window off (entries can be lost).
+    poller_settle_seconds: float = Field(default=1.0, ge=0, le=60)
 
     # HTTP API and process.
     http_host: str = "0.0.0.0"  # noqa: S104
