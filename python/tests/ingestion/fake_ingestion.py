@@ -108,17 +108,24 @@ class FakeWal:
         return key
 
     def append(
-        self, span_bytes: bytes, resource_bytes: bytes, *, key: bytes | None = None
+        self,
+        span_bytes: bytes,
+        resource_bytes: bytes,
+        *,
+        key: bytes | None = None,
+        ms: int | None = None,
     ) -> bytes:
-        """Store one span with its resource; returns its key."""
+        """Store one span with its resource; returns its key (stamped `ms` when given)."""
         value = span_data_container_pb2.SpanDataContainer(
             span_bytes=span_bytes, resource_bytes=resource_bytes
         ).SerializeToString()
-        return self.append_value(value, key=key)
+        return self.append_value(value, key=key, ms=ms)
 
-    def append_value(self, value: bytes, *, key: bytes | None = None) -> bytes:
+    def append_value(
+        self, value: bytes, *, key: bytes | None = None, ms: int | None = None
+    ) -> bytes:
         """Store a raw WAL value (which may not decode as a SpanDataContainer)."""
-        key = key or self._ulids.new()
+        key = key or self._ulids.new(ms)
         if self._keys and key <= self._keys[-1]:
             if key not in self._reserved:
                 raise ValueError("WAL keys only grow (reserve_key() for a late commit)")

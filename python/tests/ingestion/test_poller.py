@@ -197,13 +197,16 @@ async def test_drains_past_a_run_of_undecodable_entries_longer_than_a_read(
     # (and counts toward batch_size) fills whole reads with nothing.
     resource = make_resource("checkout").SerializeToString()
     span = make_span("POST /pay").SerializeToString()
-    before = [wal.append(span, resource) for _ in range(3)]
+    # Stamped in the past: all settled before the first read (a read proves skips only
+    # with entries that had settled before the short window was asked for).
+    ms = int(time.time() * 1000) - 10_000
+    before = [wal.append(span, resource, ms=ms) for _ in range(3)]
     for n in range(250):
         if n % 2:
-            wal.append(b"\xff\xff\xff", resource)  # the span does not decode
+            wal.append(b"\xff\xff\xff", resource, ms=ms)  # the span does not decode
         else:
-            wal.append_value(b"\xff not a SpanDataContainer")
-    after = [wal.append(span, resource) for _ in range(3)]
+            wal.append_value(b"\xff not a SpanDataContainer", ms=ms)
+    after = [wal.append(span, resource, ms=ms) for _ in range(3)]
     sink = RecordingSink()
     poller = make_poller(sink, poller_batch_size=1)
 
@@ -252,7 +255,7 @@ async def test_an_entry_committed_behind_a_newer_key_within_the_window_is_delive
     late = wal.reserve_key()  # allocated now, committed after the next key
     newer = wal.seed(1)
     sink = RecordingSink()
-    poller = make_poller(sink, poller_settle_seconds=3.0)
+    poller = make_poller(sink, poller_settle_seconds=5.0)
 
     await poller.start()
     # The newer entry is visible but young: the poller stops in front of it, caught up.
