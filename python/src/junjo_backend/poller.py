@@ -22,8 +22,8 @@ key times, so H = W - s when this clock runs s ahead of the ingestion host's (an
 wait s longer when it runs s behind); the two run on one host (one kernel clock) in the
 compose deployment, and NTP keeps s to milliseconds elsewhere. The cost is latency: an
 entry is processed at least W after it was received. W was chosen by measurement
-(README): under full concurrent OTLP load, commits landed up to tens of milliseconds
-behind later keys. Re-reading a trailing window instead would add no latency, but the
+(README): under full concurrent OTLP load, a commit landed more than 50 ms after a later
+key's about once in a million entries, and none was seen later than 100 ms. Re-reading a trailing window instead would add no latency, but the
 server decodes every entry it sends and is the bottleneck of the drain, so re-reading
 W of entries on every pass would cost as much server work as the ingest itself.
 
