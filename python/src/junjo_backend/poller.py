@@ -23,9 +23,10 @@ wait s longer when it runs s behind); the two run on one host (one kernel clock)
 compose deployment, and NTP keeps s to milliseconds elsewhere. The cost is latency: an
 entry is processed at least W after it was received. W was chosen by measurement
 (README): under full concurrent OTLP load, a commit landed more than 50 ms after a later
-key's about once in a million entries, and none was seen later than 100 ms. Re-reading a trailing window instead would add no latency, but the
-server decodes every entry it sends and is the bottleneck of the drain, so re-reading
-W of entries on every pass would cost as much server work as the ingest itself.
+key's about once in a million entries, and none was seen later than 100 ms. Re-reading a
+trailing window instead would add no latency, but the server decodes every entry it sends
+and is the bottleneck of the drain, so re-reading W of entries on every pass would cost
+as much server work as the ingest itself.
 
 Caught up (defined here, once): the last read either asked for the largest batch the wire
 allows and its stream ended OK (`ingestion_client.MAX_BATCH_SIZE`: the only proof of the
