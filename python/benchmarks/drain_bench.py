@@ -13,7 +13,7 @@ check, starts the peer on that WAL, then measures, each draining from the oldest
               1000 (on the first --aio-spans entries only: it is slow); the anchor of
               the 8x bar, at the poller's batch size so that only the transport differs
   aio-list100 the same at the plan's default batch_size of 100 (information only)
-  decode      the poller's decoding alone, in memory (partition_decodable + ServiceTally)
+  decode      the poller's decoding alone, in memory (its default sink, ServiceTally)
 
 Bounded: every phase has a time limit and the whole run stops by itself. Figures are printed
 next to the bars of shared/PERFORMANCE.md and written to bench-results/drain.json.
@@ -49,7 +49,7 @@ from junjo_backend.database import close_engine, create_engine, init_schema
 from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.poller import ServiceTally, SpanPoller
 from junjo_backend.settings import Settings
-from junjo_backend.spans import ResourceCatalog, partition_decodable
+from junjo_backend.spans import ResourceCatalog
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BIN = REPO_ROOT / "go-compat-tests" / "bin"
@@ -298,15 +298,14 @@ async def aio_list_drain(
 
 
 async def decode_cost(settings: Settings, figures: Figures, sample: int = 100_000) -> None:
-    """CPU per span of the poller's decoding and default sink, with no transport."""
+    """CPU per span of the poller's default sink (resource decoding, tally), with no transport."""
     async with IngestionClient(settings=settings) as client:
         records = await client.read_spans(None, min(sample, figures.spans))
     catalog = ResourceCatalog()
     tally = ServiceTally(catalog=catalog)
     cpu = time.process_time()
     for start in range(0, len(records), BATCH):
-        decodable, _ = partition_decodable(records[start : start + BATCH], catalog)
-        await tally.handle(decodable, None)  # type: ignore[arg-type] # the tally ignores conn
+        await tally.handle(records[start : start + BATCH], None)  # type: ignore[arg-type] # the tally ignores conn
     figures.decode_us_per_span = (time.process_time() - cpu) / len(records) * 1e6
 
 

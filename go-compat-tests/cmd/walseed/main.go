@@ -1,6 +1,12 @@
 // Command walseed writes synthetic spans straight into a BadgerDB WAL directory, as the
 // ingestion-service would have written them, then prints
 // {"count":N,"first_key":hex,"last_key":hex}. The peer must not have the WAL open.
+//
+// With -corrupt C, a run of C entries that do not decode (alternately a value that is not a
+// SpanDataContainer and a container whose span bytes are not a Span) follows the first
+// -corrupt-after valid entries; count stays the number of valid entries, and the output
+// adds "corrupt":C. With -census it writes nothing and prints {"entries":N}, the number of
+// keys in the WAL (read without their values, so a few million take seconds).
 package main
 
 import (
@@ -15,6 +21,7 @@ import (
 	"strings"
 	"time"
 
+	badger "github.com/dgraph-io/badger/v4"
 	commonpb "go.opentelemetry.io/proto/otlp/common/v1"
 	resourcepb "go.opentelemetry.io/proto/otlp/resource/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
@@ -28,8 +35,16 @@ const entriesPerBatch = 10_000
 
 type result struct {
 	Count    int    `json:"count"`
+	Corrupt  int    `json:"corrupt,omitempty"`
 	FirstKey string `json:"first_key"`
 	LastKey  string `json:"last_key"`
+}
+
+// Values the ingestion-service cannot decode: not a SpanDataContainer at all, and a
+// container whose span bytes are not a Span (a truncated length-delimited field).
+var corruptValues = [][]byte{
+	[]byte("\xff\xff\xff not a SpanDataContainer"),
+	{0x0a, 0x03, 0x0a, 0x05, 0x01},
 }
 
 func main() {
@@ -38,13 +53,22 @@ func main() {
 	spanBytes := flag.Int("span-bytes", 600, "approximate size of each encoded span")
 	resourceBytes := flag.Int("resource-bytes", 200, "approximate size of each encoded resource")
 	services := flag.Int("services", 4, "how many distinct service.name values to cycle through")
+	corrupt := flag.Int("corrupt", 0, "a run of this many undecodable entries")
+	corruptAfter := flag.Int("corrupt-after", 0, "valid entries written before the corrupt run")
+	census := flag.Bool("census", false, "count the WAL's entries (decodable or not), write nothing")
 	flag.Parse()
-	if *path == "" || *count < 0 || *services < 1 {
+	if *path == "" || *count < 0 || *services < 1 || *corrupt < 0 || *corruptAfter < 0 || *corruptAfter > *count {
 		flag.Usage()
 		os.Exit(2)
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	out, err := seed(*path, *count, *spanBytes, *resourceBytes, *services, logger)
+	var out any
+	var err error
+	if *census {
+		out, err = takeCensus(*path)
+	} else {
+		out, err = seed(*path, *count, *spanBytes, *resourceBytes, *services, *corrupt, *corruptAfter, logger)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "walseed:", err)
 		os.Exit(1)
@@ -54,7 +78,32 @@ func main() {
 	}
 }
 
-func seed(path string, count, spanBytes, resourceBytes, services int, logger *slog.Logger) (result, error) {
+type censusResult struct {
+	Entries int `json:"entries"`
+}
+
+// takeCensus counts the WAL's keys, without reading values.
+func takeCensus(path string) (censusResult, error) {
+	db, err := badger.Open(badger.DefaultOptions(path).WithLogger(nil).WithReadOnly(true))
+	if err != nil {
+		return censusResult{}, fmt.Errorf("open WAL %s: %w", path, err)
+	}
+	defer db.Close() //nolint:errcheck // read only
+	var out censusResult
+	err = db.View(func(txn *badger.Txn) error {
+		opts := badger.DefaultIteratorOptions
+		opts.PrefetchValues = false
+		it := txn.NewIterator(opts)
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			out.Entries++
+		}
+		return nil
+	})
+	return out, err
+}
+
+func seed(path string, count, spanBytes, resourceBytes, services, corrupt, corruptAfter int, logger *slog.Logger) (result, error) {
 	store, err := wal.Open(path, logger)
 	if err != nil {
 		return result{}, err
@@ -68,24 +117,48 @@ func seed(path string, count, spanBytes, resourceBytes, services int, logger *sl
 			return result{}, err
 		}
 	}
-	res := result{Count: count}
-	for start := 0; start < count; start += entriesPerBatch {
+	res := result{Count: count, Corrupt: corrupt}
+	if err := writeValid(store, 0, corruptAfter, spanBytes, resources, &res); err != nil {
+		return result{}, err
+	}
+	if corrupt > 0 {
 		batch := store.NewBatch()
-		for i := start; i < min(start+entriesPerBatch, count); i++ {
+		for i := range corrupt {
+			if _, err := batch.Add(corruptValues[i%len(corruptValues)]); err != nil {
+				batch.Cancel()
+				return result{}, err
+			}
+		}
+		if err := batch.Flush(); err != nil {
+			return result{}, err
+		}
+	}
+	if err := writeValid(store, corruptAfter, count, spanBytes, resources, &res); err != nil {
+		return result{}, err
+	}
+	return res, store.Sync()
+}
+
+// writeValid writes valid entries number from..to-1, noting the first and last keys in res.
+func writeValid(store *wal.WAL, from, to, spanBytes int, resources [][]byte, res *result) error {
+	services := len(resources)
+	for start := from; start < to; start += entriesPerBatch {
+		batch := store.NewBatch()
+		for i := start; i < min(start+entriesPerBatch, to); i++ {
 			span, err := proto.Marshal(syntheticSpan(i, spanBytes))
 			if err != nil {
 				batch.Cancel()
-				return result{}, err
+				return err
 			}
 			value, err := wal.ContainerValue(span, resources[i%services])
 			if err != nil {
 				batch.Cancel()
-				return result{}, err
+				return err
 			}
 			key, err := batch.Add(value)
 			if err != nil {
 				batch.Cancel()
-				return result{}, err
+				return err
 			}
 			if i == 0 {
 				res.FirstKey = hex.EncodeToString(key[:])
@@ -93,10 +166,10 @@ func seed(path string, count, spanBytes, resourceBytes, services int, logger *sl
 			res.LastKey = hex.EncodeToString(key[:])
 		}
 		if err := batch.Flush(); err != nil {
-			return result{}, err
+			return err
 		}
 	}
-	return res, store.Sync()
+	return nil
 }
 
 func stringAttr(key, value string) *commonpb.KeyValue {

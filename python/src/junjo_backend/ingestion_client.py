@@ -54,7 +54,14 @@ log = logging.getLogger(__name__)
 # The value of grpc.experimental.ChannelOptions.SingleThreadedUnaryStream (the typing stubs
 # do not describe grpc.experimental).
 _SINGLE_THREADED_UNARY_STREAM = "SingleThreadedUnaryStream"
-_MAX_BATCH_SIZE = 2**32 - 1  # batch_size is a uint32 on the wire
+# The largest read the wire allows (batch_size is a uint32). It is also the only proof of
+# the end of the WAL the wire gives: the ingestion-service counts an entry it cannot decode
+# toward batch_size and sends nothing for it, so a stream that ends with fewer entries than
+# asked for, even an empty one, may stop in front of a run of such entries. A read that
+# asked for MAX_BATCH_SIZE and whose stream ended OK has seen every entry of the WAL after
+# its start key (as of its read snapshot). The poller's `caught_up` and `spans tail` rest
+# on this one definition.
+MAX_BATCH_SIZE = 2**32 - 1
 
 # A chunk goes to the event loop when it holds this many records, or when its first record
 # has waited this long (so a slow trickle still reaches the caller promptly).
@@ -365,8 +372,8 @@ class IngestionClient:
         If the stream breaks, it is resumed after the last key yielded, asking for what is
         left of `batch_size`: the caller sees no duplicate and no gap.
         """
-        if not 0 <= batch_size <= _MAX_BATCH_SIZE:
-            raise ValueError(f"batch_size must be between 0 and {_MAX_BATCH_SIZE}")
+        if not 0 <= batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be between 0 and {MAX_BATCH_SIZE}")
         after = start_key or b""
         remaining = batch_size
         retry = _RetryClock(self._settings.ingestion_retry_deadline_seconds)
@@ -473,6 +480,7 @@ def _settle(future: asyncio.Future[bool], outcome: bool) -> None:  # noqa: FBT00
 
 
 __all__ = [
+    "MAX_BATCH_SIZE",
     "IngestionClient",
     "IngestionError",
 ]

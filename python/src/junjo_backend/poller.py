@@ -1,20 +1,48 @@
 """The span poller: drains the ingestion-service's WAL into a sink, durably and in order.
 
-Delivery is at least once, in key order, with no gap. For each batch the sink runs inside a
-database transaction, and the batch's last key is written to `poller_state` (row id 1, the
-Go backend's layout) in that same transaction, so a crash at any point either keeps both
-the sink's writes and the new checkpoint or neither; after a restart the poller reads again
-after the last committed key.
+Delivery is at least once, in key order, with no gap up to the horizon below. For each
+batch the sink runs inside a database transaction, and the batch's last key is written to
+`poller_state` (row id 1, the Go backend's layout) in that same transaction, so a crash at
+any point either keeps both the sink's writes and the new checkpoint or neither; after a
+restart the poller reads again after the last committed key.
 
 Unlike the Go backend (100 spans every 5 s, at most 20 spans/s), the poller reads one long
 stream and commits every `POLLER_BATCH_SIZE` records while the stream keeps filling a
-bounded buffer behind it, and it waits (`POLLER_IDLE_WAIT_SECONDS`) only once the WAL is
-exhausted.
+bounded buffer behind it, and it waits (`POLLER_IDLE_WAIT_SECONDS`) only once caught up.
+
+The horizon. The ingestion-service takes a WAL key (a monotonic ULID) before it commits the
+entry, and commits concurrent requests in any order, so a read can see key K+1 before K
+exists. A reader that moved its checkpoint past K+1 then would never see K. No reader can
+know when K will land, so the poller holds a settle window W (`POLLER_SETTLE_SECONDS`): a
+read consumes only entries whose key time is at least W older than the moment the read was
+requested, and stops at the first younger one (every later key is younger still), to read
+it again once it has settled. The guarantee: every entry committed within H = W of its
+key's time is delivered. W is measured on this host's clock against the ingestion host's
+key times, so H = W - s when this clock runs s ahead of the ingestion host's (and entries
+wait s longer when it runs s behind); the two run on one host (one kernel clock) in the
+compose deployment, and NTP keeps s to milliseconds elsewhere. The cost is latency: an
+entry is processed at least W after it was received. W was chosen by measurement
+(README): under full concurrent OTLP load, a commit landed more than 50 ms after a later
+key's about once in a million entries, and none was seen later than 100 ms. Re-reading a
+trailing window instead would add no latency, but the server decodes every entry it sends
+and is the bottleneck of the drain, so re-reading W of entries on every pass would cost
+as much server work as the ingest itself.
+
+Caught up (defined here, once): the last read either asked for the largest batch the wire
+allows and its stream ended OK (`ingestion_client.MAX_BATCH_SIZE`: the only proof of the
+end of the WAL, since the server counts undecodable entries toward `batch_size` and sends
+nothing for them), or it stopped at an entry still inside the settle window (nothing older
+is left). The poller reads in bounded windows; a window that comes back short is followed
+at once by a read of the largest size, which passes any run of undecodable entries. When
+that read finds an entry that had settled before the short read was requested, the short
+window was exhausted by entries the server skipped: `decode_failures` counts them (a lower
+bound, as skips inside the largest read are invisible on the wire).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import random
@@ -26,7 +54,8 @@ from typing import TYPE_CHECKING, Protocol
 from sqlalchemy import insert, select, update
 
 from junjo_backend.database import poller_state
-from junjo_backend.spans import ResourceCatalog, partition_decodable, ulid_millis
+from junjo_backend.ingestion_client import MAX_BATCH_SIZE
+from junjo_backend.spans import ResourceCatalog, ulid_millis
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -44,13 +73,20 @@ _CHECKPOINT_ROW = 1
 # commits, and a full read means more is waiting, so the next read starts at once.
 _BATCHES_PER_READ = 100
 _BACKOFF_INITIAL_SECONDS = 0.1
+# After a read stopped at an unsettled entry, the next waits until that entry settles, but at
+# least this share of the window: re-reading the head every few milliseconds would mostly
+# re-send entries that cannot be consumed yet.
+_SETTLE_PAUSE_SHARE = 0.25
 
 
 class SpanSink(Protocol):
     """Where the poller delivers spans. `handle` runs inside the checkpoint's transaction."""
 
     async def handle(self, batch: Sequence[SpanRecord], conn: AsyncConnection) -> None:
-        """Process `batch` (decodable records, key order); write to the database through `conn`.
+        """Process `batch` (records in key order); write to the database through `conn`.
+
+        The ingestion-service decodes and re-encodes every entry it sends and skips those it
+        cannot decode, so the span and resource bytes of every record decode.
 
         Raising rolls back the transaction, leaves the checkpoint where it was, and the
         poller delivers the same records again after a backoff.
@@ -167,9 +203,33 @@ class PollerStatus:
     last_key: bytes | None
     lag_seconds: float | None  # now minus the ULID time of last_key
     spans_processed: int
+    # WAL entries the ingestion-service could not decode and skipped, as far as the reads
+    # prove it (a lower bound; see the module docstring).
     decode_failures: int
     last_error: str | None
-    caught_up: bool = False  # the last read reached the end of the WAL
+    caught_up: bool = False  # as defined in the module docstring
+
+
+@dataclass(slots=True)
+class _Read:
+    """One ReadSpans call of the poller, and what it showed."""
+
+    asked: int  # batch_size
+    cutoff_ms: int | None  # consume only keys stamped at or before this (None: no window)
+    delivered: int = 0  # records the server sent
+    first_key_ms: int | None = None  # key time of the first record sent
+    unsettled_ms: int | None = None  # key time of the record the read stopped at
+    ended: bool = False  # the stream ended OK (not stopped early, not failed)
+
+    @property
+    def caught_up(self) -> bool:
+        """The definition of caught up (module docstring)."""
+        return self.unsettled_ms is not None or (self.ended and self.asked == MAX_BATCH_SIZE)
+
+    @property
+    def short(self) -> bool:
+        """A bounded window that ended with fewer records than asked for: end or skips."""
+        return self.ended and self.asked < MAX_BATCH_SIZE and self.delivered < self.asked
 
 
 class _Stopping(Exception):  # noqa: N818 (control flow inside the poller, never escapes)
@@ -192,8 +252,7 @@ class SpanPoller:
     ) -> None:
         self._client = client
         self._engine = engine
-        self._catalog = ResourceCatalog()
-        self._sink: SpanSink = sink if sink is not None else ServiceTally(catalog=self._catalog)
+        self._sink: SpanSink = sink if sink is not None else ServiceTally()
         self._settings = settings
         self._task: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
@@ -203,6 +262,8 @@ class SpanPoller:
         self._decode_failures = 0
         self._last_error: str | None = None
         self._caught_up = False
+        self._read_size = min(settings.poller_batch_size * _BATCHES_PER_READ, MAX_BATCH_SIZE)
+        self._settle_ms = round(settings.poller_settle_seconds * 1000)
 
     @property
     def sink(self) -> SpanSink:
@@ -261,15 +322,18 @@ class SpanPoller:
         log.info("span poller stopped", extra={"spans_processed": self._spans_processed})
 
     async def _run(self) -> None:
-        """Drain, wait when caught up, back off after failures; until stop()."""
+        """Drain, wait when caught up or at the settle window, back off after failures."""
         failures = 0
+        short: _Read | None = None  # the last bounded window that came back short
         while not self._stop_requested.is_set():
+            read = self._next_read(MAX_BATCH_SIZE if short is not None else self._read_size)
             try:
-                self._caught_up = await self._drain()
+                await self._drain(read)
             except _Stopping:
                 return
             except Exception as error:  # noqa: BLE001 (any failure: back off, retry from the checkpoint)
                 failures += 1
+                self._caught_up = False
                 self._last_error = f"{type(error).__name__}: {error}"
                 delay = self._backoff(failures)
                 log.warning(
@@ -280,44 +344,85 @@ class SpanPoller:
                 continue
             failures = 0
             self._last_error = None
-            if self._caught_up:
+            if short is not None:
+                self._count_skipped(short, read)
+            short = read if read.short else None
+            self._caught_up = read.caught_up
+            if read.unsettled_ms is not None:
+                await self._pause(self._until_settled(read.unsettled_ms))
+            elif read.caught_up:
                 await self._pause(self._settings.poller_idle_wait_seconds)
 
-    async def _drain(self) -> bool:
-        """Read one stream from the checkpoint, committing batch by batch; True once caught up."""
+    def _next_read(self, asked: int) -> _Read:
+        """A read of `asked` records, its settle cutoff taken now (before the call starts)."""
+        cutoff = None
+        if self._settle_ms > 0:
+            # The server's read snapshot is taken after this moment, so every key stamped
+            # before the cutoff whose commit came within W is in it.
+            cutoff = int(time.time() * 1000) - self._settle_ms
+        return _Read(asked=asked, cutoff_ms=cutoff)
+
+    def _until_settled(self, key_ms: int) -> float:
+        """Seconds until an entry stamped `key_ms` is out of the settle window."""
+        remaining = (key_ms + self._settle_ms) / 1000 - time.time()
+        window = self._settle_ms / 1000
+        return min(window, max(remaining, window * _SETTLE_PAUSE_SHARE))
+
+    def _count_skipped(self, short: _Read, after: _Read) -> None:
+        """Count what a short window skipped, if the read after it proves it was not the end."""
+        found = after.first_key_ms
+        if found is None or short.cutoff_ms is None or found > short.cutoff_ms:
+            # Nothing found, or only entries that may have been committed since the short
+            # read's snapshot: the short window may simply have reached the end.
+            return
+        skipped = short.asked - short.delivered
+        self._decode_failures += skipped
+        log.warning(
+            "the ingestion-service skipped WAL entries that do not decode",
+            extra={
+                "skipped": skipped,
+                "after_key": self._checkpoint.hex() if self._checkpoint else None,
+            },
+        )
+
+    async def _drain(self, read: _Read) -> None:
+        """Read one stream from the checkpoint, committing batch by batch, filling in `read`."""
         batch_size = self._settings.poller_batch_size
-        read_size = batch_size * _BATCHES_PER_READ
+        cutoff = read.cutoff_ms
         pending: list[SpanRecord] = []
-        delivered = 0
-        chunks = self._client.stream_chunks(self._checkpoint, read_size)
+        chunks = self._client.stream_chunks(self._checkpoint, read.asked)
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
-                delivered += len(chunk)
+                if read.first_key_ms is None:
+                    read.first_key_ms = ulid_millis(chunk[0].key)
+                read.delivered += len(chunk)
+                # Keys grow with time: when the chunk's last key has settled, all have.
+                if cutoff is not None and ulid_millis(chunk[-1].key) > cutoff:
+                    settled = _settled_prefix(chunk, cutoff)
+                    pending.extend(chunk[:settled])
+                    read.unsettled_ms = ulid_millis(chunk[settled].key)
+                    break
                 pending.extend(chunk)
                 while len(pending) >= batch_size:
                     await self._commit(pending[:batch_size])
                     del pending[:batch_size]
-        if pending:
-            await self._commit(pending)
-        return delivered < read_size
+            else:
+                read.ended = True
+        for start in range(0, len(pending), batch_size):
+            await self._commit(pending[start : start + batch_size])
 
     async def _commit(self, batch: list[SpanRecord]) -> None:
-        """Hand the decodable records to the sink and move the checkpoint, in one transaction."""
-        decodable, undecodable = partition_decodable(batch, self._catalog)
+        """Hand the records to the sink and move the checkpoint, in one transaction."""
         last_key = batch[-1].key
         self._in_transaction = True
         try:
             async with self._engine.begin() as conn:
-                if decodable:
-                    await self._sink.handle(decodable, conn)
+                await self._sink.handle(batch, conn)
                 await save_checkpoint(conn, last_key)
         finally:
             self._in_transaction = False
-        for record in undecodable:
-            log.warning("skipped a WAL entry that does not decode", extra={"key": record.key.hex()})
         self._checkpoint = last_key
-        self._spans_processed += len(decodable)
-        self._decode_failures += len(undecodable)
+        self._spans_processed += len(batch)
         if self._stop_requested.is_set():
             raise _Stopping
 
@@ -333,3 +438,8 @@ class SpanPoller:
         """Sleep, but return as soon as stop() is asked for."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_requested.wait(), seconds)
+
+
+def _settled_prefix(chunk: Sequence[SpanRecord], cutoff_ms: int) -> int:
+    """How many records at the front of `chunk` are stamped at or before `cutoff_ms`."""
+    return bisect.bisect_right(chunk, cutoff_ms, key=lambda record: ulid_millis(record.key))

@@ -164,6 +164,15 @@ class Settings(BaseSettings):
     poller_max_backoff_seconds: float = Field(
         default=30.0, gt=0, description="ceiling of the retry backoff after errors"
     )
+    # The ingestion-service commits entries out of key order; see poller.py.
+    poller_settle_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description="settle window: the poller passes a WAL entry only once its key is this "
+        "old; every entry committed within it of its key's time is delivered (0: off, "
+        "entries can be lost)",
+    )
 
     # HTTP API and process.
     http_host: str = Field(

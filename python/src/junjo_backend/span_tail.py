@@ -12,13 +12,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from google.protobuf.message import DecodeError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from junjo_backend.database import close_engine, create_engine
 from junjo_backend.grpc_errors import IngestionError
-from junjo_backend.ingestion_client import IngestionClient
+from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
 from junjo_backend.poller import load_checkpoint
 from junjo_backend.spans import ResourceCatalog, SpanRecord, ulid_millis, ulid_time
 
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Spans asked for per ReadSpans call; a full answer means more is waiting.
-_READ_SIZE = 10_000
 # A catch-up is "long" once the newest printed span is this far behind the clock; progress
 # lines then go to stderr at most this often.
 _PROGRESS_LAG_SECONDS = 5.0
@@ -54,13 +51,13 @@ class _SpanPrinter:
         self._catalog = ResourceCatalog()
 
     def print(self, record: SpanRecord) -> None:
-        """Write one line for `record` (or a note on stderr when it does not decode)."""
-        try:
-            span = record.span()
-            service = self._catalog.service_name(record.resource_bytes)
-        except DecodeError:
-            self._err.write(f"skipped an entry that does not decode: key {record.key.hex()}\n")
-            return
+        """Write one line for `record`.
+
+        The ingestion-service re-encodes every entry it sends and skips those it cannot
+        decode, so a record's bytes always decode.
+        """
+        span = record.span()
+        service = self._catalog.service_name(record.resource_bytes)
         start = span.start_time_unix_nano
         duration_ms = max(0, span.end_time_unix_nano - start) / 1e6
         if self._as_json:
@@ -159,21 +156,19 @@ async def run_tail(
         after = None if from_start else await _checkpoint_of(settings)
         async with IngestionClient(settings=settings) as client:
             while True:
-                delivered = 0
-                chunks = client.stream_chunks(after, _READ_SIZE)
+                # The largest read: its end is the end of the WAL (ingestion_client.py).
+                chunks = client.stream_chunks(after, MAX_BATCH_SIZE)
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
                         for record in chunk:
                             printer.print(record)
                         out.flush()
-                        delivered += len(chunk)
                         after = chunk[-1].key
                         progress.advanced(len(chunk), after)
-                if delivered < _READ_SIZE:
-                    progress.caught_up()
-                    if not follow:
-                        return 0
-                    await asyncio.sleep(settings.poller_idle_wait_seconds)
+                progress.caught_up()
+                if not follow:
+                    return 0
+                await asyncio.sleep(settings.poller_idle_wait_seconds)
     except IngestionError as error:
         err.write(f"spans tail: {error}\n")
         return 1

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
-from google.protobuf.message import DecodeError
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
-
-if TYPE_CHECKING:
-    from collections.abc import Iterable
 
 NO_SERVICE_NAME = "NO_SERVICE_NAME"
 SERVICE_NAME_ATTRIBUTE = "service.name"
@@ -101,26 +96,3 @@ class ResourceCatalog:
     def __len__(self) -> int:
         """How many distinct resources are cached."""
         return len(self._service_names)
-
-
-def partition_decodable(
-    records: Iterable[SpanRecord], catalog: ResourceCatalog
-) -> tuple[list[SpanRecord], list[SpanRecord]]:
-    """Split records into those whose span and resource decode, and those that do not.
-
-    Each span is parsed once with `Span.FromString` (measured: ~0.8 us for a 600-byte span;
-    parsing many spans at once as one `ScopeSpans` was slower, ~1.3 us a span, and reusing
-    one message with `ParseFromString` slower still). Resources go through the catalog.
-    """
-    decodable: list[SpanRecord] = []
-    undecodable: list[SpanRecord] = []
-    service_name = catalog.service_name
-    for record in records:
-        try:
-            _decode_span(record.span_bytes)
-            service_name(record.resource_bytes)
-        except DecodeError:
-            undecodable.append(record)
-        else:
-            decodable.append(record)
-    return decodable, undecodable

@@ -64,6 +64,9 @@ def make_settings(database_url: str) -> Callable[..., Settings]:
             "poller_batch_size": 100,
             "poller_idle_wait_seconds": 0.05,
             "poller_max_backoff_seconds": 0.2,
+            # Short, so tests do not wait long for fresh entries, but on: every test drains
+            # through the settle window.
+            "poller_settle_seconds": 0.05,
             "grpc_shutdown_grace_seconds": 5.0,
         }
         values.update(overrides)

@@ -4,8 +4,12 @@ For tests that need a real gRPC server without the Go peer. What it copies from 
 (see the team's shared CONTRACT.md): keys are 16-byte ULIDs from one monotonic generator; values
 are serialized `SpanDataContainer`s; ReadSpans with an empty key starts at the oldest entry,
 otherwise strictly after the given key (which need not exist); it streams at most
-`batch_size` entries and ends with OK; an entry whose value does not decode is skipped but
-counts toward `batch_size`; `batch_size = 0` streams nothing.
+`batch_size` entries and ends with OK; it decodes every entry's container, span and
+resource and sends the span and resource re-encoded, and an entry of which any part does
+not decode is skipped (nothing is sent) but counts toward `batch_size`; `batch_size = 0`
+streams nothing. Keys are allocated before entries are committed, so a test can commit an
+entry behind newer ones (`reserve_key`, then `append(..., key=reserved)`), as concurrent
+OTLP requests do on the Go side.
 
 What it adds for tests: fault switches on `FakeIngestionService` (stall before the first
 message, pause after N messages, fail with a status), and `FakeIngestionServer.restart()`
@@ -95,21 +99,42 @@ class FakeWal:
         self._keys: list[bytes] = []
         self._values: list[bytes] = []
         self._ulids = UlidGenerator()
+        self._reserved: set[bytes] = set()
+
+    def reserve_key(self) -> bytes:
+        """Allocate a key now for an entry committed later (possibly behind newer keys)."""
+        key = self._ulids.new()
+        self._reserved.add(key)
+        return key
 
     def append(
-        self, span_bytes: bytes, resource_bytes: bytes, *, key: bytes | None = None
+        self,
+        span_bytes: bytes,
+        resource_bytes: bytes,
+        *,
+        key: bytes | None = None,
+        ms: int | None = None,
     ) -> bytes:
-        """Store one span with its resource; returns its key."""
+        """Store one span with its resource; returns its key (stamped `ms` when given)."""
         value = span_data_container_pb2.SpanDataContainer(
             span_bytes=span_bytes, resource_bytes=resource_bytes
         ).SerializeToString()
-        return self.append_value(value, key=key)
+        return self.append_value(value, key=key, ms=ms)
 
-    def append_value(self, value: bytes, *, key: bytes | None = None) -> bytes:
+    def append_value(
+        self, value: bytes, *, key: bytes | None = None, ms: int | None = None
+    ) -> bytes:
         """Store a raw WAL value (which may not decode as a SpanDataContainer)."""
-        key = key or self._ulids.new()
+        key = key or self._ulids.new(ms)
         if self._keys and key <= self._keys[-1]:
-            raise ValueError("WAL keys only grow")
+            if key not in self._reserved:
+                raise ValueError("WAL keys only grow (reserve_key() for a late commit)")
+            self._reserved.discard(key)
+            index = bisect.bisect_left(self._keys, key)
+            self._keys.insert(index, key)
+            self._values.insert(index, value)
+            return key
+        self._reserved.discard(key)
         self._keys.append(key)
         self._values.append(value)
         return key
@@ -148,12 +173,14 @@ class FakeWal:
                 container = span_data_container_pb2.SpanDataContainer.FromString(
                     self._values[position]
                 )
+                span = trace_pb2.Span.FromString(container.span_bytes)
+                resource = resource_pb2.Resource.FromString(container.resource_bytes)
             except DecodeError:
                 continue  # skipped, but it counted toward batch_size
             yield ingestion_pb2.ReadSpansResponse(
                 key_ulid=self._keys[position],
-                span_bytes=container.span_bytes,
-                resource_bytes=container.resource_bytes,
+                span_bytes=span.SerializeToString(),
+                resource_bytes=resource.SerializeToString(),
             )
 
 

@@ -106,16 +106,21 @@ async def test_entries_the_server_cannot_decode_are_skipped_but_count(
     assert broken not in [r.key for r in first + rest]
 
 
-async def test_entries_with_undecodable_otlp_bytes_still_come_through(
+async def test_entries_whose_span_or_resource_does_not_decode_are_skipped_too(
     client: IngestionClient, wal: FakeWal
 ) -> None:
-    key = wal.append(b"\xff\xff\xff", b"")
+    good = wal.seed(1)
+    wal.append(b"\xff\xff\xff", b"")  # the span does not decode
+    wal.append(make_span("a").SerializeToString(), b"\x0a\x05\x0a\x03\xff\xfe\xfd")
+    more = wal.seed(1)
 
-    [record] = await client.read_spans(None)
+    first = await client.read_spans(None, 3)
+    everything = await client.read_spans(None, 100)
 
-    assert record.key == key
-    with pytest.raises(Exception, match="Error parsing message"):
-        record.span()
+    # Both broken entries used up a slot of the first read, and neither is ever sent.
+    assert [r.key for r in first] == good
+    assert [r.key for r in everything] == good + more
+    assert all(r.span().name and r.resource().attributes for r in everything)
 
 
 async def test_stream_spans_yields_every_record_in_order(

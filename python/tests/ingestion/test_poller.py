@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import Column, LargeBinary, MetaData, Table, insert, select
 
-from junjo_backend.ingestion_client import IngestionClient
+from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
 from junjo_backend.poller import (
     PollerStatus,
     ServiceTally,
@@ -97,7 +98,8 @@ async def make_poller(
 async def test_drains_the_wal_in_order_and_checkpoints(
     make_poller: Callable[..., SpanPoller], wal: FakeWal, engine: AsyncEngine
 ) -> None:
-    keys = wal.seed(1050)
+    # Stamped a second ago, so all have settled and the batches are whole.
+    keys = wal.seed(1050, ms=int(time.time() * 1000) - 1000)
     sink = RecordingSink()
     poller = make_poller(sink)
     assert poller.status == PollerStatus(
@@ -188,45 +190,98 @@ async def test_sink_error_is_reported_while_retrying(
     assert poller.status.running
 
 
-async def test_undecodable_entries_are_counted_skipped_and_passed(
+async def test_drains_past_a_run_of_undecodable_entries_longer_than_a_read(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal, engine: AsyncEngine
+) -> None:
+    # One record per batch: reads of 100 entries. The run of 250 entries the server skips
+    # (and counts toward batch_size) fills whole reads with nothing.
+    resource = make_resource("checkout").SerializeToString()
+    span = make_span("POST /pay").SerializeToString()
+    # Stamped in the past: all settled before the first read (a read proves skips only
+    # with entries that had settled before the short window was asked for).
+    ms = int(time.time() * 1000) - 10_000
+    before = [wal.append(span, resource, ms=ms) for _ in range(3)]
+    for n in range(250):
+        if n % 2:
+            wal.append(b"\xff\xff\xff", resource, ms=ms)  # the span does not decode
+        else:
+            wal.append_value(b"\xff not a SpanDataContainer", ms=ms)
+    after = [wal.append(span, resource, ms=ms) for _ in range(3)]
+    sink = RecordingSink()
+    poller = make_poller(sink, poller_batch_size=1)
+
+    await poller.start()
+    await caught_up_at(poller, after[-1])
+
+    assert sink.keys == before + after
+    assert await checkpoint_in(engine) == after[-1]
+    status = poller.status
+    assert status.spans_processed == 6
+    # The first read of 100 brought 3 records; the read after it found older entries, so
+    # that window's other 97 were skipped. Skips inside the largest read are not visible.
+    assert status.decode_failures == 97
+
+
+async def test_caught_up_only_after_a_read_of_the_largest_size(
     make_poller: Callable[..., SpanPoller],
     wal: FakeWal,
     engine: AsyncEngine,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    resource = make_resource("checkout").SerializeToString()
-    span = make_span("POST /pay").SerializeToString()
-    good_1 = wal.append(span, resource)
-    bad_span = wal.append(b"\xff\xff\xff", resource)
-    good_2 = wal.append(span, resource)
-    bad_resource = wal.append(span, b"\x0a\x05\x0a\x03\xff\xfe\xfd")
-    sink = RecordingSink()
-    poller = make_poller(sink)
-
-    with caplog.at_level(logging.WARNING, logger="junjo_backend.poller"):
-        await poller.start()
-        await caught_up_at(poller, bad_resource)
-
-    assert sink.keys == [good_1, good_2]
-    assert poller.status.decode_failures == 2
-    assert poller.status.spans_processed == 2
-    assert await checkpoint_in(engine) == bad_resource  # moved past the last, bad, entry
-    logged = [r for r in caplog.records if "does not decode" in r.getMessage()]
-    assert [r.__dict__["key"] for r in logged] == [bad_span.hex(), bad_resource.hex()]
-
-
-async def test_a_batch_of_only_undecodable_entries_still_moves_the_checkpoint(
-    make_poller: Callable[..., SpanPoller], wal: FakeWal, engine: AsyncEngine
+    ingestion_service: FakeIngestionService,
 ) -> None:
     bad = [wal.append(b"\xff", b"") for _ in range(3)]
     sink = RecordingSink()
     poller = make_poller(sink)
 
     await poller.start()
-    await caught_up_at(poller, bad[-1])
+    await wait_until(lambda: poller.status.caught_up)
 
+    # Nothing was sent, so nothing moved; the short read of 10,000 was not taken as the end.
     assert sink.calls == 0
-    assert await checkpoint_in(engine) == bad[-1]
+    assert await checkpoint_in(engine) is None
+    assert (b"", 10_000) in ingestion_service.requests
+    assert (b"", MAX_BATCH_SIZE) in ingestion_service.requests
+    assert poller.status.decode_failures == 0  # nothing proves these were not the end
+    good = wal.seed(2)
+    await caught_up_at(poller, good[-1])
+    assert sink.keys == good
+    assert bad[-1] < good[0]
+    assert poller.status.decode_failures == 0  # the largest read hides its skips
+
+
+async def test_an_entry_committed_behind_a_newer_key_within_the_window_is_delivered(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal
+) -> None:
+    first = wal.seed(3, ms=int(time.time() * 1000) - 10_000)
+    late = wal.reserve_key()  # allocated now, committed after the next key
+    newer = wal.seed(1)
+    sink = RecordingSink()
+    poller = make_poller(sink, poller_settle_seconds=5.0)
+
+    await poller.start()
+    # The newer entry is visible but young: the poller stops in front of it, caught up.
+    await caught_up_at(poller, first[-1])
+    wal.append(make_span("late").SerializeToString(), b"", key=late)
+    await caught_up_at(poller, newer[-1])
+
+    assert sink.keys == [*first, late, *newer]
+
+
+async def test_an_entry_committed_later_than_the_window_is_lost(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal
+) -> None:
+    # The horizon is a real bound: what lands behind the checkpoint after it is never read.
+    late = wal.reserve_key()
+    newer = wal.seed(1)
+    sink = RecordingSink()
+    poller = make_poller(sink, poller_settle_seconds=0.05)
+
+    await poller.start()
+    await caught_up_at(poller, newer[-1])
+    wal.append(make_span("too late").SerializeToString(), b"", key=late)
+    more = wal.seed(1)
+    await caught_up_at(poller, more[-1])
+
+    assert sink.keys == [*newer, *more]
 
 
 async def test_drains_across_an_ingestion_service_restart(

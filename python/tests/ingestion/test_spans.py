@@ -25,7 +25,6 @@ from junjo_backend.spans import (
     ResourceCatalog,
     SpanRecord,
     SpanWithResource,
-    partition_decodable,
     service_name_of,
     ulid_millis,
     ulid_time,
@@ -91,19 +90,6 @@ def test_catalog_decodes_each_resource_once_and_stays_bounded() -> None:
     assert len(catalog) == 1
     with pytest.raises(DecodeError):
         catalog.service_name(b"\xff")
-
-
-def test_partition_decodable() -> None:
-    good = record(make_span("a").SerializeToString(), make_resource("s").SerializeToString())
-    bad_span = record(b"\xff", b"")
-    bad_resource = record(b"", b"\xff")
-
-    decodable, undecodable = partition_decodable(
-        [good, bad_span, good, bad_resource], ResourceCatalog()
-    )
-
-    assert decodable == [good, good]
-    assert undecodable == [bad_span, bad_resource]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,224 @@
+"""What the ingestion fault scenarios run: the Go tools, `serve` in a subprocess, the Go peer.
+
+Every process writes its output to a file the suite scans for key material; the API key is
+created in the database directly (the CLI would print it) and handed to the load generator
+through its environment, never its command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import docker  # type: ignore[import-untyped]  # docker-py ships no types
+import httpx
+from testcontainers.core.config import testcontainers_config
+
+from junjo_backend.api_keys import create_api_key
+from junjo_backend.database import close_engine, create_engine, init_schema
+from tests.compat.peer import PeerContainer, PeerImage, PeerPorts, ensure_image, free_ports
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from tests.faults.conftest import OutputFolder
+
+GO_MODULE = Path(__file__).resolve().parents[3] / "go-compat-tests"
+GO_BIN = GO_MODULE / "bin"
+_BUILD_TIMEOUT_SECONDS = 300
+
+
+@functools.cache
+def go_tool(name: str) -> Path:
+    """go-compat-tests/cmd/`name`, built into bin/ (once per session; Go's cache makes it quick)."""
+    go = shutil.which("go")
+    if go is None:
+        raise RuntimeError("the `go` toolchain is not on PATH: the fault suite builds its Go tools")
+    subprocess.run(
+        [go, "build", "-trimpath", "-o", f"{GO_BIN}/", f"./cmd/{name}"],
+        cwd=GO_MODULE,
+        env={**os.environ, "CGO_ENABLED": "0"},
+        check=True,
+        capture_output=True,
+        timeout=_BUILD_TIMEOUT_SECONDS,
+    )
+    return GO_BIN / name
+
+
+def run_go_tool(name: str, arguments: list[str], output: Path, **env: str) -> dict[str, Any]:
+    """Run a Go tool that prints one JSON object; stderr goes to `output`."""
+    with output.open("w") as stderr:
+        done = subprocess.run(
+            [str(go_tool(name)), *arguments],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=600,  # a hang guard: every tool bounds itself well within it
+            check=False,
+        )
+    if done.returncode != 0:
+        raise AssertionError(f"{name} exited {done.returncode}: {output.read_text()[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+@contextlib.contextmanager
+def docker_engine() -> Iterator[docker.DockerClient]:
+    """The Docker engine, for the Go peer's container."""
+    # The Ryuk reaper image cannot be pulled here; the scenarios remove their containers.
+    os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
+    testcontainers_config.ryuk_disabled = True
+    client = docker.from_env()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def peer_image(client: docker.DockerClient) -> PeerImage:
+    """The Go peer's image (built once per source hash, shared with the contract suite)."""
+    return ensure_image(client)
+
+
+async def create_key(database: Path, name: str) -> str:
+    """Create the database and an API key in it; the key itself."""
+    engine = create_engine(f"sqlite+aiosqlite:///{database}")
+    try:
+        await init_schema(engine)
+        return (await create_api_key(engine, name)).key
+    finally:
+        await close_engine(engine)
+
+
+@dataclass(frozen=True, slots=True)
+class PollerView:
+    """The poller part of one /health answer."""
+
+    spans_processed: int
+    caught_up: bool
+    decode_failures: int
+    lag_seconds: float | None
+    last_key: str | None
+    last_error: str | None
+
+
+class ServeBackend:
+    """`junjo-backend serve` in a subprocess on loopback ports, its output in one file."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        auth_port: int,
+        ingestion_address: str,
+        output: Path,
+        env: dict[str, str],
+    ) -> None:
+        self.http_port = free_ports(1)[0]
+        self._folder = folder
+        self._output = output
+        self._env = {
+            **os.environ,
+            "DATABASE_URL": f"sqlite+aiosqlite:///{folder / 'junjo.db'}",
+            "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{auth_port}",
+            "HTTP_HOST": "127.0.0.1",
+            "HTTP_PORT": str(self.http_port),
+            "INGESTION_GRPC_ADDRESS": ingestion_address,
+            **env,
+        }
+        self._process: subprocess.Popen[bytes] | None = None
+        self._http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.http_port}", timeout=5.0)
+
+    def start(self) -> None:
+        """Start serving (the Go peer's start-up waits for the auth server)."""
+        with self._output.open("ab") as output:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "junjo_backend.cli", "serve"],
+                env=self._env,
+                cwd=self._folder,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+            )
+
+    async def poller(self) -> PollerView | None:
+        """The poller's state from /health, or None while HTTP is not up."""
+        try:
+            answer = await self._http.get("/health")
+        except httpx.TransportError:
+            return None
+        body = answer.json()["poller"]
+        return PollerView(
+            spans_processed=int(body["spans_processed"]),
+            caught_up=bool(body["caught_up"]),
+            decode_failures=int(body["decode_failures"]),
+            lag_seconds=body["lag_seconds"],
+            last_key=body["last_key"],
+            last_error=body["last_error"],
+        )
+
+    async def wait_for(
+        self, condition: Callable[[PollerView], bool], *, limit: float, every: float = 0.1
+    ) -> PollerView:
+        """Poll /health until `condition` holds; AssertionError after `limit` s (a hang guard)."""
+        give_up = time.monotonic() + limit
+        last = None
+        while time.monotonic() < give_up:
+            view = await self.poller()
+            if view is not None:
+                last = view
+                if condition(view):
+                    return view
+            if self._process is not None and self._process.poll() is not None:
+                raise AssertionError(f"serve exited {self._process.returncode}; see {self._output}")
+            await asyncio.sleep(every)
+        raise AssertionError(f"condition not met within {limit:g} s; last poller state {last}")
+
+    async def stop(self) -> int | None:
+        """SIGTERM and wait for the exit (SIGKILL after a guard); the exit status."""
+        await self._http.aclose()
+        process = self._process
+        if process is None:
+            return None
+        self._process = None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(process.wait, 30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return await asyncio.to_thread(process.wait)
+
+
+async def start_peer(image: PeerImage, ports: PeerPorts, wal_dir: Path, name: str) -> PeerContainer:
+    """Start the Go peer on `wal_dir` and wait until it serves (after our auth answered it)."""
+    peer = PeerContainer(image, ports, wal_dir, name=name)
+    await peer.start()
+    await peer.wait_serving(timeout=120)
+    return peer
+
+
+async def stop_peer(peer: PeerContainer, output: OutputFolder) -> int | None:
+    """Stop the peer gracefully (the WAL is synced and closed) and keep its logs for the scan."""
+    try:
+        return await peer.stop()
+    finally:
+        output.path(f"{peer.name}-container").write_text(peer.logs())
+
+
+def percentile(values: list[float], share: float) -> float:
+    """Nearest-rank percentile of `values` (not empty)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
