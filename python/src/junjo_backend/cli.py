@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from junjo_backend import __version__
 from junjo_backend.console import CommandError, Console
 from junjo_backend.logs import configure_logging
-from junjo_backend.settings import Settings, SettingsError, get_settings
+from junjo_backend.settings import Settings, SettingsError, get_settings, parse_address
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -36,6 +36,24 @@ def _settings_help() -> str:
         lines.append(f"  {name.upper()}={shown}")
         lines.append(f"      {field.description}")
     return "\n".join(lines)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return seconds
+
+
+def _address(text: str) -> str:
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start after the poller's checkpoint (the default)",
     )
-    tail.add_argument("--follow", action="store_true", help="keep waiting for new spans")
+    tail.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep waiting for new spans, and for the ingestion-service through outages",
+    )
+    tail.add_argument(
+        "--address",
+        type=_address,
+        metavar="HOST:PORT",
+        help="the ingestion-service's internal address (default: INGESTION_GRPC_ADDRESS)",
+    )
+    tail.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="without --follow, give up when nothing answers for this long (default: 10)",
+    )
     tail.add_argument("--json", action="store_true", help="one JSON object per span")
     return parser
 
@@ -124,6 +159,10 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
             follow=args.follow,
             as_json=args.json,
             out=console.out,
+            err=console.err,
+            address=args.address,
+            timeout=args.timeout,
+            quiet=console.quiet,
         )
     )
 

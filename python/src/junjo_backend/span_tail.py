@@ -9,20 +9,29 @@ import logging
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import make_url
+from opentelemetry.proto.resource.v1 import resource_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
 from sqlalchemy.exc import SQLAlchemyError
 
-from junjo_backend.database import close_engine, create_engine
-from junjo_backend.grpc_errors import IngestionError
+from junjo_backend.database import (
+    close_engine,
+    create_engine,
+    database_label,
+    describe_database_error,
+    sqlite_file,
+)
+from junjo_backend.grpc_errors import IngestionError, IngestionUnavailableError
 from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
 from junjo_backend.poller import load_checkpoint
 from junjo_backend.spans import ResourceCatalog, SpanRecord, ulid_millis, ulid_time
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
     from typing import TextIO
+
+    from opentelemetry.proto.common.v1 import common_pb2
 
     from junjo_backend.settings import Settings
 
@@ -33,6 +42,10 @@ log = logging.getLogger(__name__)
 _PROGRESS_LAG_SECONDS = 5.0
 _PROGRESS_EVERY_SECONDS = 2.0
 _EXIT_INTERRUPTED = 130
+# How long one reachability probe may take, and the pause between probes while waiting.
+_PROBE_SECONDS = 1.0
+_PROBE_INTERVAL_SECONDS = 0.5
+_RESOURCES_REMEMBERED = 4096
 
 
 def _timestamp(unix_nanos: int) -> str:
@@ -41,14 +54,47 @@ def _timestamp(unix_nanos: int) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class _SpanPrinter:
-    """Formats records as text columns or JSON lines."""
+_TEXT_HEADER = "START_TIME                SERVICE  TRACE_ID  SPAN_ID  NAME  DURATION"
 
-    def __init__(self, out: TextIO, err: TextIO, *, as_json: bool) -> None:
+
+def _any_value(value: common_pb2.AnyValue) -> object:
+    """An OTLP attribute value as JSON: strings, numbers, booleans, lists, maps; bytes as hex."""
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [_any_value(item) for item in value.array_value.values]
+    if kind == "kvlist_value":
+        return _attributes(value.kvlist_value.values)
+    if kind == "bytes_value":
+        return value.bytes_value.hex()
+    return getattr(value, kind)
+
+
+def _attributes(pairs: Iterable[common_pb2.KeyValue]) -> dict[str, object]:
+    return {pair.key: _any_value(pair.value) for pair in pairs}
+
+
+class _SpanPrinter:
+    """Formats records as text columns (after a header) or JSON lines."""
+
+    def __init__(self, out: TextIO, *, as_json: bool) -> None:
         self._out = out
-        self._err = err
         self._as_json = as_json
         self._catalog = ResourceCatalog()
+        self._resource_attributes: dict[bytes, dict[str, object]] = {}
+        self._header_written = as_json
+
+    def _resource(self, resource_bytes: bytes) -> dict[str, object]:
+        attributes = self._resource_attributes.get(resource_bytes)
+        if attributes is None:
+            if len(self._resource_attributes) >= _RESOURCES_REMEMBERED:
+                self._resource_attributes.clear()
+            resource = resource_pb2.Resource.FromString(resource_bytes)
+            attributes = self._resource_attributes[resource_bytes] = _attributes(
+                resource.attributes
+            )
+        return attributes
 
     def print(self, record: SpanRecord) -> None:
         """Write one line for `record`.
@@ -66,16 +112,27 @@ class _SpanPrinter:
                     "key": record.key.hex(),
                     "ingested_at": _timestamp(ulid_millis(record.key) * 1_000_000),
                     "start_time": _timestamp(start),
+                    "end_time": _timestamp(span.end_time_unix_nano),
                     "service": service,
                     "trace_id": span.trace_id.hex(),
                     "span_id": span.span_id.hex(),
                     "parent_span_id": span.parent_span_id.hex(),
                     "name": span.name,
+                    "kind": trace_pb2.Span.SpanKind.Name(span.kind),
                     "duration_ms": duration_ms,
+                    "status": {
+                        "code": trace_pb2.Status.StatusCode.Name(span.status.code),
+                        "message": span.status.message,
+                    },
+                    "attributes": _attributes(span.attributes),
+                    "resource": self._resource(record.resource_bytes),
                 },
                 ensure_ascii=False,
             )
         else:
+            if not self._header_written:
+                self._out.write(_TEXT_HEADER + "\n")
+                self._header_written = True
             line = (
                 f"{_timestamp(start)}  {service}  {span.trace_id.hex()}  {span.span_id.hex()}"
                 f"  {span.name}  {duration_ms:.3f}ms"
@@ -114,32 +171,68 @@ class _CatchUpProgress:
             self._shown = False
 
 
-def _database_missing(database_url: str) -> bool:
-    """Whether the URL names a SQLite file that does not exist (opening it would create it)."""
-    url = make_url(database_url)
-    if url.get_backend_name() != "sqlite":
-        return False
-    if not url.database or url.database == ":memory:":
-        return True
-    return not Path(url.database).expanduser().exists()
+async def _checkpoint_of(settings: Settings, note: Callable[[str], None]) -> bytes | None:
+    """The poller's checkpoint, read only; None when there is no database or no checkpoint yet.
 
-
-async def _checkpoint_of(settings: Settings) -> bytes | None:
-    """The poller's checkpoint, read only; None when there is no database or no checkpoint yet."""
-    if _database_missing(settings.database_url):
+    A missing SQLite file is not created: the tail then starts at the oldest entry.
+    """
+    note(f"database: {database_label(settings.database_url)}")
+    path = sqlite_file(settings.database_url)
+    if path is not None and not path.exists():
+        note(f"no database at {path}: no checkpoint, starting at the oldest entry")
         return None
-    engine = create_engine(settings.database_url)
+    engine = create_engine(
+        settings.database_url,
+        connect_timeout_seconds=settings.database_connect_timeout_seconds,
+        create_folder=False,
+    )
     try:
-        async with engine.connect() as conn:
-            return await load_checkpoint(conn)
-    except SQLAlchemyError:
-        log.warning("could not read the poller's checkpoint; starting at the oldest entry")
+        async with asyncio.timeout(settings.database_connect_timeout_seconds):
+            async with engine.connect() as conn:
+                return await load_checkpoint(conn)
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        note(
+            f"could not read the poller's checkpoint ({describe_database_error(exc)}); "
+            "starting at the oldest entry"
+        )
         return None
     finally:
-        await close_engine(engine)
+        await close_engine(engine, quiet=True)
 
 
-async def run_tail(
+class _ServiceUnreachable(Exception):  # noqa: N818 (control flow, turned into an error line)
+    """Nothing answered at the address within the timeout (without --follow)."""
+
+
+async def _wait_for_service(
+    client: IngestionClient,
+    address: str,
+    *,
+    follow: bool,
+    timeout: float,  # noqa: ASYNC109 (a bound on waiting, not one call)
+    err: TextIO,
+) -> None:
+    """Return once the ingestion-service answers; say at once that we wait when it does not.
+
+    Without `follow`, give up after `timeout` seconds; with it, wait as long as it takes.
+    """
+    probe = min(timeout, _PROBE_SECONDS)
+    if await client.check_connection(probe):
+        return
+    err.write(f"waiting for the ingestion-service at {address}\n")
+    err.flush()
+    deadline = time.monotonic() + timeout
+    while True:
+        if not follow and time.monotonic() >= deadline:
+            raise _ServiceUnreachable
+        await asyncio.sleep(_PROBE_INTERVAL_SECONDS)
+        if await client.check_connection(probe):
+            err.write(f"connected to the ingestion-service at {address}\n")
+            err.flush()
+            return
+
+
+async def run_tail(  # noqa: C901, PLR0912 (one loop with its exits, read top to bottom)
     settings: Settings,
     *,
     from_start: bool,
@@ -147,33 +240,73 @@ async def run_tail(
     as_json: bool,
     out: TextIO,
     err: TextIO | None = None,
+    address: str | None = None,
+    timeout: float = 10.0,  # noqa: ASYNC109 (how long to wait for the service, not one call)
+    quiet: bool = False,
 ) -> int:
-    """Print spans after the checkpoint (or from the oldest); exit 0 at the end unless following."""
+    """Print spans after the checkpoint (or from the oldest); exit 0 at the end unless following.
+
+    Errors are one `error:` line on stderr; informational lines follow on stderr unless `quiet`.
+    """
     err = err or sys.stderr
-    printer = _SpanPrinter(out, err, as_json=as_json)
+    address = address or settings.ingestion_grpc_address
+    # A stream that breaks is resumed for `timeout` seconds at most; past that, without
+    # --follow the tail gives up, and with it waits (one line per outage) and goes on.
+    settings = settings.model_copy(
+        update={"ingestion_grpc_address": address, "ingestion_retry_deadline_seconds": timeout}
+    )
+    notes: list[str] = []
+    printer = _SpanPrinter(out, as_json=as_json)
     progress = _CatchUpProgress(err)
     try:
-        after = None if from_start else await _checkpoint_of(settings)
+        after = None if from_start else await _checkpoint_of(settings, notes.append)
         async with IngestionClient(settings=settings) as client:
+            await _wait_for_service(client, address, follow=follow, timeout=timeout, err=err)
+            first_read = True
             while True:
-                # The largest read: its end is the end of the WAL (ingestion_client.py).
-                chunks = client.stream_chunks(after, MAX_BATCH_SIZE)
-                async with contextlib.aclosing(chunks):
-                    async for chunk in chunks:
-                        for record in chunk:
-                            printer.print(record)
-                        out.flush()
-                        after = chunk[-1].key
-                        progress.advanced(len(chunk), after)
+                delivered = 0
+                try:
+                    # The largest read: its end is the end of the WAL (ingestion_client.py).
+                    chunks = client.stream_chunks(after, MAX_BATCH_SIZE)
+                    async with contextlib.aclosing(chunks):
+                        async for chunk in chunks:
+                            for record in chunk:
+                                printer.print(record)
+                            out.flush()
+                            delivered += len(chunk)
+                            after = chunk[-1].key
+                            progress.advanced(len(chunk), after)
+                except IngestionUnavailableError:
+                    if not follow:
+                        raise
+                    await _wait_for_service(client, address, follow=True, timeout=timeout, err=err)
+                    continue
+                if first_read and delivered == 0 and not from_start:
+                    at = "the start" if after is None else ulid_time(after).isoformat()
+                    notes.append(
+                        f"no spans after the poller's checkpoint ({at}); "
+                        "--from-start shows the whole WAL"
+                    )
+                first_read = False
                 progress.caught_up()
                 if not follow:
                     return 0
                 await asyncio.sleep(settings.poller_idle_wait_seconds)
+    except _ServiceUnreachable:
+        err.write(
+            f"error: INGESTION_GRPC_ADDRESS: nothing answered at {address} within {timeout:g} s "
+            "(--address, --timeout; --follow waits)\n"
+        )
+        return 1
     except IngestionError as error:
-        err.write(f"spans tail: {error}\n")
+        err.write(f"error: INGESTION_GRPC_ADDRESS: the ingestion-service at {address}: {error}\n")
         return 1
     except BrokenPipeError:  # `| head` closed the pipe: the reader has what it wanted
         return 0
     except (asyncio.CancelledError, KeyboardInterrupt):
         # Ctrl-C: asyncio.run cancels this task; the client has been closed on the way out.
         return _EXIT_INTERRUPTED
+    finally:
+        if not quiet:
+            for line in notes:
+                err.write(line + "\n")

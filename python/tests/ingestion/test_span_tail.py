@@ -13,12 +13,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
 from sqlalchemy.engine import make_url
 
 from junjo_backend.poller import load_checkpoint, save_checkpoint
 from junjo_backend.span_tail import run_tail
 
-from .fake_ingestion import FakeWal, UlidGenerator, make_resource, make_span, wait_until
+from .fake_ingestion import (
+    FakeIngestionServer,
+    FakeIngestionService,
+    FakeWal,
+    UlidGenerator,
+    make_resource,
+    make_span,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -26,8 +36,6 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from junjo_backend.settings import Settings
-
-    from .fake_ingestion import FakeIngestionServer
 
 TRACE_ID = bytes.fromhex("0af7651916cd43dd8448eb211c80319c")
 SPAN_ID = bytes.fromhex("b7ad6b7169203331")
@@ -45,10 +53,13 @@ def seed_known_span(wal: FakeWal) -> bytes:
     return wal.append(span.SerializeToString(), make_resource("orders").SerializeToString())
 
 
-async def tail(settings: Settings, **options: bool) -> tuple[int, str, str]:
+async def tail(
+    settings: Settings, *, from_start: bool = True, as_json: bool = False
+) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    arguments = {"from_start": True, "follow": False, "as_json": False} | options
-    code = await run_tail(settings, **arguments, out=out, err=err)
+    code = await run_tail(
+        settings, from_start=from_start, follow=False, as_json=as_json, out=out, err=err
+    )
     return code, out.getvalue(), err.getvalue()
 
 
@@ -60,7 +71,8 @@ async def test_text_lines(settings: Settings, wal: FakeWal) -> None:
 
     assert code == 0
     assert err == ""
-    first, *rest = out.splitlines()
+    header, first, *rest = out.splitlines()
+    assert header.split() == ["START_TIME", "SERVICE", "TRACE_ID", "SPAN_ID", "NAME", "DURATION"]
     assert first.split("  ") == [
         "2024-05-31T16:08:37.123Z",
         "orders",
@@ -88,6 +100,43 @@ async def test_json_lines(settings: Settings, wal: FakeWal) -> None:
     assert record["start_time"] == "2024-05-31T16:08:37.123Z"
     assert record["duration_ms"] == 12.345678
     assert record["ingested_at"].endswith("Z")
+    assert record["end_time"] == "2024-05-31T16:08:37.135Z"
+    assert record["kind"] == "SPAN_KIND_SERVER"
+    assert record["status"] == {"code": "STATUS_CODE_UNSET", "message": ""}
+    assert record["attributes"] == {"http.route": "GET /orders/{id}", "http.status_code": 200}
+    assert record["resource"]["service.name"] == "orders"
+
+
+async def test_json_carries_attributes_status_kind_and_resource(
+    settings: Settings, wal: FakeWal
+) -> None:
+    span = make_span("work", start_unix_nano=START_NANOS, duration_nanos=1_000_000)
+    del span.attributes[:]
+    span.kind = trace_pb2.Span.SpanKind.SPAN_KIND_CLIENT
+    span.status.code = trace_pb2.Status.StatusCode.STATUS_CODE_ERROR
+    span.status.message = "boom"
+    span.attributes.add(key="http.status", value=common_pb2.AnyValue(int_value=503))
+    span.attributes.add(
+        key="tags",
+        value=common_pb2.AnyValue(
+            array_value=common_pb2.ArrayValue(
+                values=[common_pb2.AnyValue(string_value="a"), common_pb2.AnyValue(bool_value=True)]
+            )
+        ),
+    )
+    span.attributes.add(key="raw", value=common_pb2.AnyValue(bytes_value=b"\x01\x02"))
+    resource = make_resource("orders")
+    resource.attributes.add(key="host", value=common_pb2.AnyValue(string_value="h1"))
+    wal.append(span.SerializeToString(), resource.SerializeToString())
+
+    code, out, _ = await tail(settings, as_json=True)
+
+    assert code == 0
+    record = json.loads(out)
+    assert record["kind"] == "SPAN_KIND_CLIENT"
+    assert record["status"] == {"code": "STATUS_CODE_ERROR", "message": "boom"}
+    assert record["attributes"] == {"http.status": 503, "tags": ["a", True], "raw": "0102"}
+    assert record["resource"] == {"service.name": "orders", "host": "h1"}
 
 
 async def test_empty_wal_exits_at_once(settings: Settings) -> None:
@@ -114,13 +163,16 @@ async def test_without_a_database_it_starts_at_the_oldest_and_creates_nothing(
 ) -> None:
     wal.seed(3)
 
-    code, out, _ = await tail(settings, from_start=False)
+    code, out, err = await tail(settings, from_start=False)
 
     assert code == 0
-    assert len(out.splitlines()) == 3
+    assert len(out.splitlines()) == 1 + 3  # the header, then the spans
     database = make_url(settings.database_url).database
     assert database is not None
     assert not await asyncio.to_thread(Path(database).exists)
+    assert not await asyncio.to_thread(Path(database).parent.exists)
+    assert f"database: {Path(database)}" in err.splitlines()
+    assert f"no database at {Path(database)}" in err
 
 
 async def test_unreadable_database_falls_back_to_the_oldest_entry(
@@ -137,10 +189,11 @@ async def test_unreadable_database_falls_back_to_the_oldest_entry(
         database_url=f"sqlite+aiosqlite:///{not_a_database}",
     )
 
-    code, out, _ = await tail(settings, from_start=False)
+    code, out, err = await tail(settings, from_start=False)
 
     assert code == 0
-    assert len(out.splitlines()) == 2
+    assert len(out.splitlines()) == 1 + 2
+    assert "could not read the poller's checkpoint" in err
 
 
 async def test_passes_a_run_of_undecodable_entries_to_the_real_end(
@@ -170,7 +223,7 @@ async def test_long_catch_up_shows_progress_on_stderr(settings: Settings, wal: F
     code, out, err = await tail(settings)
 
     assert code == 0
-    assert len(out.splitlines()) == len(keys)
+    assert len(out.splitlines()) == 1 + len(keys)
     lines = err.splitlines()
     assert lines[0].startswith("catching up: 20 spans so far")
     assert lines[-1] == "caught up after 20 spans"
@@ -195,15 +248,65 @@ async def test_follow_prints_new_spans_until_interrupted(settings: Settings, wal
 async def test_unreachable_service_is_an_error_exit(
     make_settings: Callable[..., Settings], free_port: int
 ) -> None:
-    settings = make_settings(
-        ingestion_grpc_address=f"127.0.0.1:{free_port}", ingestion_retry_deadline_seconds=0.2
+    address = f"127.0.0.1:{free_port}"
+    settings = make_settings(ingestion_grpc_address=address)
+    out, err = io.StringIO(), io.StringIO()
+    started = time.monotonic()
+    code = await run_tail(
+        settings, from_start=True, follow=False, as_json=False, out=out, err=err, timeout=1.5
     )
 
-    code, out, err = await tail(settings)
-
     assert code == 1
+    assert out.getvalue() == ""
+    lines = err.getvalue().splitlines()
+    # It says at once what it waits for, then gives up after --timeout with one error line.
+    assert lines[0] == f"waiting for the ingestion-service at {address}"
+    assert lines[1].startswith(f"error: INGESTION_GRPC_ADDRESS: nothing answered at {address}")
+    assert time.monotonic() - started < 30  # a hang guard; --timeout was 1.5 s
+
+
+async def test_follow_waits_through_an_outage_with_one_line_each_way(
+    make_settings: Callable[..., Settings], ingestion_service: FakeIngestionService, wal: FakeWal
+) -> None:
+    server = FakeIngestionServer(ingestion_service)
+    await server.start()
+    address = server.address
+    await server.stop()  # nothing answers there yet
+    settings = make_settings(ingestion_grpc_address=address)
+    out, err = io.StringIO(), io.StringIO()
+    following = asyncio.create_task(
+        run_tail(settings, from_start=True, follow=True, as_json=True, out=out, err=err, timeout=1)
+    )
+    try:
+        await wait_until(lambda: "waiting for the ingestion-service" in err.getvalue())
+        wal.seed(2)
+        restarted = FakeIngestionServer(ingestion_service, port=int(address.rsplit(":", 1)[1]))
+        await restarted.start()
+        try:
+            await wait_until(lambda: len(out.getvalue().splitlines()) == 2, limit=30)
+        finally:
+            await restarted.stop()
+    finally:
+        following.cancel()
+        assert await following == 130
+    lines = err.getvalue().splitlines()
+    assert lines.count(f"waiting for the ingestion-service at {address}") == 1
+    assert lines.count(f"connected to the ingestion-service at {address}") == 1
+
+
+async def test_nothing_after_the_checkpoint_says_so(
+    settings: Settings, wal: FakeWal, engine: AsyncEngine
+) -> None:
+    keys = wal.seed(2)
+    async with engine.begin() as conn:
+        await save_checkpoint(conn, keys[-1])
+
+    code, out, err = await tail(settings, from_start=False)
+
+    assert code == 0
     assert out == ""
-    assert err.startswith("spans tail: UNAVAILABLE")
+    assert "no spans after the poller's checkpoint" in err
+    assert "--from-start" in err
 
 
 async def test_closed_output_pipe_ends_quietly(settings: Settings, wal: FakeWal) -> None:
