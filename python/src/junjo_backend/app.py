@@ -31,12 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from junjo_backend import __version__
 from junjo_backend.auth_service import AuthServer
-from junjo_backend.database import (
-    close_engine,
-    create_engine,
-    describe_database_error,
-    init_schema,
-)
+from junjo_backend.database import close_engine, describe_database_error, open_database
 from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.poller import SpanPoller
 from junjo_backend.settings import Settings, get_settings
@@ -107,11 +102,12 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
     """
     async with contextlib.AsyncExitStack() as stack:
         with _startup_step("database"):
-            engine = create_engine(settings.database_url)
+            # Creates the schema (and a SQLite file) only now: after start-up a missing
+            # SQLite file is an error, never a new empty database.
+            engine = await open_database(settings.database_url)
             stack.push_async_callback(
                 _stop_step, "database", functools.partial(close_engine, engine)
             )
-            await init_schema(engine)
         log.info(
             "database ready",
             extra={"database": make_url(settings.database_url).render_as_string()},
