@@ -34,6 +34,7 @@ from sqlalchemy import (
     Text,
     event,
     func,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InvalidatePoolError, SQLAlchemyError
@@ -318,7 +319,20 @@ async def open_database(database_url: str) -> AsyncEngine:
 
 
 async def close_engine(engine: AsyncEngine) -> None:
-    """Release every connection (rollback mode: nothing is left to fold into the file)."""
+    """Let SQLite refresh its query planner statistics, then release every connection.
+
+    `PRAGMA optimize` is what SQLite advises running before a connection closes; it waits
+    for the database's lock like any query.
+    """
+    if is_sqlite(engine):
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("PRAGMA optimize"))
+        except Exception as exc:  # noqa: BLE001 (shutting down: report and still dispose)
+            log.warning(
+                "SQLite PRAGMA optimize on shutdown failed",
+                extra={"error": describe_database_error(exc)},
+            )
     await engine.dispose()
 
 
