@@ -26,7 +26,7 @@ import httpx
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
 Style = Literal["delete and copy", "in place"]
@@ -276,8 +276,12 @@ async def replace_database(
     auth: AuthCalls,
     register: Callable[[str], None],
     max_age: float,
+    while_broken: Callable[[], Awaitable[None]] | None = None,
 ) -> ReplacementOutcome:
-    """Create K1, restore a backup holding K1 over the database, revoke K1, create K2."""
+    """Create K1, restore a backup holding K1 over the database, revoke K1, create K2.
+
+    `while_broken` runs once the server has seen the break, before the restore.
+    """
     outcome = ReplacementOutcome(style=style)
     first = await cli.create("before the restore")
     register(first.key)
@@ -294,6 +298,8 @@ async def replace_database(
         health = await http.get("/health", timeout=10)
         outcome.health_while_broken = health.status_code
         outcome.database_error_while_broken = health.json()["database"]["error"]
+        if while_broken is not None:
+            await while_broken()
         outcome.created_a_file_while_missing = style == "delete and copy" and database.exists()  # noqa: ASYNC240 (one stat)
         _restore(database, backup, style)
 
