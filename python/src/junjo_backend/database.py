@@ -272,7 +272,8 @@ def create_engine(database_url: str, *, create_missing: bool = True) -> AsyncEng
     """An async engine for `database_url`; for a SQLite file, its folder is created.
 
     With `create_missing=False`, a SQLite file that does not exist is an error rather than
-    a new empty database. Either way a SQLite file is watched (`SqliteFileWatch`).
+    a new empty database (and its folder is not created). Either way a SQLite file named
+    by a path is watched (`SqliteFileWatch`); a `file:` URI is used as written.
     """
     url = make_url(database_url)
     # hide_parameters: statement parameters (API keys among them) never reach an error
@@ -280,7 +281,7 @@ def create_engine(database_url: str, *, create_missing: bool = True) -> AsyncEng
     if url.get_backend_name() != "sqlite":
         return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
     path = sqlite_file(database_url)
-    if path is not None:
+    if path is not None and create_missing:
         path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(url, hide_parameters=True)
 
