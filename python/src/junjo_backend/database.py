@@ -10,6 +10,12 @@ the CLI writes to the new one. `SqliteFileWatch` ties each pooled connection to 
 it opened and reopens the pool when the file at the path is another one, is missing, or
 was rewritten in place; after start-up, `open_database`'s engine never creates the file
 (a missing file is an error, not a fresh empty database in the middle of a restore).
+
+The poller's checkpoint lives in the same file. Across a replacement the poller keeps the
+position it holds in memory: while the file is missing its commits fail and it retries
+from that position, and its next commit writes the position into the new file (an older
+checkpoint in a restored backup is overwritten, not replayed). That is the position
+consistent with what the default sink has counted, which it keeps in memory.
 """
 
 from __future__ import annotations
