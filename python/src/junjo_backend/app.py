@@ -32,10 +32,9 @@ from junjo_backend import __version__
 from junjo_backend.auth_service import AuthServer, listen_problem
 from junjo_backend.database import (
     close_engine,
-    create_engine,
     database_label,
     describe_database_error,
-    init_schema,
+    open_database,
 )
 from junjo_backend.http_protocol import bounded_h11_protocol
 from junjo_backend.ingestion_client import IngestionClient
@@ -119,14 +118,15 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
     started = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         with _startup_step("database", "DATABASE_URL"):
-            engine = create_engine(
+            # Creates the schema (and a SQLite file) only now: after start-up a missing
+            # SQLite file is an error, never a new empty database.
+            engine = await open_database(
                 settings.database_url,
                 connect_timeout_seconds=settings.database_connect_timeout_seconds,
             )
             stack.push_async_callback(
                 _stop_step, "database", functools.partial(close_engine, engine), started
             )
-            await init_schema(engine)
         log.info(
             "database ready",
             extra={"database": database_label(settings.database_url)},

@@ -68,7 +68,9 @@ class Console:
         self.err.flush()
 
 
-async def open_database(settings: Settings, console: Console, *, create: bool) -> AsyncEngine:
+async def open_command_database(
+    settings: Settings, console: Console, *, create: bool
+) -> AsyncEngine:
     """An engine on the configured database, checked by one connection.
 
     With `create` false (read-only commands) a missing SQLite file is an error, and neither
@@ -87,7 +89,7 @@ async def open_database(settings: Settings, console: Console, *, create: bool) -
         engine = create_engine(
             settings.database_url,
             connect_timeout_seconds=settings.database_connect_timeout_seconds,
-            create_folder=create,
+            create_missing=create,
         )
     except OSError as exc:
         folder = path.parent if path is not None else label

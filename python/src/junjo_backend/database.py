@@ -2,14 +2,33 @@
 
 The tables keep the Go backend's layout column for column, so a database file written by
 the Go backend opens as it is, and `create_all` leaves existing tables alone.
+
+A SQLite file can be replaced under a running server (an operator restores a backup: by
+deleting the file and copying another in, or by copying over it). A pooled connection
+keeps the file it opened, so without a check it would read a deleted file forever while
+the CLI writes to the new one. `SqliteFileWatch` ties each pooled connection to the file
+it opened and reopens the pool when the file at the path is another one, is missing, or
+was rewritten in place; after start-up, `open_database`'s engine never creates the file
+(a missing file is an error, not a fresh empty database in the middle of a restore).
+
+The poller's checkpoint lives in the same file. Across a replacement the poller keeps the
+position it holds in memory: while the file is missing its commits fail and it retries
+from that position, and its next commit writes the position into the new file (an older
+checkpoint in a restored backup is overwritten, not replayed). That is the position
+consistent with what the default sink has counted, which it keeps in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
+import aiosqlite
 from sqlalchemy import (
     CheckConstraint,
     Column,
@@ -24,12 +43,12 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InvalidatePoolError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine.interfaces import DBAPIConnection
-    from sqlalchemy.pool import ConnectionPoolEntry
+    from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +78,169 @@ poller_state = Table(
     Column("last_key", LargeBinary),
 )
 
-# API keys are few, small and precious: every commit is fsynced (synchronous=FULL). WAL
-# journaling lets the auth server keep reading while the CLI or the poller writes, and
-# busy_timeout makes a writer wait for the lock instead of failing with "database is
-# locked". The Go backend used journal_mode=DELETE; both are the same file format.
+# The Go backend's pragmas. API keys are few, small and precious: every commit is fsynced
+# (synchronous=FULL). journal_mode=DELETE keeps the database in one file between writes:
+# a copy of it is a whole backup, and a copy restored over it in place is seen by every
+# open connection (rollback mode checks the header's change counter at each transaction),
+# where WAL mode would leave a -wal and -shm beside it that belong to the old file.
+# busy_timeout makes readers and writers wait for a lock instead of failing.
 _SQLITE_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
+    "PRAGMA journal_mode=DELETE",
     "PRAGMA synchronous=FULL",
     "PRAGMA busy_timeout=10000",
     "PRAGMA foreign_keys=ON",
 )
+
+# What the header of a SQLite file starts with, and where its change counter sits (a
+# 4-byte big-endian count of committed writes, rollback mode).
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_CHANGE_COUNTER = slice(24, 28)
+_HEADER_BYTES = 100
+# How long a failed connect waits for aiosqlite's worker thread to end.
+_THREAD_STOP_SECONDS = 5.0
+# conn_rec.info key: the file a pooled connection opened.
+_OPENED_FILE = "junjo_sqlite_file"
+
+
+@dataclass(frozen=True, slots=True)
+class _FileState:
+    """The file at the watched path: which file it is, and its change counter if it has one."""
+
+    device: int
+    inode: int
+    change_counter: int | None  # None: not (yet) a SQLite database (garbage, empty, torn)
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        return self.device, self.inode
+
+
+class SqliteFileWatch:
+    """Ties each pooled SQLite connection to the file it opened; reopens them when it changes.
+
+    Checked at every checkout (a stat and a read of the 100-byte header, a few microseconds;
+    the auth server checks out a connection only when it refreshes its key snapshot):
+
+    - the path holds no file: the checkout fails, so the query fails (with
+      `create_missing=False` the reconnect cannot create one);
+    - the path holds another file than the connection opened (deleted and copied in):
+      every pooled connection is reopened;
+    - the same file was rewritten in place (its change counter went back, or it stopped
+      being a database and became one again): every pooled connection is reopened too.
+
+    Each change is logged once, at WARNING. A rewrite in place that moves the change
+    counter forward is not told apart from a write; rollback mode reads it correctly anyway.
+    """
+
+    def __init__(self, path: Path, *, create_missing: bool) -> None:
+        self._path = path
+        self._create_missing = create_missing
+        self._last: _FileState | None = None
+        self._missing = False
+
+    def attach(self, engine: AsyncEngine) -> None:
+        """Install the watch on `engine`'s pool (connect, and checkout)."""
+        sync_engine = engine.sync_engine
+        event.listen(sync_engine, "do_connect", self._on_do_connect)
+        event.listen(sync_engine, "connect", self._on_connect)
+        event.listen(sync_engine, "checkout", self._on_checkout)
+
+    def _state(self) -> _FileState | None:
+        try:
+            fd = os.open(self._path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            stat = os.fstat(fd)
+            header = os.read(fd, _HEADER_BYTES)
+        finally:
+            os.close(fd)
+        counter = None
+        if not header:  # an empty file is an empty database to SQLite (no write yet)
+            counter = 0
+        elif len(header) == _HEADER_BYTES and header.startswith(_SQLITE_MAGIC):
+            counter = int.from_bytes(header[_CHANGE_COUNTER], "big")
+        return _FileState(stat.st_dev, stat.st_ino, counter)
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            stat = self._path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_dev, stat.st_ino
+
+    def _on_do_connect(
+        self,
+        _dialect: Dialect,
+        record: ConnectionPoolEntry,
+        cargs: list[Any],
+        cparams: dict[str, Any],
+    ) -> None:
+        record.info[_OPENED_FILE] = self._identity()
+        cparams["async_creator_fn"] = _connect_aiosqlite
+        if not self._create_missing:
+            # mode=rw: SQLite opens the file read-write and fails when it does not exist.
+            cargs[0] = f"file:{quote(str(self._path))}?mode=rw"
+            cparams["uri"] = True
+
+    def _on_connect(self, _dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        # SQLite opened the file between the two looks; if they differ, it is unknown which
+        # file the connection holds, and its first checkout replaces it.
+        if record.info.get(_OPENED_FILE) != self._identity():
+            record.info[_OPENED_FILE] = None
+
+    def _on_checkout(
+        self,
+        _dbapi_connection: DBAPIConnection,
+        record: ConnectionPoolEntry,
+        _proxy: PoolProxiedConnection,
+    ) -> None:
+        try:
+            state = self._state()
+        except OSError:  # unreadable for us: SQLite will say what is wrong with it
+            return
+        if state is None:
+            if not self._missing:
+                self._missing = True
+                log.warning(
+                    "the SQLite database file is missing; every query fails until it is back "
+                    "(the server does not create it)",
+                    extra={"path": str(self._path)},
+                )
+            raise DisconnectionError("the SQLite database file is missing")
+        replaced = self._note(state)
+        if replaced or record.info.get(_OPENED_FILE) != state.identity:
+            # Every connection opened before now is reopened at its next checkout; this one
+            # is reopened at once (and checked again).
+            raise InvalidatePoolError("the SQLite database file was replaced")
+
+    def _note(self, state: _FileState) -> bool:
+        """Record the file's state; whether it was replaced since the last look (logged once)."""
+        last, was_missing = self._last, self._missing
+        self._last, self._missing = state, False
+        if last is None and not was_missing:
+            return False
+        how = None
+        if was_missing or last is None:
+            how = "a file is back at its path"
+        elif state.identity != last.identity:
+            how = "another file at its path"
+        elif state.change_counter is None:
+            if last.change_counter is not None:
+                log.warning(
+                    "the SQLite database file no longer holds a database (overwritten in place?)",
+                    extra={"path": str(self._path)},
+                )
+            return False
+        elif last.change_counter is None or state.change_counter < last.change_counter:
+            how = "rewritten in place"
+        if how is None:
+            return False
+        log.warning(
+            "the SQLite database file was replaced; reopening every database connection",
+            extra={"path": str(self._path), "how": how},
+        )
+        return True
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:
@@ -76,10 +248,31 @@ def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+async def _connect_aiosqlite(database: str, **kwargs: Any) -> aiosqlite.Connection:  # noqa: ANN401 (sqlite3.connect's keywords)
+    """aiosqlite.connect, but a failed connect waits for its worker thread to end.
+
+    aiosqlite stops the thread of a connection that failed to open without waiting for
+    it, and the thread then calls back into the event loop; when that loop has closed
+    meanwhile (a CLI command that failed at once), the thread dies with a traceback.
+    """
+    connection = aiosqlite.connect(database, **kwargs)
+    connection._thread.daemon = True  # noqa: SLF001 (as SQLAlchemy's own aiosqlite dialect does)
+    try:
+        return await connection
+    except BaseException:
+        await asyncio.to_thread(connection._thread.join, _THREAD_STOP_SECONDS)  # noqa: SLF001
+        raise
+
+
 def sqlite_file(database_url: str) -> Path | None:
-    """The absolute path of the SQLite file `database_url` names; None for other databases."""
+    """The absolute path of the SQLite file a URL names.
+
+    None for another database, an in-memory one, or a `file:` URI (used as written).
+    """
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    if url.query.get("uri") in {"true", "1"}:
         return None
     return Path(url.database).expanduser().absolute()
 
@@ -94,12 +287,14 @@ def database_label(database_url: str) -> str:
 
 
 def create_engine(
-    database_url: str, *, connect_timeout_seconds: float = 10.0, create_folder: bool = True
+    database_url: str, *, create_missing: bool = True, connect_timeout_seconds: float = 10.0
 ) -> AsyncEngine:
-    """An async engine for `database_url`.
+    """An async engine for `database_url`; for a SQLite file, its folder is created.
 
-    For a SQLite file, its folder is created unless `create_folder` is false. Opening a
-    connection gives up after `connect_timeout_seconds` (a PostgreSQL server that accepts
+    With `create_missing=False`, a SQLite file that does not exist is an error rather than
+    a new empty database (and its folder is not created). Either way a SQLite file named
+    by a path is watched (`SqliteFileWatch`); a `file:` URI is used as written. Opening a
+    PostgreSQL connection gives up after `connect_timeout_seconds` (a server that accepts
     connections but never answers).
     """
     url = make_url(database_url)
@@ -113,7 +308,7 @@ def create_engine(
             url, pool_pre_ping=True, hide_parameters=True, connect_args=connect_args
         )
     path = sqlite_file(database_url)
-    if path is not None and create_folder:
+    if path is not None and create_missing:
         path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(url, hide_parameters=True)
 
@@ -126,6 +321,8 @@ def create_engine(
         finally:
             cursor.close()
 
+    if path is not None:
+        SqliteFileWatch(path, create_missing=create_missing).attach(engine)
     return engine
 
 
@@ -135,22 +332,39 @@ async def init_schema(engine: AsyncEngine) -> None:
         await conn.run_sync(metadata.create_all)
 
 
-async def close_engine(engine: AsyncEngine, *, quiet: bool = False) -> None:
-    """Fold SQLite's WAL back into the database file, then release every connection.
+async def open_database(database_url: str, *, connect_timeout_seconds: float = 10.0) -> AsyncEngine:
+    """The server's engine: never creates a SQLite file, once the schema is in place.
 
-    `quiet` (a CLI command, which has already reported any database error in one line)
-    logs a failed checkpoint at DEBUG only.
+    The schema is created first if needed (so the first start creates the file), through
+    an engine of its own that is then closed.
+    """
+    setup = create_engine(database_url, connect_timeout_seconds=connect_timeout_seconds)
+    try:
+        await init_schema(setup)
+    finally:
+        await setup.dispose()
+    return create_engine(
+        database_url, create_missing=False, connect_timeout_seconds=connect_timeout_seconds
+    )
+
+
+async def close_engine(engine: AsyncEngine, *, quiet: bool = False) -> None:
+    """Let SQLite refresh its query planner statistics, then release every connection.
+
+    `PRAGMA optimize` is what SQLite advises running before a connection closes; it waits
+    for the database's lock like any query. `quiet` (a CLI command, which has already
+    reported any database error in one line) logs a failure at DEBUG only.
     """
     if is_sqlite(engine):
         try:
             async with engine.connect() as conn:
-                await conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
-        except Exception as exc:  # shutting down: report and still dispose
+                await conn.execute(text("PRAGMA optimize"))
+        except Exception as exc:
             if quiet:
-                log.debug("SQLite WAL checkpoint on close failed", exc_info=True)
+                log.debug("SQLite PRAGMA optimize on close failed", exc_info=True)
             else:
                 log.warning(
-                    "SQLite WAL checkpoint on shutdown failed",
+                    "SQLite PRAGMA optimize on shutdown failed",
                     extra={"error": describe_database_error(exc)},
                 )
     await engine.dispose()

@@ -19,7 +19,7 @@ from junjo_backend.api_keys import (
     list_api_keys,
     revoke_api_key,
 )
-from junjo_backend.console import CommandError, open_database
+from junjo_backend.console import CommandError, open_command_database
 from junjo_backend.database import close_engine
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ async def run_api_keys_command(
 ) -> int:
     """Run one `api-keys` action; returns the exit status (errors raise `CommandError`)."""
     action = args.api_keys_command
-    engine = await open_database(settings, console, create=action not in _READ_ONLY)
+    engine = await open_command_database(settings, console, create=action not in _READ_ONLY)
     try:
         if action == "create":
             await _create(engine, args, console)

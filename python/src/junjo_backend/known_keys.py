@@ -14,6 +14,12 @@ the snapshot):
 - An answer comes from a snapshot at most `max_age` old; an older one is refreshed first
   and, if that fails, the call fails (`KeyStoreUnavailable`), never guesses. So a revoked
   key stops validating within `max_age`.
+- A failed read discards the snapshot: every call fails until a read succeeds. The
+  snapshot exists to spare a query per call, not to ride out an outage: once a read has
+  failed, the database may be gone or replaced (a backup restored, its file missing for a
+  moment), and the Go backend answered INTERNAL for any database error. Keeping old "yes"
+  answers would validate keys the database no longer holds; the cost is that a short
+  outage refuses a little earlier (the ingestion-service keeps keys it saw valid).
 - A key missing from a snapshot older than `miss_refresh_after` triggers a refresh, so a
   key created a moment ago validates almost at once, while a flood of invalid keys costs
   at most about one read per `miss_refresh_after` (about 20 reads/s at the default).
@@ -129,11 +135,7 @@ class KnownKeys:
             return True
         if snapshot.read_at >= now - self._miss_refresh_after:
             return False
-        try:
-            snapshot = await self._snapshot_since(now - self._miss_refresh_after)
-        except KeyStoreUnavailable:
-            # The snapshot in hand was within max_age when the call came: its "no" stands.
-            return False
+        snapshot = await self._snapshot_since(now - self._miss_refresh_after)
         return key in snapshot.keys
 
     async def refresh(self) -> bool:
@@ -190,11 +192,12 @@ class KnownKeys:
                 keys = frozenset(result.scalars())
         except Exception as exc:  # noqa: BLE001 (any failure means: no fresh snapshot)
             self._failed = _FailedRead(started, time.monotonic())
+            self._snapshot = None  # see the module docstring: no answer outlives a failed read
             self._failures += 1
             if self._available is not False:
                 log.error(  # noqa: TRY400 (the cause is in `error`; a traceback adds nothing)
-                    "cannot read API keys from the database; answering INTERNAL once the "
-                    "last snapshot is older than the max age",
+                    "cannot read API keys from the database; answering INTERNAL until a "
+                    "read succeeds",
                     extra={"error": describe_database_error(exc), "max_age_s": self._max_age},
                 )
             else:

@@ -184,7 +184,7 @@ async def _checkpoint_of(settings: Settings, note: Callable[[str], None]) -> byt
     engine = create_engine(
         settings.database_url,
         connect_timeout_seconds=settings.database_connect_timeout_seconds,
-        create_folder=False,
+        create_missing=False,
     )
     try:
         async with asyncio.timeout(settings.database_connect_timeout_seconds):

@@ -72,16 +72,15 @@ def test_sigint_shuts_down_gracefully_too(serve_process: Start) -> None:
 def test_a_second_signal_forces_exit(serve_process: Start, tmp_path: Path) -> None:
     process = serve_process({"POLLER_ENABLED": "false"})
     ready_ports(process)
-    # A real way to make shutdown hang: a reader holding a snapshot keeps SQLite's
-    # truncating WAL checkpoint (the last shutdown step) waiting on its busy timeout.
-    reader = sqlite3.connect(tmp_path / "data" / "junjo.db")
+    # A real way to make shutdown hang: another process holds the database's exclusive
+    # lock, so the last shutdown step's PRAGMA optimize waits on its busy timeout.
+    reader = sqlite3.connect(tmp_path / "data" / "junjo.db", isolation_level=None)
     try:
-        reader.execute("BEGIN")
-        reader.execute("SELECT count(*) FROM api_keys").fetchall()
+        reader.execute("BEGIN EXCLUSIVE")
 
         process.signal(signal.SIGTERM)
         # The auth server is the step before the database: its "stopped" means the
-        # checkpoint is under way, and waiting on the reader.
+        # PRAGMA optimize is under way, and waiting on the lock.
         process.wait_for("stopped", step="auth server")
         process.signal(signal.SIGTERM)
         code = process.wait()

@@ -89,18 +89,23 @@ async def test_a_failed_read_is_not_retried_within_the_floor(
     assert keys.reads - reads <= elapsed / FLOOR + 2
 
 
-async def test_a_miss_during_an_outage_is_answered_from_a_snapshot_within_max_age(
+async def test_a_failed_read_ends_every_answer_from_the_old_snapshot(
     engine: AsyncEngine, make_key: MakeKey, used_keys: KeyRegistry
 ) -> None:
     key = await make_key()
     keys = KnownKeys(engine, max_age=60, miss_refresh_after=FLOOR)
     await keys.refresh()
+    assert await keys.contains(key.key) is True
     await _hide_table(engine)
     await asyncio.sleep(FLOOR * 1.2)
-    # The refresh a miss triggers fails; the snapshot is young enough to say no (and yes).
-    assert await keys.contains(used_keys.unknown()) is False
+    # The refresh a miss triggers fails: from then on nothing is answered from the old
+    # snapshot, although it is far younger than the max age; no stale "yes", no guessed "no".
+    with pytest.raises(KeyStoreUnavailable):
+        await keys.contains(used_keys.unknown())
     assert keys.available is False
-    assert await keys.contains(key.key) is True
+    assert keys.size == 0
+    with pytest.raises(KeyStoreUnavailable):
+        await keys.contains(key.key)
 
 
 async def test_a_read_that_outlives_its_timeout_counts_as_failed(engine: AsyncEngine) -> None:

@@ -1,0 +1,102 @@
+"""The server's engine and the SQLite file under it: never created after start-up, and a
+file replaced (deleted and copied in, or rewritten in place) is noticed at the next read."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from typing import TYPE_CHECKING
+
+import pytest
+
+from junjo_backend.api_keys import create_api_key
+from junjo_backend.database import close_engine, create_engine, open_database
+from junjo_backend.known_keys import KeyStoreUnavailable, KnownKeys
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .auth_calls import KeyRegistry
+
+REPLACED = "the SQLite database file was replaced; reopening every database connection"
+
+
+def _replacements(caplog: pytest.LogCaptureFixture) -> list[object]:
+    return [getattr(r, "how", None) for r in caplog.records if r.getMessage() == REPLACED]
+
+
+async def test_the_first_start_creates_the_file_and_later_a_missing_file_is_an_error(
+    tmp_path: Path, used_keys: KeyRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "junjo_backend.database")
+    path = tmp_path / "data" / "junjo.db"
+    engine = await open_database(f"sqlite+aiosqlite:///{path}")
+    writer = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        key = used_keys.add((await create_api_key(writer, "app")).key)
+        await close_engine(writer)
+        keys = KnownKeys(engine, max_age=0.05, miss_refresh_after=0.05)
+        assert await keys.contains(key) is True
+        saved = tmp_path / "saved.db"
+        shutil.copyfile(path, saved)
+
+        path.unlink()
+        assert await keys.refresh() is False
+        with pytest.raises(KeyStoreUnavailable):
+            await keys.contains(key)
+        assert not path.exists()  # the read did not create an empty database
+        assert "the SQLite database file is missing" in caplog.text
+
+        shutil.copyfile(saved, path)
+        assert await keys.refresh() is True
+        assert await keys.contains(key) is True
+        assert _replacements(caplog) == ["a file is back at its path"]
+    finally:
+        await close_engine(engine)
+        await close_engine(writer)
+
+
+async def test_a_file_copied_over_the_path_or_rewritten_in_place_is_read_at_once(
+    tmp_path: Path, used_keys: KeyRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "junjo_backend.database")
+    path = tmp_path / "junjo.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    engine = await open_database(url)
+    writer = create_engine(url)
+    try:
+        kept = used_keys.add((await create_api_key(writer, "kept")).key)
+        saved = tmp_path / "saved.db"
+        shutil.copyfile(path, saved)
+        revoked = await create_api_key(writer, "revoked later")
+        used_keys.add(revoked.key)
+        keys = KnownKeys(engine, max_age=0.05, miss_refresh_after=0.05)
+        assert await keys.contains(revoked.key) is True
+
+        # Another file at the path: the pool holds the old one open, and is reopened.
+        replacement = tmp_path / "replacement.db"
+        shutil.copyfile(saved, replacement)
+        replacement.replace(path)
+        assert await keys.refresh() is True
+        assert await keys.contains(revoked.key) is False
+        assert await keys.contains(kept) is True
+
+        # The same file, rewritten in place with an older copy: its change counter goes back.
+        newer = await create_api_key(writer, "newer")
+        used_keys.add(newer.key)
+        await asyncio.sleep(0.06)
+        assert await keys.contains(newer.key) is True
+        path.write_bytes(saved.read_bytes())
+        assert await keys.refresh() is True
+        assert await keys.contains(newer.key) is False
+        # Both engines saw the new file (the writer too: it would have written to the
+        # deleted one); only the reader looked after the rewrite in place.
+        assert _replacements(caplog) == [
+            "another file at its path",
+            "another file at its path",
+            "rewritten in place",
+        ]
+    finally:
+        await close_engine(engine)
+        await close_engine(writer)
