@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
     from .conftest import FaultTable, KeyRegistry, OutputFolder
 
-_PG_BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/15/bin")
 OUTAGES = 2
 OUTAGE_SECONDS = 3.0  # several times the key snapshot's max age (at most 1 s)
 PROBE_TASKS = 4
@@ -59,11 +58,17 @@ def _pg_tool(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    for folder in _PG_BIN_DIRS:
-        if (Path(folder) / name).exists():
-            return str(Path(folder) / name)
+    # Debian's postgresql package keeps its programs off PATH, under its major version.
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=_major, reverse=True)
+    if versions:
+        return str(versions[0])
     # make faults runs PostgreSQL scenarios for real: a missing install is a failure.
     pytest.fail(f"PostgreSQL's `{name}` is not installed (Debian: apt-get install postgresql)")
+
+
+def _major(program: Path) -> int:
+    version = program.parent.parent.name
+    return int(version) if version.isdigit() else 0
 
 
 @pytest.fixture(scope="module")
