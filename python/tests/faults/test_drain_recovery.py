@@ -36,7 +36,6 @@ from tests.compat.peer import (
     PeerPorts,
     ensure_image,
     free_ports,
-    remove_session_containers,
 )
 
 from .recovery_helpers import (
@@ -76,14 +75,15 @@ DRAIN_LIMIT_SECONDS = 240.0
 
 @pytest.fixture(scope="module")
 def peer_image() -> Iterator[PeerImage]:
-    """The Go peer's image (built once per source hash); containers swept at the end."""
+    """The Go peer's image (built once per source hash)."""
     os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"  # no Ryuk image can be pulled here
     testcontainers_config.ryuk_disabled = True
     client = docker.from_env()
     try:
         yield ensure_image(client)
     finally:
-        remove_session_containers(client)
+        # Each test's fleet removes its own containers; a session-wide sweep here could
+        # remove another fault module's peers.
         client.close()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,31 @@ def _pg_tool(name: str) -> str:
     pytest.fail(f"PostgreSQL's `{name}` is not installed (Debian: apt-get install postgresql)")
 
 
+class _Cluster(PostgresCluster):
+    """PostgresCluster whose server is started without a fork in this process.
+
+    As root, PostgresCluster passes `user=` to Popen, which rules out vfork: Python then
+    fork()s, and in a process whose threads are busy in gRPC the child crashed before exec
+    (SIGSEGV, exit -11; grpc logs "Other threads are currently calling into gRPC, skipping
+    fork() handlers") in 2 of 4 runs of this test. setpriv switches the user in the child
+    instead, so Popen can vfork and no fork handler runs here.
+    """
+
+    def __init__(self, postgres: str, folder: Path, port: int, user: str | None) -> None:
+        super().__init__(postgres, folder, port, None)
+        if user is not None:
+            self._command = [*_as_user(user), *self._command]
+
+
+def _as_user(user: str) -> list[str]:
+    """A command prefix that runs the rest as `user` (setpriv execs, so the pid stays)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("util-linux's `setpriv` is needed to run PostgreSQL as root's tests do")
+    account = pwd.getpwnam(user)
+    return [setpriv, f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups"]
+
+
 def _major(program: Path) -> int:
     version = program.parent.parent.name
     return int(version) if version.isdigit() else 0
@@ -81,14 +107,17 @@ def postgres() -> Iterator[PostgresCluster]:
         if user is not None:
             shutil.chown(folder, user=user)
         subprocess.run(
-            [initdb, "-D", str(folder / "data"), "-A", "trust", "-U", "postgres", "--no-sync"],
+            [
+                *([] if user is None else _as_user(user)),
+                *(initdb, "-D", str(folder / "data"), "-A", "trust", "-U", "postgres"),
+                "--no-sync",
+            ],
             check=True,
             capture_output=True,
             timeout=120,
-            user=user,
         )
         (port,) = free_ports(1)
-        cluster = PostgresCluster(server, folder, port, user)
+        cluster = _Cluster(server, folder, port, user)
         cluster.start()
         try:
             yield cluster
