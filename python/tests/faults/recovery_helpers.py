@@ -355,3 +355,14 @@ async def make_probe_keys(database_url: str, registry: KeyRegistry) -> ProbeKeys
     for key in (valid.key, revoked.key, *keys.unknown):
         registry.add(key)
     return keys
+
+
+async def sqlite_busy_timeout(database_url: str) -> float:
+    """The busy timeout, in seconds, of a connection the backend's engine opens."""
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            milliseconds = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar_one()
+    finally:
+        await close_engine(engine)
+    return float(milliseconds) / 1000

@@ -46,6 +46,7 @@ from .recovery_helpers import (
     make_probe_keys,
     recording_backend_command,
     seed_wal,
+    sqlite_busy_timeout,
     tally_text,
     wait_for,
 )
@@ -67,8 +68,7 @@ LOW_BACKLOG = 150_000
 TOP_UP = 75_000
 LOCK_SEED = 120_000
 LOCKED_AFTER = 20_000
-SQLITE_BUSY_TIMEOUT_SECONDS = 10.0  # database.py's PRAGMA busy_timeout
-LOCK_HELD_SECONDS = SQLITE_BUSY_TIMEOUT_SECONDS + 4
+LOCK_BEYOND_BUSY_TIMEOUT_SECONDS = 4.0
 # Hang guards only (generous): figures go to the fault table.
 DRAIN_LIMIT_SECONDS = 240.0
 
@@ -227,8 +227,10 @@ class _Lock:
     first_commit_after_release_seconds: float
 
 
-async def _lock_mid_drain(ledger: Ledger, database: Path, output: OutputFolder) -> _Lock:
-    """Hold the write lock for LOCK_HELD_SECONDS; wait for the first commit after it."""
+async def _lock_mid_drain(
+    ledger: Ledger, database: Path, seconds: float, output: OutputFolder
+) -> _Lock:
+    """Hold the write lock for `seconds`; wait for the first commit after it."""
     holder = _lock_holder(database, output)
     assert holder.stdin is not None
     assert holder.stdout is not None
@@ -236,7 +238,7 @@ async def _lock_mid_drain(ledger: Ledger, database: Path, output: OutputFolder) 
         assert await asyncio.to_thread(holder.stdout.readline) == "locked\n"
         before = ledger.committed()
         started = time.monotonic()
-        await asyncio.sleep(LOCK_HELD_SECONDS)
+        await asyncio.sleep(seconds)
         during = ledger.committed() - before  # read while the lock is still held
         holder.stdin.write("release\n")
         holder.stdin.flush()
@@ -292,6 +294,7 @@ async def test_database_locked_beyond_busy_timeout_mid_drain(  # noqa: PLR0917 (
     seeded = seed_wal(wal_dir, LOCK_SEED, fault_output)
     database = tmp_path / "junjo.db"
     keys = await make_probe_keys(f"sqlite+aiosqlite:///{database}", fault_keys)
+    busy_timeout = await sqlite_busy_timeout(f"sqlite+aiosqlite:///{database}")
     ledger = Ledger(database)
     backend = _backend(tmp_path, ports, fault_output, fault_log_env, "recording-backend-locked")
     stop_probe = asyncio.Event()
@@ -308,7 +311,9 @@ async def test_database_locked_beyond_busy_timeout_mid_drain(  # noqa: PLR0917 (
             probe = AuthProbe(auth_pb2_grpc.InternalAuthServiceStub(channel), keys.kinds(), {})
             probing = asyncio.create_task(probe.run(stop_probe))
             try:
-                lock = await _lock_mid_drain(ledger, database, fault_output)
+                lock = await _lock_mid_drain(
+                    ledger, database, busy_timeout + LOCK_BEYOND_BUSY_TIMEOUT_SECONDS, fault_output
+                )
                 await wait_for(
                     lambda: ledger.checkpoint() == seeded.last_key,
                     "the checkpoint reaches the last WAL key",
@@ -342,8 +347,7 @@ async def test_database_locked_beyond_busy_timeout_mid_drain(  # noqa: PLR0917 (
     assert probe.tallies["valid"]["false"] == 0
     fault_table.add(
         "SQLite write-locked by another process mid-drain",
-        f"{lock.held_seconds:.0f} s lock (busy timeout {SQLITE_BUSY_TIMEOUT_SECONDS:g} s), "
-        f"{seeded.count:,} spans",
+        f"{lock.held_seconds:.0f} s lock (busy timeout {busy_timeout:g} s), {seeded.count:,} spans",
         f"0 commits while locked; {failures} failed batch attempts logged, backed off and "
         f"retried ({redelivered:,} spans re-delivered); "
         f"first commit {lock.first_commit_after_release_seconds:.1f} s after release; "
