@@ -1,0 +1,356 @@
+"""The poller draining the real Go peer's WAL while its surroundings fail.
+
+- The backend SIGKILLed 5 times and the peer restarted 10 times mid-drain: the checkpoint
+  ends on the last WAL key and no span is committed twice.
+- The database write-locked by another process for longer than the busy timeout: the
+  poller fails, backs off, retries and finishes; auth keeps answering meanwhile.
+
+The backend is the real `serve` with one change (tests/faults/recording_backend.py): its
+sink records each committed batch and key in the checkpoint's own transaction, so a batch
+committed twice, across restarts included, is a duplicate row. The WAL is filled with
+go-compat-tests' walseed while the peer is stopped (fast, and no OTLP needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import docker  # type: ignore[import-untyped]  # docker-py ships no types
+import grpc
+import pytest
+from testcontainers.core.config import testcontainers_config
+
+from junjo_backend._wire.ingestion import auth_pb2_grpc
+from tests.compat.peer import (
+    PeerFleet,
+    PeerImage,
+    PeerPorts,
+    ensure_image,
+    free_ports,
+)
+
+from .recovery_helpers import (
+    AuthProbe,
+    BackendProcess,
+    Ledger,
+    delivered_spans,
+    make_probe_keys,
+    recording_backend_command,
+    seed_wal,
+    sqlite_busy_timeout,
+    tally_text,
+    wait_for,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator
+    from pathlib import Path
+
+    from .conftest import FaultTable, KeyRegistry, OutputFolder
+
+PEER_RESTARTS = 10
+BACKEND_KILLS = 5  # on every second peer restart
+SPANS = 310_000
+POLLER_BATCH_SIZE = 200
+PROGRESS_BEFORE_FAULT = 2_000
+# A fault drains up to ~65,000 spans here (a backend restart); below this backlog, a peer
+# restart adds TOP_UP spans, so the next faults still find a backlog.
+LOW_BACKLOG = 150_000
+TOP_UP = 75_000
+LOCK_SEED = 120_000
+LOCKED_AFTER = 20_000
+LOCK_BEYOND_BUSY_TIMEOUT_SECONDS = 4.0
+# Hang guards only (generous): figures go to the fault table.
+DRAIN_LIMIT_SECONDS = 240.0
+
+
+@pytest.fixture(scope="module")
+def peer_image() -> Iterator[PeerImage]:
+    """The Go peer's image (built once per source hash)."""
+    os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"  # no Ryuk image can be pulled here
+    testcontainers_config.ryuk_disabled = True
+    client = docker.from_env()
+    try:
+        yield ensure_image(client)
+    finally:
+        # Each test's fleet removes its own containers; a session-wide sweep here could
+        # remove another fault module's peers.
+        client.close()
+
+
+@pytest.fixture
+async def fleet(
+    peer_image: PeerImage, tmp_path: Path, fault_output: OutputFolder
+) -> AsyncIterator[PeerFleet]:
+    """Peer containers for one test; their logs go to the output folder at the end."""
+    registry: list = []  # type: ignore[type-arg]  # PeerContainer, kept for the logs
+    fleet = PeerFleet(peer_image, tmp_path, registry)
+    try:
+        yield fleet
+    finally:
+        await fleet.close()
+        for peer in registry:
+            fault_output.path(f"{peer.name}-container").write_text(peer.logs())
+
+
+def _backend(
+    tmp_path: Path,
+    ports: PeerPorts,
+    fault_output: OutputFolder,
+    fault_log_env: Callable[[], dict[str, str]],
+    name: str,
+) -> BackendProcess:
+    (http_port,) = free_ports(1)
+    return BackendProcess(
+        recording_backend_command(),
+        {
+            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'junjo.db'}",
+            "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{ports.backend}",
+            "INGESTION_GRPC_ADDRESS": f"127.0.0.1:{ports.internal}",
+            "HTTP_HOST": "127.0.0.1",
+            "HTTP_PORT": str(http_port),
+            # Prompt retries after the peer or the database comes back.
+            "POLLER_MAX_BACKOFF_SECONDS": "0.5",
+            "POLLER_IDLE_WAIT_SECONDS": "0.1",
+            # Smaller batches than the default 1,000: more commits, so each fault lands
+            # between or inside commits rather than after the drain has raced past it.
+            "POLLER_BATCH_SIZE": str(POLLER_BATCH_SIZE),
+            "GRPC_SHUTDOWN_GRACE_SECONDS": "1",
+            "JUNJO_FAULT_DELIVERED": str(tmp_path / "delivered.txt"),
+        },
+        auth_address=f"127.0.0.1:{ports.backend}",
+        output=fault_output,
+        log_env=fault_log_env,
+        cwd=tmp_path,
+        name=name,
+    )
+
+
+async def test_backend_killed_and_peer_restarted_mid_drain(  # noqa: PLR0917 (fixtures)
+    tmp_path: Path,
+    peer_image: PeerImage,
+    fleet: PeerFleet,
+    fault_table: FaultTable,
+    fault_output: OutputFolder,
+    fault_log_env: Callable[[], dict[str, str]],
+) -> None:
+    ports = PeerPorts.pick(peer_image)
+    wal_dir = tmp_path / "wal"
+    seeded = [seed_wal(wal_dir, SPANS, fault_output)]
+    ledger = Ledger(tmp_path / "junjo.db")
+    backend = _backend(tmp_path, ports, fault_output, fault_log_env, "recording-backend")
+    backlog_at_fault: list[int] = []  # spans still waiting in the WAL when each fault hit
+    started = time.monotonic()
+    try:
+        backend.start()
+        await backend.wait_ready()
+        peer = await fleet.launch(ports, wal_dir=wal_dir)
+
+        # Each fault once the poller has moved a little past the last one (so it is
+        # draining, not waiting). The poller keeps draining while a fault runs (a peer's
+        # graceful stop finishes its stream; a restarted backend drains before it has
+        # answered our readiness call), so the WAL is topped up while the peer is stopped
+        # whenever the backlog runs low: every fault then finds spans still waiting.
+        faults = [
+            fault
+            for restart in range(PEER_RESTARTS)
+            for fault in (("peer", "kill") if restart % 2 == 1 else ("peer",))
+        ]
+        for fault in faults:
+            floor = ledger.committed() + PROGRESS_BEFORE_FAULT
+            await wait_for(
+                functools.partial(ledger.reached, floor),
+                f"the drain reaches {floor:,}",
+                DRAIN_LIMIT_SECONDS,
+            )
+            backlog_at_fault.append(sum(s.count for s in seeded) - ledger.committed())
+            if fault == "kill":
+                backend.kill()
+                backend.start()
+                await backend.wait_ready()
+            else:
+                await peer.stop()
+                if sum(s.count for s in seeded) - ledger.committed() < LOW_BACKLOG:
+                    seeded.append(seed_wal(wal_dir, TOP_UP, fault_output))
+                await peer.start()
+                await peer.wait_serving()
+
+        last_key = seeded[-1].last_key
+        await wait_for(
+            lambda: ledger.checkpoint() == last_key,
+            "the checkpoint reaches the last WAL key",
+            DRAIN_LIMIT_SECONDS,
+        )
+        elapsed = time.monotonic() - started
+        assert backend.stop() == 0, backend.output()
+    finally:
+        backend.close()
+
+    total = sum(s.count for s in seeded)
+    check = ledger.check()
+    delivered = delivered_spans(tmp_path / "delivered.txt")
+    kills = backend.runs - 1
+    assert kills == BACKEND_KILLS
+    assert ledger.checkpoint() == last_key
+    assert check.keys_twice == 0, check
+    assert check.overlapping_batches == 0, check
+    assert check.spans == check.distinct_keys == total, check
+    assert (check.min_key, check.max_key) == (seeded[0].first_key, last_key), check
+    assert min(backlog_at_fault) > 0, f"a fault hit after the drain ended: {backlog_at_fault}"
+    fault_table.add(
+        "backend SIGKILL + Go peer restart mid-drain",
+        f"{kills} kills, {PEER_RESTARTS} peer restarts, {total:,} spans "
+        f"({len(seeded)} walseed runs)",
+        f"checkpoint == last WAL key; 0 spans and 0 of {check.batches:,} batches committed "
+        f"twice; {delivered - check.spans:,} spans re-delivered (handed to the sink, rolled "
+        f"back); backlog at each fault {min(backlog_at_fault):,}-{max(backlog_at_fault):,}; "
+        f"{elapsed:.0f} s",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Lock:
+    """What happened around one write lock held by another process."""
+
+    committed_before: int
+    held_seconds: float
+    committed_while_held: int
+    first_commit_after_release_seconds: float
+
+
+async def _lock_mid_drain(
+    ledger: Ledger, database: Path, seconds: float, output: OutputFolder
+) -> _Lock:
+    """Hold the write lock for `seconds`; wait for the first commit after it."""
+    holder = _lock_holder(database, output)
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        assert await asyncio.to_thread(holder.stdout.readline) == "locked\n"
+        before = ledger.committed()
+        started = time.monotonic()
+        await asyncio.sleep(seconds)
+        during = ledger.committed() - before  # read while the lock is still held
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert await asyncio.to_thread(holder.stdout.readline) == "released\n"
+        held = time.monotonic() - started
+        released = time.monotonic()
+        await wait_for(
+            functools.partial(ledger.reached, before + during + 1),
+            "a commit after the lock is released",
+            DRAIN_LIMIT_SECONDS,
+        )
+        return _Lock(before, held, during, time.monotonic() - released)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            holder.kill()
+        holder.wait()
+        holder.stdin.close()
+        holder.stdout.close()
+
+
+def _lock_holder(path: Path, fault_output: OutputFolder) -> subprocess.Popen[str]:
+    """Another process that takes SQLite's write lock (BEGIN EXCLUSIVE) until told to release."""
+    script = (
+        "import sqlite3, sys\n"
+        "conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n"
+        "conn.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "conn.execute('COMMIT')\n"
+        "print('released', flush=True)\n"
+    )
+    with fault_output.path("sqlite-lock-holder").open("w") as errors:
+        return subprocess.Popen(
+            [sys.executable, "-c", script, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+
+
+async def test_database_locked_beyond_busy_timeout_mid_drain(  # noqa: PLR0917 (fixtures)
+    tmp_path: Path,
+    peer_image: PeerImage,
+    fleet: PeerFleet,
+    fault_table: FaultTable,
+    fault_keys: KeyRegistry,
+    fault_output: OutputFolder,
+    fault_log_env: Callable[[], dict[str, str]],
+) -> None:
+    ports = PeerPorts.pick(peer_image)
+    wal_dir = tmp_path / "wal"
+    seeded = seed_wal(wal_dir, LOCK_SEED, fault_output)
+    database = tmp_path / "junjo.db"
+    keys = await make_probe_keys(f"sqlite+aiosqlite:///{database}", fault_keys)
+    busy_timeout = await sqlite_busy_timeout(f"sqlite+aiosqlite:///{database}")
+    ledger = Ledger(database)
+    backend = _backend(tmp_path, ports, fault_output, fault_log_env, "recording-backend-locked")
+    stop_probe = asyncio.Event()
+    try:
+        backend.start()
+        await backend.wait_ready()
+        await fleet.launch(ports, wal_dir=wal_dir)
+        await wait_for(
+            functools.partial(ledger.reached, LOCKED_AFTER),
+            "the drain is under way",
+            DRAIN_LIMIT_SECONDS,
+        )
+        async with grpc.aio.insecure_channel(backend.auth_address) as channel:
+            probe = AuthProbe(auth_pb2_grpc.InternalAuthServiceStub(channel), keys.kinds(), {})
+            probing = asyncio.create_task(probe.run(stop_probe))
+            try:
+                lock = await _lock_mid_drain(
+                    ledger, database, busy_timeout + LOCK_BEYOND_BUSY_TIMEOUT_SECONDS, fault_output
+                )
+                await wait_for(
+                    lambda: ledger.checkpoint() == seeded.last_key,
+                    "the checkpoint reaches the last WAL key",
+                    DRAIN_LIMIT_SECONDS,
+                )
+            finally:
+                stop_probe.set()
+                await probing
+        assert backend.stop() == 0, backend.output()
+    finally:
+        backend.close()
+
+    check = ledger.check()
+    failures = backend.count_in_output("span poller batch failed")
+    outcomes = Counter[str]()
+    for counter in probe.tallies.values():
+        outcomes.update(counter)
+    assert lock.committed_before < seeded.count, "the drain ended before the lock"
+    assert lock.committed_while_held == 0, "a batch committed through another process's lock"
+    # The batch handed to the sink while the lock was held rolled back and came again.
+    redelivered = delivered_spans(tmp_path / "delivered.txt") - check.spans
+    assert redelivered >= 1, "no batch failed on the lock"
+    assert check.keys_twice == 0, check
+    assert check.overlapping_batches == 0, check
+    assert check.spans == check.distinct_keys == seeded.count, check
+    assert ledger.checkpoint() == seeded.last_key
+    # Auth answers throughout; never `true` for a revoked or unknown key, never `false`
+    # for the valid one (INTERNAL is the honest answer when it cannot tell).
+    assert set(outcomes) <= {"true", "false", "INTERNAL"}, probe.tallies
+    assert probe.tallies["revoked"]["true"] == probe.tallies["unknown"]["true"] == 0
+    assert probe.tallies["valid"]["false"] == 0
+    fault_table.add(
+        "SQLite write-locked by another process mid-drain",
+        f"{lock.held_seconds:.0f} s lock (busy timeout {busy_timeout:g} s), {seeded.count:,} spans",
+        f"0 commits while locked; {failures} failed batch attempts logged, backed off and "
+        f"retried ({redelivered:,} spans re-delivered); "
+        f"first commit {lock.first_commit_after_release_seconds:.1f} s after release; "
+        f"checkpoint == last WAL key; "
+        f"0 spans twice, 0 missing; auth during drain: {tally_text(probe.tallies)}",
+    )

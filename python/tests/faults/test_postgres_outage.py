@@ -1,0 +1,247 @@
+"""PostgreSQL stopped and restarted on the same port while `serve` answers ValidateApiKey.
+
+During the outage every answer is `true` only for the valid key (from a snapshot still
+within its max age), `false` or INTERNAL otherwise: never `true` for an unknown or revoked
+key, and never a timeout. After the restart the server recovers on its own: a key created
+afterwards validates and a key revoked afterwards stops validating.
+
+The cluster is the throwaway one the auth tests start (tests/auth/conftest.py's
+PostgresCluster: `postgres` as a child process, as `nobody` when we are root). Its `stop` is
+a fast shutdown (SIGINT, what `pg_ctl stop -m fast` sends), its `start` the same command on
+the same port and data folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from junjo_backend._wire.ingestion import auth_pb2_grpc
+from junjo_backend.api_keys import create_api_key
+from junjo_backend.database import close_engine, create_engine
+from tests.auth.conftest import PostgresCluster
+from tests.compat.peer import free_ports
+
+from .recovery_helpers import (
+    AuthProbe,
+    BackendProcess,
+    make_probe_keys,
+    serve_command,
+    tally_text,
+    validate_outcome,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from .conftest import FaultTable, KeyRegistry, OutputFolder
+
+OUTAGES = 2
+OUTAGE_SECONDS = 3.0  # several times the key snapshot's max age (at most 1 s)
+PROBE_TASKS = 4
+# Hang guards only (generous): figures go to the fault table.
+RECOVERY_LIMIT_SECONDS = 60.0
+
+
+def _pg_tool(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    # Debian's postgresql package keeps its programs off PATH, under its major version.
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=_major, reverse=True)
+    if versions:
+        return str(versions[0])
+    # make faults runs PostgreSQL scenarios for real: a missing install is a failure.
+    pytest.fail(f"PostgreSQL's `{name}` is not installed (Debian: apt-get install postgresql)")
+
+
+class _Cluster(PostgresCluster):
+    """PostgresCluster whose server is started without a fork in this process.
+
+    As root, PostgresCluster passes `user=` to Popen, which rules out vfork: Python then
+    fork()s, and in a process whose threads are busy in gRPC the child crashed before exec
+    (SIGSEGV, exit -11; grpc logs "Other threads are currently calling into gRPC, skipping
+    fork() handlers") in 2 of 4 runs of this test. setpriv switches the user in the child
+    instead, so Popen can vfork and no fork handler runs here.
+    """
+
+    def __init__(self, postgres: str, folder: Path, port: int, user: str | None) -> None:
+        super().__init__(postgres, folder, port, None)
+        if user is not None:
+            self._command = [*_as_user(user), *self._command]
+
+
+def _as_user(user: str) -> list[str]:
+    """A command prefix that runs the rest as `user` (setpriv execs, so the pid stays)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("util-linux's `setpriv` is needed to run PostgreSQL as root's tests do")
+    account = pwd.getpwnam(user)
+    return [setpriv, f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups"]
+
+
+def _major(program: Path) -> int:
+    version = program.parent.parent.name
+    return int(version) if version.isdigit() else 0
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway cluster for this module (as `nobody` when we are root)."""
+    initdb, server = _pg_tool("initdb"), _pg_tool("postgres")
+    user = "nobody" if os.geteuid() == 0 else None
+    folder = Path(tempfile.mkdtemp(prefix="junjo-faults-pg-"))
+    try:
+        if user is not None:
+            shutil.chown(folder, user=user)
+        subprocess.run(
+            [
+                *([] if user is None else _as_user(user)),
+                *(initdb, "-D", str(folder / "data"), "-A", "trust", "-U", "postgres"),
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        (port,) = free_ports(1)
+        cluster = _Cluster(server, folder, port, user)
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _revoke_with_cli(
+    database_url: str,
+    key_id: str,
+    output: OutputFolder,
+    log_env: Callable[[], dict[str, str]],
+) -> None:
+    """`junjo-backend api-keys revoke ID`, its output to the suite's folder."""
+    with output.path("cli-revoke").open("wb") as out:
+        subprocess.run(
+            [sys.executable, "-m", "junjo_backend.cli", "api-keys", "revoke", key_id],
+            env={**os.environ, **log_env(), "DATABASE_URL": database_url},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=True,
+            timeout=60,
+        )
+
+
+async def _until(
+    stub: auth_pb2_grpc.InternalAuthServiceAsyncStub, key: str, outcome: str, what: str
+) -> float:
+    """Call until `key` gets `outcome`; seconds it took (the limit is a hang guard)."""
+    started = time.monotonic()
+    while (answer := await validate_outcome(stub, key)) != outcome:
+        if time.monotonic() - started > RECOVERY_LIMIT_SECONDS:
+            raise AssertionError(f"{what}: still {answer} after {RECOVERY_LIMIT_SECONDS:g} s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def test_postgresql_stopped_and_restarted_under_load(  # noqa: PLR0917 (fixtures)
+    tmp_path: Path,
+    postgres: PostgresCluster,
+    fault_table: FaultTable,
+    fault_keys: KeyRegistry,
+    fault_output: OutputFolder,
+    fault_log_env: Callable[[], dict[str, str]],
+) -> None:
+    keys = await make_probe_keys(postgres.url, fault_keys)
+    valid = keys.valid
+    auth_port, http_port, ingestion_port = free_ports(3)
+    backend = BackendProcess(
+        serve_command(),
+        {
+            "DATABASE_URL": postgres.url,
+            "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{auth_port}",
+            # Nothing listens there; the poller is off, so nothing dials it but /health.
+            "INGESTION_GRPC_ADDRESS": f"127.0.0.1:{ingestion_port}",
+            "POLLER_ENABLED": "false",
+            "HTTP_HOST": "127.0.0.1",
+            "HTTP_PORT": str(http_port),
+            "GRPC_SHUTDOWN_GRACE_SECONDS": "1",
+        },
+        auth_address=f"127.0.0.1:{auth_port}",
+        output=fault_output,
+        log_env=fault_log_env,
+        cwd=tmp_path,
+        name="serve-postgres",
+    )
+    phases: dict[str, dict[str, Counter[str]]] = {"before": {}, "outage": {}, "after": {}}
+    recoveries: list[float] = []
+    stop_probe = asyncio.Event()
+    try:
+        backend.start()
+        await backend.wait_ready()
+        async with grpc.aio.insecure_channel(backend.auth_address) as channel:
+            stub = auth_pb2_grpc.InternalAuthServiceStub(channel)
+            probe = AuthProbe(stub, keys.kinds(), phases["before"])
+            probing = [asyncio.create_task(probe.run(stop_probe)) for _ in range(PROBE_TASKS)]
+            try:
+                await asyncio.sleep(1.0)
+                for _ in range(OUTAGES):
+                    probe.tallies = phases["outage"]
+                    await asyncio.to_thread(postgres.stop)
+                    await asyncio.sleep(OUTAGE_SECONDS)
+                    await asyncio.to_thread(postgres.start)
+                    probe.tallies = phases["after"]
+                    recoveries.append(await _until(stub, valid.key, "true", "valid after restart"))
+                    await asyncio.sleep(1.0)
+
+                # Recovered for writes made after the restart too.
+                engine = create_engine(postgres.url)
+                try:
+                    created = await create_api_key(engine, "after the outages")
+                finally:
+                    await close_engine(engine)
+                fault_keys.add(created.key)
+                created_after = await _until(stub, created.key, "true", "key created after")
+                _revoke_with_cli(postgres.url, valid.id, fault_output, fault_log_env)
+                revoked_after = await _until(stub, valid.key, "false", "key revoked after")
+            finally:
+                stop_probe.set()
+                await asyncio.gather(*probing)
+        assert backend.stop() == 0, backend.output()
+    finally:
+        backend.close()
+
+    calls = sum(sum(c.values()) for tallies in phases.values() for c in tallies.values())
+    for name, tallies in phases.items():
+        outcomes = Counter[str]()
+        for counter in tallies.values():
+            outcomes.update(counter)
+        # Every call is answered: an answer or INTERNAL, never a timeout or UNAVAILABLE.
+        assert set(outcomes) <= {"true", "false", "INTERNAL"}, (name, tallies)
+        assert tallies["unknown"]["true"] == 0, (name, tallies)
+        # The revoked key was revoked before the start; the valid one only at the very end
+        # (its `false` answers after that are tallied under "after").
+        assert tallies["revoked"]["true"] == 0, (name, tallies)
+    assert phases["outage"]["valid"]["INTERNAL"] > 0, "no call failed closed during the outage"
+    assert phases["after"]["valid"]["true"] > 0
+    fault_table.add(
+        "PostgreSQL stopped (fast) and restarted on the same port under auth load",
+        f"{OUTAGES} x {OUTAGE_SECONDS:g} s outages, {calls:,} calls",
+        f"0 true for unknown or revoked keys; outage: {tally_text(phases['outage'])}; "
+        f"valid again {min(recoveries):.2f}-{max(recoveries):.2f} s after restart; "
+        f"new key valid after {created_after:.2f} s, revocation effective after "
+        f"{revoked_after:.2f} s",
+    )
