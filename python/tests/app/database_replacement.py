@@ -76,7 +76,7 @@ class Cli:
         self.calls = 0
 
     async def run(self, *args: str) -> tuple[int, str]:
-        """Exit status, then stdout and stderr together, of `junjo-backend ARGS` (also in a file)."""
+        """Exit status, and stdout then stderr, of `junjo-backend ARGS` (also in a file)."""
         self.calls += 1
         process = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,9 +17,9 @@ from junjo_backend.auth_service import AuthServer
 from junjo_backend.database import close_engine, create_engine, init_schema
 from junjo_backend.logs import JsonFormatter
 from junjo_backend.settings import Settings
+from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 from .auth_calls import MISS_FLOOR_PASSED, KeyRegistry, auth_stub
-from .postgres_binaries import find_pg_tool, missing_postgres
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -134,94 +127,12 @@ def stub(channel: grpc.aio.Channel) -> auth_pb2_grpc.InternalAuthServiceAsyncStu
 
 # --- A throwaway PostgreSQL cluster -------------------------------------------------------
 
-_PG_READY = "database system is ready to accept connections"
-
-
-class PostgresCluster:
-    """A PostgreSQL server on 127.0.0.1, a child of this process, data in a temporary folder.
-
-    `postgres` runs directly (not through pg_ctl, whose daemon would be nobody's child),
-    so stopping it also reaps it.
-    """
-
-    def __init__(self, postgres: str, folder: Path, port: int, user: str | None) -> None:
-        self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
-        self._command = [postgres, "-D", str(folder / "data"), "-p", str(port)]
-        self._command += ["-h", "127.0.0.1", "-k", str(folder), "-F"]
-        self._log = folder / "postgres.log"
-        self._user = user
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start the server; returns once it accepts connections."""
-        offset = self._log.stat().st_size if self._log.exists() else 0
-        with self._log.open("ab") as log_file:
-            self._process = subprocess.Popen(
-                self._command, stdout=log_file, stderr=log_file, user=self._user
-            )
-        for _ in range(600):
-            if _PG_READY in self._log.read_bytes()[offset:].decode(errors="replace"):
-                return
-            if self._process.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        pytest.fail(f"PostgreSQL did not start: {self._log.read_text(errors='replace')}")
-
-    def stop(self) -> None:
-        """Fast shutdown (open connections are closed), and wait for the server to exit."""
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.send_signal(signal.SIGINT)
-            try:
-                self._process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._process = None
-
-
-def _free_port() -> int:
-    # PostgreSQL cannot bind port 0 and report it; a just-released ephemeral port is the
-    # usual way, with a small race that a retry would cover.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
     """A throwaway cluster for the session; without the binaries, skipped (failed under CI)."""
-    initdb, server = find_pg_tool("initdb"), find_pg_tool("postgres")
-    if initdb is None or server is None:
-        missing_postgres(
-            "PostgreSQL binaries (initdb, postgres) are not on PATH nor in pg_config's bindir"
-        )
-    # PostgreSQL refuses to run as root: then it runs as nobody.
-    user = "nobody" if os.geteuid() == 0 else None
-    # Under /tmp rather than tmp_path: pytest's base folder is private to this user, and
-    # the cluster's user must reach its own files.
-    folder = Path(tempfile.mkdtemp(prefix="junjo-pg-"))
-    try:
-        if user is not None:
-            shutil.chown(folder, user=user)
-        subprocess.run(
-            [initdb, "-D", str(folder / "data"), "-A", "trust", "-U", "postgres", "--no-sync"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-            user=user,
-        )
-        cluster = PostgresCluster(server, folder, _free_port(), user)
-        cluster.start()
-        try:
-            yield cluster
-        finally:
-            cluster.stop()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with throwaway_cluster("junjo-pg-") as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

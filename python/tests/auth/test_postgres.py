@@ -27,8 +27,9 @@ from .auth_calls import NOT_SERVING, SERVING, auth_stub, health, validate, wait_
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from tests.postgres_cluster import PostgresCluster
+
     from .auth_calls import KeyRegistry
-    from .conftest import PostgresCluster
 
 
 def _settings(postgres: PostgresCluster) -> Settings:

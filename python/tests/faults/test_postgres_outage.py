@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -31,8 +27,8 @@ import pytest
 from junjo_backend._wire.ingestion import auth_pb2_grpc
 from junjo_backend.api_keys import create_api_key
 from junjo_backend.database import close_engine, create_engine
-from tests.auth.conftest import PostgresCluster
 from tests.compat.peer import free_ports
+from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 from .recovery_helpers import (
     AuthProbe,
@@ -45,6 +41,7 @@ from .recovery_helpers import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from pathlib import Path
 
     from .conftest import FaultTable, KeyRegistry, OutputFolder
 
@@ -55,76 +52,14 @@ PROBE_TASKS = 4
 RECOVERY_LIMIT_SECONDS = 60.0
 
 
-def _pg_tool(name: str) -> str:
-    found = shutil.which(name)
-    if found:
-        return found
-    # Debian's postgresql package keeps its programs off PATH, under its major version.
-    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=_major, reverse=True)
-    if versions:
-        return str(versions[0])
-    # make faults runs PostgreSQL scenarios for real: a missing install is a failure.
-    pytest.fail(f"PostgreSQL's `{name}` is not installed (Debian: apt-get install postgresql)")
-
-
-class _Cluster(PostgresCluster):
-    """PostgresCluster whose server is started without a fork in this process.
-
-    As root, PostgresCluster passes `user=` to Popen, which rules out vfork: Python then
-    fork()s, and in a process whose threads are busy in gRPC the child crashed before exec
-    (SIGSEGV, exit -11; grpc logs "Other threads are currently calling into gRPC, skipping
-    fork() handlers") in 2 of 4 runs of this test. setpriv switches the user in the child
-    instead, so Popen can vfork and no fork handler runs here.
-    """
-
-    def __init__(self, postgres: str, folder: Path, port: int, user: str | None) -> None:
-        super().__init__(postgres, folder, port, None)
-        if user is not None:
-            self._command = [*_as_user(user), *self._command]
-
-
-def _as_user(user: str) -> list[str]:
-    """A command prefix that runs the rest as `user` (setpriv execs, so the pid stays)."""
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.fail("util-linux's `setpriv` is needed to run PostgreSQL as root's tests do")
-    account = pwd.getpwnam(user)
-    return [setpriv, f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups"]
-
-
-def _major(program: Path) -> int:
-    version = program.parent.parent.name
-    return int(version) if version.isdigit() else 0
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresCluster]:
-    """A throwaway cluster for this module (as `nobody` when we are root)."""
-    initdb, server = _pg_tool("initdb"), _pg_tool("postgres")
-    user = "nobody" if os.geteuid() == 0 else None
-    folder = Path(tempfile.mkdtemp(prefix="junjo-faults-pg-"))
-    try:
-        if user is not None:
-            shutil.chown(folder, user=user)
-        subprocess.run(
-            [
-                *([] if user is None else _as_user(user)),
-                *(initdb, "-D", str(folder / "data"), "-A", "trust", "-U", "postgres"),
-                "--no-sync",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        (port,) = free_ports(1)
-        cluster = _Cluster(server, folder, port, user)
-        cluster.start()
-        try:
-            yield cluster
-        finally:
-            cluster.stop()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    """A throwaway cluster for this module (as `nobody` when we are root).
+
+    `make faults` runs under CI=true in CI, where a missing PostgreSQL fails the run.
+    """
+    with throwaway_cluster("junjo-faults-pg-") as cluster:
+        yield cluster
 
 
 def _revoke_with_cli(
