@@ -49,12 +49,12 @@ func main() {
 func probe(cfg peer.Config, addr string) int {
 	if addr == "" {
 		var err error
-		if addr, err = cfg.HealthProbeAddr(); err != nil {
+		if addr, err = healthProbeAddr(cfg.InternalAddr); err != nil {
 			fmt.Fprintln(os.Stderr, "healthcheck:", err)
 			return 1
 		}
 	}
-	if err := peer.ProbeHealth(context.Background(), addr); err != nil {
+	if err := probeHealth(context.Background(), addr); err != nil {
 		fmt.Fprintln(os.Stderr, "healthcheck:", err)
 		return 1
 	}

@@ -1,4 +1,4 @@
-package peer
+package main
 
 import (
 	"context"
@@ -28,7 +28,7 @@ func healthServer(t *testing.T) (string, *health.Server) {
 
 func TestProbeHealthServing(t *testing.T) {
 	addr, _ := healthServer(t)
-	if err := ProbeHealth(context.Background(), addr); err != nil {
+	if err := probeHealth(context.Background(), addr); err != nil {
 		t.Fatalf("a SERVING server failed the probe: %v", err)
 	}
 }
@@ -36,7 +36,7 @@ func TestProbeHealthServing(t *testing.T) {
 func TestProbeHealthNotServing(t *testing.T) {
 	addr, status := healthServer(t)
 	status.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
-	err := ProbeHealth(context.Background(), addr)
+	err := probeHealth(context.Background(), addr)
 	if err == nil || !strings.Contains(err.Error(), "NOT_SERVING") {
 		t.Fatalf("a NOT_SERVING server: want an error naming the status, got %v", err)
 	}
@@ -49,7 +49,7 @@ func TestProbeHealthNothingListening(t *testing.T) {
 	}
 	addr := lis.Addr().String()
 	_ = lis.Close()
-	if err := ProbeHealth(context.Background(), addr); err == nil {
+	if err := probeHealth(context.Background(), addr); err == nil {
 		t.Fatal("a closed port passed the probe")
 	}
 }
@@ -62,12 +62,12 @@ func TestHealthProbeAddr(t *testing.T) {
 		"127.0.0.1:41000": "127.0.0.1:41000",
 		"10.1.2.3:50052":  "10.1.2.3:50052",
 	} {
-		got, err := Config{InternalAddr: listen}.HealthProbeAddr()
+		got, err := healthProbeAddr(listen)
 		if err != nil || got != want {
 			t.Errorf("InternalAddr %q: got %q, %v; want %q", listen, got, err, want)
 		}
 	}
-	if _, err := (Config{InternalAddr: "no-port"}).HealthProbeAddr(); err == nil {
+	if _, err := healthProbeAddr("no-port"); err == nil {
 		t.Error("an address without a port: want an error")
 	}
 }

@@ -1,4 +1,4 @@
-package peer
+package main
 
 import (
 	"context"
@@ -11,17 +11,17 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
-// HealthProbeTimeout bounds one probe: connection and Check together. A container health
+// healthProbeTimeout bounds one probe: connection and Check together. A container health
 // check has its own timeout (5 s in the image); this one ends first, so the probe reports why.
-const HealthProbeTimeout = 3 * time.Second
+const healthProbeTimeout = 3 * time.Second
 
-// HealthProbeAddr is where a probe inside the container reaches the internal server: its
-// port on loopback when the peer listens on every interface (LISTEN_HOST empty or a
-// wildcard), else the host it listens on.
-func (c Config) HealthProbeAddr() (string, error) {
-	host, port, err := net.SplitHostPort(c.InternalAddr)
+// healthProbeAddr is where a probe inside the container reaches the internal server
+// listening on internalAddr: its port on loopback when the peer listens on every interface
+// (LISTEN_HOST empty or a wildcard), else the host it listens on.
+func healthProbeAddr(internalAddr string) (string, error) {
+	host, port, err := net.SplitHostPort(internalAddr)
 	if err != nil {
-		return "", fmt.Errorf("internal address %q: %w", c.InternalAddr, err)
+		return "", fmt.Errorf("internal address %q: %w", internalAddr, err)
 	}
 	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
 		host = "127.0.0.1"
@@ -29,11 +29,11 @@ func (c Config) HealthProbeAddr() (string, error) {
 	return net.JoinHostPort(host, port), nil
 }
 
-// ProbeHealth asks grpc.health.v1 at addr for the server-wide status (what
+// probeHealth asks grpc.health.v1 at addr for the server-wide status (what
 // grpc_health_probe checks); nil only for SERVING. It never waits for a server that is not
 // listening: a refused connection fails at once.
-func ProbeHealth(ctx context.Context, addr string) error {
-	ctx, cancel := context.WithTimeout(ctx, HealthProbeTimeout)
+func probeHealth(ctx context.Context, addr string) error {
+	ctx, cancel := context.WithTimeout(ctx, healthProbeTimeout)
 	defer cancel()
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
