@@ -178,13 +178,13 @@ demo-check: gen peer image
 	$(PY) python python/scripts/demo.py --check --backend container --peer container
 
 # Host networking for the build: its steps download uv and the locked packages. The build
-# stage alone sees EXTRA_CA_CERTS.
+# stage alone sees EXTRA_CA_CERTS; --force-rm: a failed step leaves no container behind.
 .PHONY: image
 image: ## build the backend image junjo-backend:local (on a Debian base made here unless BASE_IMAGE is set)
 	@base='$(BASE_IMAGE)'; \
 	if [[ -z $$base ]]; then base=$$(python/image/base-image.sh); fi; \
 	echo "image: building $(BACKEND_IMAGE) on $$base"; \
-	docker build --quiet --network host --build-arg BASE_IMAGE="$$base" \
+	docker build --quiet --force-rm --network host --build-arg BASE_IMAGE="$$base" \
 		--build-arg EXTRA_CA_CERTS="$$(cat /dev/null $(EXTRA_CA_CERTS))" \
 		-t '$(BACKEND_IMAGE)' python >/dev/null; \
 	echo "image: built $(BACKEND_IMAGE)"
