@@ -28,6 +28,14 @@ GO_GENERATED := go-compat-tests/internal/wire
 GENERATED := $(PY_GENERATED) $(GO_GENERATED)
 GO_GEN_TEMPLATE := go-compat-tests/buf.gen.yaml
 WORKFLOWS ?= .github/workflows
+# The backend image (python/Dockerfile). BASE_IMAGE empty: a Debian bookworm base made here
+# from Debian's packages (python/image/base-image.sh, cached by a hash of its inputs; needs
+# root and debootstrap); hosted CI and users: BASE_IMAGE=python:3.12-slim.
+BACKEND_IMAGE ?= junjo-backend:local
+BASE_IMAGE ?=
+# CA certificates the image build's downloads must trust besides the public ones (a
+# TLS-intercepting proxy's); the host's local additions by default, often none.
+EXTRA_CA_CERTS ?= $(wildcard /usr/local/share/ca-certificates/*.crt)
 
 .PHONY: help
 help: ## list the targets
@@ -133,12 +141,12 @@ contract-snapshot: setup-python ## refresh the released-contract snapshot from p
 # traced, so the app tests keep a process of their own, as production has one lifespan per
 # process.
 .PHONY: test
-test: lint breaking gen-check peer ## everything CI runs: gates, Go tests, the Python suite with coverage, the demo
+test: lint breaking gen-check peer image ## everything CI runs: gates, Go tests, the Python suite with coverage, the demo
 	cd go-compat-tests && go test ./...
 	rm -f python/.coverage python/.coverage.*
 	cd python && $(UV) run --locked --no-sync pytest tests/app --cov --cov-report= --cov-fail-under=0
 	cd python && $(UV) run --locked --no-sync pytest tests --ignore=tests/app --cov --cov-append --cov-report=term-missing
-	$(PY) python python/scripts/demo.py --check
+	$(PY) python python/scripts/demo.py --check --backend container --peer container
 
 # Bounded (at most 10 minutes here); prints the fault table and writes fault-results/faults.json.
 .PHONY: faults
@@ -160,13 +168,26 @@ run: setup-python ## run the backend on embedded defaults (SQLite under data/, a
 	$(PY) junjo-backend serve
 
 .PHONY: demo
-# Options go through ARGS (make would read `--peer binary` itself): make demo ARGS="--peer binary"
+# Options go through ARGS (make would read `--peer binary` itself): make demo ARGS="--peer binary";
+# ARGS="--backend container" runs the backend image (make image builds it).
 demo: gen peer ## the whole loop on this machine: Go peer, backend, API key, OTLP spans, drain
 	$(PY) python python/scripts/demo.py $(ARGS)
 
 .PHONY: demo-check
-demo-check: gen peer
-	$(PY) python python/scripts/demo.py --check
+demo-check: gen peer image
+	$(PY) python python/scripts/demo.py --check --backend container --peer container
+
+# Host networking for the build: its steps download uv and the locked packages. The build
+# stage alone sees EXTRA_CA_CERTS; --force-rm: a failed step leaves no container behind.
+.PHONY: image
+image: ## build the backend image junjo-backend:local (on a Debian base made here unless BASE_IMAGE is set)
+	@base='$(BASE_IMAGE)'; \
+	if [[ -z $$base ]]; then base=$$(python/image/base-image.sh); fi; \
+	echo "image: building $(BACKEND_IMAGE) on $$base"; \
+	docker build --quiet --force-rm --network host --build-arg BASE_IMAGE="$$base" \
+		--build-arg EXTRA_CA_CERTS="$$(cat /dev/null $(EXTRA_CA_CERTS))" \
+		-t '$(BACKEND_IMAGE)' python >/dev/null; \
+	echo "image: built $(BACKEND_IMAGE)"
 
 .PHONY: bench
 bench: gen peer ## benchmarks (bounded); figures printed and written to bench-results/*.json

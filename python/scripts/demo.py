@@ -2,18 +2,23 @@
 
     python python/scripts/demo.py [--spans N] [--timeout S] [--check]
                                   [--peer {auto,container,binary}] [--peer-binary PATH]
+                                  [--backend {subprocess,container}] [--backend-image TAG]
 
 Starts the Go ingestion peer with a fresh WAL, and `junjo-backend serve` with a fresh
 SQLite file, both on free loopback ports. The peer runs as a container when a Docker engine
 answers `docker info` (`--peer auto`, the default): the image junjo-ingestion-peer:demo is
 built from go-compat-tests/image with the static binary go-compat-tests/bin/ingestion-peer
 (`make peer`) copied in, nothing pulled, and run on host networking. Without an engine it
-runs that binary directly. The demo then creates an API key with the CLI; sends spans to
-the peer with the OpenTelemetry SDK's OTLP gRPC exporter and that key; waits until the
-backend's /health says its poller has processed them all; prints a summary (saying how the
-peer ran) and stops everything it started (`docker stop`, then removal, for the container),
-also on failure or Ctrl-C. `--check` (CI) fails unless every span sent was received, an
-unknown key was refused, and the backend and the peer shut down cleanly.
+runs that binary directly. The backend runs as a subprocess of this environment, or with
+`--backend container` as the image junjo-backend:local (`make image`), also on host
+networking, as its own non-root user, its SQLite file on a /data bind mount. The demo then
+creates an API key with the CLI (inside the backend's container when there is one); sends
+spans to the peer with the OpenTelemetry SDK's OTLP gRPC exporter and that key; waits until
+the backend's /health says its poller has processed them all, and until every container's
+own HEALTHCHECK says healthy; prints a summary (saying how each side ran) and stops
+everything it started (`docker stop`, then removal, for containers), also on failure or
+Ctrl-C. `--check` (CI) fails unless every span sent was received, an unknown key was
+refused, every container was healthy, and the backend and the peer shut down cleanly.
 """
 
 from __future__ import annotations
@@ -55,12 +60,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PEER_BINARY = REPO_ROOT / "go-compat-tests" / "bin" / "ingestion-peer"
 IMAGE_CONTEXT = REPO_ROOT / "go-compat-tests" / "image"
 PEER_IMAGE = "junjo-ingestion-peer:demo"
+BACKEND_IMAGE = "junjo-backend:local"
 WAL_MOUNT = "/wal"
+# The image's volume; its DATABASE_URL points there.
+DATA_MOUNT = "/data"
 API_KEY = re.compile(r"\b[0-9A-Za-z]{64}\b")
 STOP_TIMEOUT_SECONDS = 20.0
 CONTAINER_STOP_SECONDS = 10
 DOCKER_TIMEOUT_SECONDS = 60.0
 BUILD_TIMEOUT_SECONDS = 300.0
+# The images' HEALTHCHECKs probe every 10 s; the demo runs the same probes every second.
+HEALTH_INTERVAL = "1s"
 
 
 class DemoFailedError(Exception):
@@ -113,6 +123,9 @@ class Summary:
     lag_seconds: float | None
     unknown_key_refused: bool
     peer: str
+    backend: str
+    # Each container's own HEALTHCHECK verdict once the spans were drained.
+    container_health: Mapping[str, str]
 
 
 def free_ports() -> Ports:
@@ -214,31 +227,59 @@ def build_peer_image(peer_binary: Path) -> str:
     return PEER_IMAGE
 
 
-class PeerContainer:
-    """The ingestion peer as a container on host networking, driven with the docker CLI.
+class Container:
+    """A container on host networking, driven with the docker CLI.
 
     Run without --rm so that its exit code can be read after a graceful stop; `stop`
-    removes it in every case, also when `start` failed half-way.
+    removes it in every case, also when `start` failed half-way. Its image's HEALTHCHECK
+    runs every second here, so that the demo can wait for it.
     """
 
-    def __init__(self, image: str, env: Mapping[str, str], wal_dir: Path, workdir: Path) -> None:
-        self.name = "ingestion-peer"
-        self.container = f"junjo-demo-peer-{os.getpid()}"
+    def __init__(
+        self,
+        name: str,
+        image: str,
+        env: Mapping[str, str],
+        mounts: Mapping[Path, str],
+        workdir: Path,
+        *,
+        user: str | None = None,
+    ) -> None:
+        self.name = name
+        self.container = f"junjo-demo-{name}-{os.getpid()}"
         self.log_path = workdir / f"{self.name}.log"
         self.exit_code: int | None = None
-        # Made here, so that it belongs to us and not to the daemon (the peer runs as us).
-        wal_dir.mkdir(exist_ok=True)
-        options = ["--network", "host", "--name", self.container, "-v", f"{wal_dir}:{WAL_MOUNT}"]
-        options += ["--user", f"{os.getuid()}:{os.getgid()}"]
-        for name, value in {**env, "BADGERDB_PATH": WAL_MOUNT}.items():
-            options += ["-e", f"{name}={value}"]
+        options = ["--network", "host", "--name", self.container]
+        options += ["--health-interval", HEALTH_INTERVAL, "--health-start-period", "0s"]
+        for source, target in mounts.items():
+            options += ["-v", f"{source}:{target}"]
+        if user is not None:
+            options += ["--user", user]
+        for key, value in env.items():
+            options += ["-e", f"{key}={value}"]
         self._run_args = ["run", "-d", *options, image]
 
     def start(self) -> None:
         """`docker run -d`; fails the demo if the container did not start."""
         started = docker(*self._run_args)
         if started.returncode != 0:
-            raise DemoFailedError(f"`docker run` of the peer failed: {started.stderr.strip()}")
+            raise DemoFailedError(
+                f"`docker run` of the {self.name} failed: {started.stderr.strip()}"
+            )
+
+    def health(self) -> str:
+        """The image's HEALTHCHECK verdict: starting, healthy, unhealthy (or none, unknown)."""
+        state = docker(
+            "inspect",
+            "-f",
+            "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}",
+            self.container,
+        )
+        return state.stdout.strip() if state.returncode == 0 else "unknown"
+
+    def exec(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """`docker exec` of a command inside the running container, output captured."""
+        return docker("exec", self.container, *argv)
 
     def check_alive(self) -> None:
         """Fail the demo if the container has ended."""
@@ -278,7 +319,7 @@ class PeerContainer:
         return "\n".join(text[-lines:])
 
 
-def wait_for_http(backend: Child, url: str, deadline: float) -> None:
+def wait_for_http(backend: Child | Container, url: str, deadline: float) -> None:
     """Until `url` answers (the backend's HTTP server is up)."""
     while True:
         backend.check_alive()
@@ -292,7 +333,7 @@ def wait_for_http(backend: Child, url: str, deadline: float) -> None:
         time.sleep(0.1)
 
 
-def wait_for_peer(peer: Child | PeerContainer, port: int, deadline: float) -> None:
+def wait_for_peer(peer: Child | Container, port: int, deadline: float) -> None:
     """Until the peer's OTLP server accepts connections.
 
     The peer serves nothing until our auth server has answered its start-up readiness check,
@@ -313,17 +354,23 @@ def wait_for_peer(peer: Child | PeerContainer, port: int, deadline: float) -> No
                 return
 
 
-def create_api_key(env: dict[str, str], workdir: Path) -> str:
-    """A new key from `junjo-backend api-keys create`, read from its output."""
-    result = subprocess.run(
-        [sys.executable, "-m", "junjo_backend.cli", "api-keys", "create", "demo"],
-        env={**os.environ, **env},
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def create_api_key(backend: Child | Container, env: dict[str, str], workdir: Path) -> str:
+    """A new key from `junjo-backend api-keys create`, read from its output.
+
+    A backend container runs the command itself, as an operator would (`docker exec`).
+    """
+    if isinstance(backend, Container):
+        result = backend.exec("junjo-backend", "api-keys", "create", "demo")
+    else:
+        result = subprocess.run(
+            [sys.executable, "-m", "junjo_backend.cli", "api-keys", "create", "demo"],
+            env={**os.environ, **env},
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     match = API_KEY.search(result.stdout)
     if result.returncode != 0 or match is None:
         raise DemoFailedError(f"`api-keys create` failed ({result.returncode}): {result.stderr}")
@@ -375,7 +422,7 @@ def unknown_key_is_refused(otlp_port: int) -> bool:
 
 
 def wait_for_drain(
-    backend: Child, health_url: str, sent: int, deadline: float
+    backend: Child | Container, health_url: str, sent: int, deadline: float
 ) -> dict[str, object]:
     """The first /health poller section that counts `sent` spans processed."""
     while True:
@@ -389,6 +436,22 @@ def wait_for_drain(
         if time.monotonic() > deadline:
             raise DemoFailedError(f"the backend had not processed {sent} spans in time: {poller}")
         time.sleep(0.2)
+
+
+def wait_for_health(containers: Sequence[Container], deadline: float) -> dict[str, str]:
+    """Each container's HEALTHCHECK verdict, once none is still starting (or at the deadline)."""
+    while True:
+        verdicts = {container.name: container.health() for container in containers}
+        if "starting" not in verdicts.values() or time.monotonic() > deadline:
+            return verdicts
+        for container in containers:
+            container.check_alive()
+        time.sleep(0.2)
+
+
+def backend_image_present(image: str) -> bool:
+    """Whether the backend image exists in the local engine."""
+    return docker("image", "inspect", image).returncode == 0
 
 
 @contextlib.contextmanager
@@ -405,14 +468,42 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def start_backend(
+    ports: Ports, workdir: Path, backend_image: str | None
+) -> tuple[Child | Container, dict[str, str]]:
+    """The backend as a subprocess, or as a container of `backend_image`; its settings.
+
+    The settings put every address on loopback. The container keeps the image's own
+    DATABASE_URL (a SQLite file on its /data volume, here a folder of the demo's) and runs
+    as the image's non-root user, hence a folder anyone may write.
+    """
+    env = {
+        "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{ports.auth}",
+        "INGESTION_GRPC_ADDRESS": f"127.0.0.1:{ports.internal}",
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_PORT": str(ports.http),
+        # The peer starts after the backend: keep the poller's first retries short.
+        "POLLER_MAX_BACKOFF_SECONDS": "1",
+    }
+    if backend_image is None:
+        env["DATABASE_URL"] = f"sqlite+aiosqlite:///{workdir / 'junjo.db'}"
+        argv = [sys.executable, "-m", "junjo_backend.cli", "serve"]
+        return Child("backend", argv, env, workdir), env
+    data_dir = workdir / "data"
+    data_dir.mkdir()
+    data_dir.chmod(0o777)  # the image's user is not us; the demo's folder goes away after
+    return Container("backend", backend_image, env, {data_dir: DATA_MOUNT}, workdir), env
+
+
 def run(
     peer_binary: Path,
     spans: int,
     timeout: float,
     workdir: Path,
-    children: list[Child | PeerContainer],
+    children: list[Child | Container],
     *,
     in_container: bool,
+    backend_image: str | None,
 ) -> Summary:
     """Start everything, send spans, wait for the drain; the caller stops the children."""
     if in_container:
@@ -421,31 +512,33 @@ def run(
         peer_label = f"container ({image})"
     else:
         peer_label = f"binary ({peer_binary})"
+    backend_label = f"container ({backend_image})" if backend_image else "subprocess"
     ports = free_ports()
     deadline = time.monotonic() + timeout
-    backend_env = {
-        "DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'junjo.db'}",
-        "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{ports.auth}",
-        "INGESTION_GRPC_ADDRESS": f"127.0.0.1:{ports.internal}",
-        "HTTP_HOST": "127.0.0.1",
-        "HTTP_PORT": str(ports.http),
-        # The peer starts after the backend: keep the poller's first retries short.
-        "POLLER_MAX_BACKOFF_SECONDS": "1",
-    }
-    backend = Child(
-        "backend", [sys.executable, "-m", "junjo_backend.cli", "serve"], backend_env, workdir
-    )
-    children.append(backend)
+    backend, backend_env = start_backend(ports, workdir, backend_image)
+    children.append(backend)  # before it starts: a half-started container is removed too
+    if isinstance(backend, Container):
+        backend.start()
     peer_env = {
         "GRPC_PORT": str(ports.otlp),
         "INTERNAL_GRPC_PORT": str(ports.internal),
         "BACKEND_GRPC_ADDRESS": f"127.0.0.1:{ports.auth}",
         "BADGERDB_PATH": str(workdir / "wal"),
     }
-    peer: Child | PeerContainer
+    peer: Child | Container
     if in_container:
-        peer = PeerContainer(image, peer_env, workdir / "wal", workdir)
-        children.append(peer)  # before it starts: a half-started container is removed too
+        wal_dir = workdir / "wal"
+        # Made here, so that it belongs to us and not to the daemon (the peer runs as us).
+        wal_dir.mkdir()
+        peer = Container(
+            "ingestion-peer",
+            image,
+            {**peer_env, "BADGERDB_PATH": WAL_MOUNT},
+            {wal_dir: WAL_MOUNT},
+            workdir,
+            user=f"{os.getuid()}:{os.getgid()}",
+        )
+        children.append(peer)
         peer.start()
     else:
         peer = Child("ingestion-peer", [str(peer_binary)], peer_env, workdir)
@@ -456,10 +549,12 @@ def run(
     print(f"backend on {base_url} (auth gRPC 127.0.0.1:{ports.auth}); peer OTLP on :{ports.otlp}")
 
     refused = unknown_key_is_refused(ports.otlp)
-    key = create_api_key(backend_env, workdir)
+    key = create_api_key(backend, backend_env, workdir)
     print(f"created an API key; sending {spans} spans over OTLP/gRPC")
     sent = send_spans(ports.otlp, key, spans)
     poller = wait_for_drain(backend, f"{base_url}/health", sent, deadline)
+    containers = [child for child in children if isinstance(child, Container)]
+    health = wait_for_health(containers, deadline)
     lag = poller.get("lag_seconds")
     return Summary(
         sent=sent,
@@ -468,6 +563,8 @@ def run(
         lag_seconds=float(lag) if isinstance(lag, int | float) else None,
         unknown_key_refused=refused,
         peer=peer_label,
+        backend=backend_label,
+        container_health=health,
     )
 
 
@@ -476,12 +573,14 @@ def print_summary(summary: Summary, exits: Mapping[str, int | None]) -> None:
     lag = "n/a" if summary.lag_seconds is None else f"{summary.lag_seconds:.2f} s"
     rows = [
         ("ingestion peer ran as", summary.peer),
+        ("backend ran as", summary.backend),
         ("spans sent (accepted by the peer)", str(summary.sent)),
         ("spans received (backend poller)", str(summary.received)),
         ("decode failures", str(summary.decode_failures)),
         ("ingestion lag when caught up", lag),
         ("unknown API key refused", "yes" if summary.unknown_key_refused else "NO"),
     ]
+    rows += [(f"{name} HEALTHCHECK", verdict) for name, verdict in summary.container_health.items()]
     rows += [(f"{name} exit status", str(code)) for name, code in exits.items()]
     print("summary:")
     for label, value in rows:
@@ -499,6 +598,11 @@ def problems_with(summary: Summary, exits: Mapping[str, int | None]) -> list[str
         problems.append(f"{summary.decode_failures} spans did not decode")
     if not summary.unknown_key_refused:
         problems.append("an unknown API key was not refused")
+    problems += [
+        f"the {name} container's HEALTHCHECK said {verdict}"
+        for name, verdict in summary.container_health.items()
+        if verdict != "healthy"
+    ]
     if exits.get("backend") != 0:
         problems.append(f"the backend exited with {exits.get('backend')} after SIGTERM")
     if exits.get("ingestion-peer") != 0:
@@ -519,6 +623,19 @@ def peer_in_container(choice: str) -> bool:
     return engine
 
 
+def backend_image_for(choice: str, image: str) -> str | None:
+    """Resolve `--backend`: the image to run, or None for a subprocess; say which it is."""
+    if choice == "subprocess":
+        print("backend: subprocess (--backend subprocess)")
+        return None
+    if not docker_engine_reachable():
+        raise DemoFailedError("--backend container: no Docker engine answered `docker info`")
+    if not backend_image_present(image):
+        raise DemoFailedError(f"--backend container: no image {image}; build it with `make image`")
+    print(f"backend: container {image} (--backend container)")
+    return image
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -534,6 +651,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how to run the ingestion peer (auto: a container if `docker info` succeeds)",
     )
     parser.add_argument(
+        "--backend",
+        choices=("subprocess", "container"),
+        default="subprocess",
+        help="how to run the backend (container: the image --backend-image, from `make image`)",
+    )
+    parser.add_argument(
+        "--backend-image",
+        default=BACKEND_IMAGE,
+        help="the backend image --backend container runs",
+    )
+    parser.add_argument(
         "--peer-binary",
         type=Path,
         default=PEER_BINARY,
@@ -545,11 +673,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         in_container = peer_in_container(args.peer)
+        backend_image = backend_image_for(args.backend, args.backend_image)
     except DemoFailedError as exc:
         print(exc, file=sys.stderr)
         return 1
 
-    children: list[Child | PeerContainer] = []
+    children: list[Child | Container] = []
     summary: Summary | None = None
     failure: str | None = None
     with tempfile.TemporaryDirectory(prefix="junjo-demo-") as tmp, sigterm_as_interrupt():
@@ -562,6 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workdir,
                 children,
                 in_container=in_container,
+                backend_image=backend_image,
             )
         except (DemoFailedError, OSError, subprocess.SubprocessError) as exc:
             failure = str(exc)
