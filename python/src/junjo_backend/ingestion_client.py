@@ -73,6 +73,8 @@ _CHUNKS_AHEAD = 16
 _RETRY_INITIAL_SECONDS = 0.05
 _RETRY_MAX_SECONDS = 5.0
 _CLOSE_JOIN_SECONDS = 2.0
+# A call has at most a handful of operations due (message, status, metadata).
+_MAX_DUE_EVENTS = 8
 
 
 class _ResponseStream(Protocol):
@@ -112,10 +114,12 @@ class _StreamPipe:
         """Remember the call so `abandon()` can cancel it; False when already abandoned."""
         with self._lock:
             self._call = call
-        if self._abandoned.is_set():
-            call.cancel()
-            return False
-        return True
+        return not self._abandoned.is_set()
+
+    def detach(self) -> None:
+        """The call has ended: `abandon()` must not cancel it any more (see `_cancel`)."""
+        with self._lock:
+            self._call = None
 
     def put(self, item: list[SpanRecord] | _StreamEnd) -> bool:
         """Hand an item to the loop, waiting for room; False when the reader has gone."""
@@ -184,6 +188,32 @@ class _RetryClock:
         return min(random.uniform(0, ceiling), remaining)  # noqa: S311 (jitter, not crypto)
 
 
+def _finish(call: _ResponseStream, *, cancel: bool) -> None:
+    """Cancel `call` if asked, then poll the events it still has due, so that it can end.
+
+    grpcio's single-threaded stream (`SingleThreadedUnaryStream`) marks itself done the
+    moment it is cancelled and from then on raises without polling its private completion
+    queue, so the operations still due there (at least the status) are never consumed: the
+    call stays alive in grpc-core with its HTTP/2 connection, even after the channel is
+    closed, and each such call kept about 14 KB. The poller stops a stream early at every
+    settle window, so that was a leak per read. Reading on does not help (the rendezvous
+    raises at once); polling its due events does, and they arrive at once after a cancel.
+    grpcio 1.85 exposes no public way to do this, hence the private names, checked here.
+    """
+    if cancel:
+        call.cancel()
+    state = getattr(call, "_state", None)
+    consume = getattr(call, "_consume_next_event", None)
+    due = getattr(state, "due", None)
+    if consume is None or not isinstance(due, set):
+        return  # another grpcio: nothing we know how to poll
+    for _ in range(_MAX_DUE_EVENTS):
+        if not due:
+            return
+        with contextlib.suppress(grpc.RpcError):
+            consume()
+
+
 def _pump(call_factory: Callable[[], _ResponseStream], pipe: _StreamPipe) -> None:
     """Worker thread: read one ReadSpans stream into the pipe as chunks of records."""
     try:
@@ -192,18 +222,23 @@ def _pump(call_factory: Callable[[], _ResponseStream], pipe: _StreamPipe) -> Non
         pipe.put(_StreamEnd(closed=True))
         return
     if not pipe.attach(call):
+        _finish(call, cancel=True)
         return
     chunk: list[SpanRecord] = []
     end = _StreamEnd()
     try:
         _pump_messages(call, pipe, chunk)
-    except grpc.RpcError as error:
+    except grpc.RpcError as error:  # abandon() may have cancelled it: see _finish
+        _finish(call, cancel=False)
         end = _StreamEnd(error=error)
     except _ReaderGone:
+        _finish(call, cancel=True)
         return
     except Exception as crash:  # noqa: BLE001 (handed to the loop, which re-raises it)
-        call.cancel()
+        _finish(call, cancel=True)
         end = _StreamEnd(crash=crash)
+    finally:
+        pipe.detach()
     if chunk and not pipe.put(chunk):
         return
     pipe.put(end)
@@ -227,7 +262,6 @@ def _pump_messages(call: _ResponseStream, pipe: _StreamPipe, chunk: list[SpanRec
         append(SpanRecord(message.key_ulid, message.span_bytes, message.resource_bytes))
         if len(chunk) >= _CHUNK_RECORDS or monotonic() - chunk_started >= _CHUNK_MAX_AGE_SECONDS:
             if not pipe.put(chunk.copy()):
-                call.cancel()
                 raise _ReaderGone
             chunk.clear()
 

@@ -18,7 +18,8 @@ from junjo_backend.grpc_errors import (
     IngestionMessageTooLargeError,
     IngestionUnavailableError,
 )
-from junjo_backend.ingestion_client import IngestionClient
+from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
+from tests.app.backend_under_test import established_connections_to
 
 from .fake_ingestion import (
     FakeIngestionServer,
@@ -359,6 +360,28 @@ async def test_leaving_a_stream_early_cancels_its_call(
     await wait_until(lambda: not stream_threads())  # the worker notices at its next hand-off
     assert [r.key for r in taken] == keys[:10]
     assert [r.key for r in await client.read_spans(keys[9], 5)] == keys[10:15]
+
+
+async def test_streams_left_early_leave_no_call_or_connection_behind(
+    settings: Settings, ingestion_server: FakeIngestionServer, wal: FakeWal
+) -> None:
+    # grpcio's single-threaded stream does not poll a cancelled call's due events itself:
+    # unpolled, the call lived on in grpc-core with its connection, past channel.close()
+    # (ingestion_client._finish). The poller leaves a stream early at every settle window.
+    wal.seed(3000)
+    client = IngestionClient(settings=settings)
+    await client.connect()
+    try:
+        for _ in range(20):
+            chunks = client.stream_chunks(None, MAX_BATCH_SIZE)
+            async with contextlib.aclosing(chunks):
+                async for _chunk in chunks:
+                    break
+        await wait_until(lambda: not stream_threads())
+        assert established_connections_to(ingestion_server.port) == 1  # one channel, reused
+    finally:
+        await client.close()
+    await wait_until(lambda: established_connections_to(ingestion_server.port) == 0)
 
 
 async def test_batch_size_must_fit_the_wire(client: IngestionClient) -> None:
