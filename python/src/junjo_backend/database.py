@@ -130,6 +130,14 @@ class SqliteFileWatch:
 
     Each change is logged once, at WARNING. A rewrite in place that moves the change
     counter forward is not told apart from a write; rollback mode reads it correctly anyway.
+
+    The header is read through one descriptor kept open per file, never one opened and
+    closed at each look: SQLite's locks are POSIX record locks, which belong to the process
+    and are all released when it closes *any* descriptor of the file. Closing one at a
+    checkout dropped the lock of a transaction another pooled connection had under way,
+    and other processes then read and wrote the file in the middle of it ("disk I/O
+    error", and a risk of corruption). The kept descriptor is closed only once its file is
+    no longer the one at the path, or when the engine is disposed.
     """
 
     def __init__(self, path: Path, *, create_missing: bool) -> None:
@@ -137,6 +145,8 @@ class SqliteFileWatch:
         self._create_missing = create_missing
         self._last: _FileState | None = None
         self._missing = False
+        self._fd: int | None = None
+        self._fd_identity: tuple[int, int] | None = None
 
     def attach(self, engine: AsyncEngine) -> None:
         """Install the watch on `engine`'s pool (connect, and checkout)."""
@@ -144,23 +154,37 @@ class SqliteFileWatch:
         event.listen(sync_engine, "do_connect", self._on_do_connect)
         event.listen(sync_engine, "connect", self._on_connect)
         event.listen(sync_engine, "checkout", self._on_checkout)
+        event.listen(sync_engine, "engine_disposed", self._on_disposed)
+
+    def _on_disposed(self, _engine: object) -> None:
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self._fd_identity = None, None
 
     def _state(self) -> _FileState | None:
-        try:
-            fd = os.open(self._path, os.O_RDONLY)
-        except FileNotFoundError:
+        identity = self._identity()
+        if identity is None:
+            self._close_fd()  # its file is gone from the path: its locks no longer matter
             return None
-        try:
-            stat = os.fstat(fd)
-            header = os.read(fd, _HEADER_BYTES)
-        finally:
-            os.close(fd)
+        if self._fd is None or self._fd_identity != identity:
+            self._close_fd()
+            try:
+                fd = os.open(self._path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            stat = os.fstat(fd)  # the file opened, should it have changed since the stat
+            self._fd, self._fd_identity = fd, (stat.st_dev, stat.st_ino)
+            identity = self._fd_identity
+        header = os.pread(self._fd, _HEADER_BYTES, 0)
         counter = None
         if not header:  # an empty file is an empty database to SQLite (no write yet)
             counter = 0
         elif len(header) == _HEADER_BYTES and header.startswith(_SQLITE_MAGIC):
             counter = int.from_bytes(header[_CHANGE_COUNTER], "big")
-        return _FileState(stat.st_dev, stat.st_ino, counter)
+        return _FileState(identity[0], identity[1], counter)
 
     def _identity(self) -> tuple[int, int] | None:
         try:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
+from sqlalchemy import text
 
 from junjo_backend.api_keys import create_api_key
 from junjo_backend.database import close_engine, create_engine, open_database
@@ -100,3 +103,32 @@ async def test_a_file_copied_over_the_path_or_rewritten_in_place_is_read_at_once
     finally:
         await close_engine(engine)
         await close_engine(writer)
+
+
+async def test_the_watch_keeps_the_locks_of_a_transaction_under_way(tmp_path: Path) -> None:
+    # SQLite's locks are POSIX record locks: closing any descriptor of the file in this
+    # process releases them all. The watch reads the file's header at every checkout, so
+    # it must not do that through a descriptor it then closes.
+    path = tmp_path / "junjo.db"
+    engine = await open_database(f"sqlite+aiosqlite:///{path}")
+    other_process = [
+        sys.executable,
+        "-c",
+        (
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0);"
+            " c.execute('BEGIN IMMEDIATE'); print('got the write lock')"
+        ),
+        str(path),
+    ]
+    try:
+        async with engine.begin() as writing:
+            await writing.execute(text("UPDATE poller_state SET last_key = x'00'"))
+            async with engine.connect() as reading:  # a second checkout: the watch looks
+                await reading.execute(text("SELECT 1"))
+            outcome = await asyncio.to_thread(
+                subprocess.run, other_process, capture_output=True, text=True, check=False
+            )
+    finally:
+        await close_engine(engine)
+    assert "got the write lock" not in outcome.stdout
+    assert "database is locked" in outcome.stderr
