@@ -403,12 +403,12 @@ class _BackendServer(uvicorn.Server):
             where["auth_grpc"] = backend.auth_server.address
             where["ingestion_grpc"] = backend.settings.ingestion_grpc_address
             where["database"] = database_label(backend.settings.database_url)
+        for note in backend.settings.notes if isinstance(backend, Backend) else []:
+            log.info(note)
         log.info(
             "junjo-backend ready; create an API key with: junjo-backend api-keys create NAME",
             extra=where,
         )
-        for note in backend.settings.notes if isinstance(backend, Backend) else []:
-            log.info(note)
 
 
 def _bind_http(settings: Settings) -> socket.socket:

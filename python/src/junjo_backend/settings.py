@@ -155,8 +155,16 @@ class Settings(BaseSettings):
 
     # Span poller.
     poller_enabled: bool = Field(default=True, description="run the span poller")
+    # Each commit of the checkpoint is a synchronous SQLite transaction in rollback-journal
+    # mode, several fsyncs: at 1,000 spans a commit the poller drained at ~0.5x a Go
+    # client, at 10,000 ~0.7-0.8x (benchmarks/drain_bench.py). A read that ends commits
+    # what it has, so a large batch adds no latency at low rates; a crash re-delivers at
+    # most one batch.
     poller_batch_size: int = Field(
-        default=1000, gt=0, le=1_000_000, description="spans per checkpoint commit"
+        default=10_000,
+        gt=0,
+        le=1_000_000,
+        description="spans per checkpoint commit (at most; a read that ends commits the rest)",
     )
     poller_idle_wait_seconds: float = Field(
         default=1.0, gt=0, description="pause once the WAL is drained (never while behind)"
