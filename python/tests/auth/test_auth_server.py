@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import (  # type: ignore[import-untyped]
     reflection_pb2,
     reflection_pb2_grpc,
 )
-from sqlalchemy import text
+from sqlalchemy import delete, text
 from sqlalchemy.engine import make_url
 
 from junjo_backend.api_keys import create_api_key, revoke_api_key
@@ -29,7 +29,8 @@ from junjo_backend.auth_service import (
     VALIDATE_METHOD,
     AuthServer,
 )
-from junjo_backend.database import close_engine, create_engine, init_schema
+from junjo_backend.database import api_keys, close_engine, create_engine, init_schema
+from junjo_backend.settings import Settings
 
 from .auth_calls import (
     MISS_FLOOR_PASSED,
@@ -49,9 +50,8 @@ if TYPE_CHECKING:
 
     from junjo_backend._wire.ingestion import auth_pb2_grpc
     from junjo_backend.api_keys import NewApiKey
-    from junjo_backend.settings import Settings
 
-    from .conftest import RecordingHandler
+    from .conftest import PostgresCluster, RecordingHandler
 
     Stub = auth_pb2_grpc.InternalAuthServiceAsyncStub
     MakeKey = Callable[..., Awaitable[NewApiKey]]
@@ -425,20 +425,66 @@ def test_an_address_without_a_port_is_refused(settings: Settings) -> None:
 
 
 async def test_calls_under_way_finish_within_the_grace_period(
-    settings: Settings, engine: AsyncEngine, make_key: MakeKey
+    postgres: PostgresCluster, used_keys: KeyRegistry
 ) -> None:
-    key = await make_key()
+    # A call is held inside the servicer by a real condition: a migration-like transaction
+    # holds ACCESS EXCLUSIVE on api_keys (what ALTER TABLE takes), so the read that a miss
+    # triggers waits in PostgreSQL. SQLite cannot do this: in WAL mode a writer never
+    # blocks a reader, and locking_mode=EXCLUSIVE needs every other connection closed.
+    settings = Settings(
+        database_url=postgres.url, auth_grpc_listen_address="127.0.0.1:0", _env_file=None
+    )
+    engine = create_engine(postgres.url)
+    await init_schema(engine)
     server = AuthServer(settings, engine)
-    await server.start()
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        stub = auth_stub(channel)
-        calls = [asyncio.create_task(validate(stub, key.key)) for _ in range(20)]
-        await asyncio.sleep(0)
-        await server.stop(2.0)
-        done = await asyncio.gather(*calls, return_exceptions=True)
-    # Each call either completed correctly or was refused as the server went away;
-    # none was answered wrong.
-    assert all(d is True or isinstance(d, grpc.aio.AioRpcError) for d in done)
+    try:
+        async with engine.begin() as conn:  # the cluster lives for the session
+            await conn.execute(delete(api_keys))
+        await server.start()
+        # Created after start, so the snapshot lacks it: the call must read the table.
+        key = used_keys.add((await create_api_key(engine, "held call")).key)
+        await asyncio.sleep(MISS_FLOOR_PASSED)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = auth_stub(channel)
+            async with engine.connect() as migration, engine.connect() as observer:
+                await migration.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+                call = asyncio.create_task(validate(stub, key))
+
+                async def read_waits_on_the_lock() -> bool:
+                    waiting = await observer.execute(_WAITING_ON_API_KEYS)
+                    await observer.rollback()  # each look in a fresh snapshot
+                    return bool(waiting.scalar_one())
+
+                await wait_for(read_waits_on_the_lock, "the key read waiting on the lock")
+                stopping = asyncio.create_task(server.stop(30.0))  # 30 s: a hang guard
+                await wait_for(
+                    lambda: _refuses_connections(server.port), "the server to stop listening"
+                )
+                # The server is shutting down and the call is still in the servicer.
+                assert not call.done()
+                assert not stopping.done()
+                await migration.rollback()  # the lock goes; the read completes
+            assert await call is True
+            await stopping
+    finally:
+        await server.stop(0)
+        await close_engine(engine)
+
+
+# A lock request on api_keys that PostgreSQL has not granted: a query waiting on the lock.
+_WAITING_ON_API_KEYS = text(
+    "SELECT count(*) FROM pg_locks WHERE relation = 'api_keys'::regclass AND NOT granted"
+)
+
+
+async def _refuses_connections(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
 
 
 async def test_the_call_log_names_method_and_code_but_never_the_key(
