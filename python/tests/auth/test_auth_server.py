@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import shutil
@@ -144,6 +145,37 @@ async def test_non_utf8_bytes_fail_the_call_and_the_server_keeps_serving(
         await raw(b"\xff\xff\xff", timeout=5)  # not even a protobuf message
     assert garbage.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert await validate(stub, key.key) is True
+
+
+async def test_a_refused_call_leaves_no_cycle_holding_the_call_or_the_server(
+    auth_server: AuthServer, channel: grpc.aio.Channel
+) -> None:
+    # An abort's exception, kept by grpc on the call's state, held our frames and through
+    # them the call's context: a cycle per refused call that kept the call state and the
+    # server alive past stop() and past their event loop, until the cyclic GC ran. With
+    # the collector off, whatever is left after the calls and the stop is such a cycle.
+    raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(VALIDATE_METHOD)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await raw(b"\x0a\x02\xff\xfe", timeout=5)
+            assert failure.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        del failure
+        await auth_server.stop(0)
+        left = [type(o).__name__ for o in gc.get_objects() if _is_server_call_state(o)]
+    finally:
+        gc.enable()
+    assert left == []
+
+
+def _is_server_call_state(thing: object) -> bool:
+    kind = type(thing)
+    return kind.__module__ == "grpc._cython.cygrpc" and kind.__name__ in {
+        "RPCState",
+        "_ServicerContext",
+    }
 
 
 async def test_two_hundred_concurrent_calls_mixing_valid_and_invalid_keys(
