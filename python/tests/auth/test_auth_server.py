@@ -411,7 +411,7 @@ async def test_writers_in_other_processes_never_turn_into_wrong_answers(
         assert not used_keys.found_in(err.decode())
         await asyncio.sleep(MISS_FLOOR_PASSED)
         assert await validate(stub, created[0]) is True
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         assert db.execute("SELECT count(*) FROM api_keys").fetchone() == (5 + 40 + 3,)
 
 
