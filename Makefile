@@ -134,18 +134,13 @@ contract-snapshot: setup-python ## refresh the released-contract snapshot from p
 	cd $(PROTO_ROOT) && $(abspath python/.venv/bin/buf) build --exclude-source-info -o '$(abspath $(CONTRACT_SNAPSHOT))'
 	@echo "contract-snapshot: wrote $(CONTRACT_SNAPSHOT); commit it with the release"
 
-# pytest runs as two processes with one coverage total. The app tests run whole lifespans
-# on per-test event loops; when what they left behind was garbage-collected during a later
-# test's loop, the process crashed (SIGSEGV, about 1 run in 3). tests/app/conftest.py now
-# collects after each app test (0 crashes in 24 runs since); the native fault itself is not
-# traced, so the app tests keep a process of their own, as production has one lifespan per
-# process.
+# One pytest process on one event loop (pyproject's session loop scope), as production runs
+# one lifespan on one loop per process.
 .PHONY: test
 test: lint breaking gen-check peer image ## everything CI runs: gates, Go tests, the Python suite with coverage, the demo
 	cd go-compat-tests && go test ./...
 	rm -f python/.coverage python/.coverage.*
-	cd python && $(UV) run --locked --no-sync pytest tests/app --cov --cov-report= --cov-fail-under=0
-	cd python && $(UV) run --locked --no-sync pytest tests --ignore=tests/app --cov --cov-append --cov-report=term-missing
+	cd python && $(UV) run --locked --no-sync pytest tests --cov --cov-report=term-missing
 	$(PY) python python/scripts/demo.py --check --backend container --peer container
 
 # Bounded (at most 10 minutes here); prints the fault table and writes fault-results/faults.json.

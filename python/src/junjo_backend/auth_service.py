@@ -13,6 +13,7 @@ import contextlib
 import logging
 import socket
 import time
+import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -169,12 +170,19 @@ class CallLogInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 self._log_failure(method, grpc.StatusCode.CANCELLED, started)
                 raise
-            except BaseException:
+            except BaseException as failure:
                 code = context.code()
                 # An exception that is not an abort becomes UNKNOWN on the wire.
                 if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
                     code = grpc.StatusCode.UNKNOWN
                 self._log_failure(method, code, started)
+                # grpc keeps an abort's exception on the call's state, and the exception's
+                # traceback holds these frames, whose `context` holds that state: a cycle
+                # per failed call that kept the call, its context and the server alive past
+                # stop() and past their event loop, until the cyclic GC freed them at some
+                # later moment on some thread. Dropping the frames' references breaks it.
+                traceback.clear_frames(failure.__traceback__)
+                del context
                 raise
             if log.isEnabledFor(logging.DEBUG):
                 _log_call(logging.DEBUG, method, grpc.StatusCode.OK, started, 0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from typing import TYPE_CHECKING
 
 import pytest
@@ -77,16 +76,3 @@ def serve_process(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], ServePr
     yield start
     for process in started:
         process.kill()
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage_after_each_test() -> Iterator[None]:
-    """Collect what an app test left behind before the next test starts its event loop.
-
-    A whole lifespan leaves grpc.aio, thread and greenlet objects bound to the test's own
-    loop. Collected later, at whatever moment another test's loop runs, they crashed the
-    process (SIGSEGV in about 1 run in 3 of app + auth tests in one process; 0 in 20 with
-    this collection). Production never meets this: one process runs one lifespan on one loop.
-    """
-    yield
-    gc.collect()

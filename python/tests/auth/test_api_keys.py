@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sqlite3
@@ -153,7 +154,7 @@ def test_database_errors_are_described_without_statement_parameters() -> None:
 
 def _go_era_file(path: Path, rows: list[tuple[str, str, str, str | None]]) -> None:
     """A database file as the Go backend left it: its DDL, its journal mode, plain sqlite3."""
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute("PRAGMA journal_mode=DELETE")
         db.execute(GO_API_KEYS_DDL)
         db.execute(GO_POLLER_STATE_DDL)
@@ -213,7 +214,7 @@ async def test_a_go_era_database_file_opens_lists_and_validates_its_keys(
             await server.stop(0)
     finally:
         await close_engine(engine)
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         ddl = db.execute("SELECT sql FROM sqlite_master WHERE name = 'api_keys'").fetchone()[0]
         count = db.execute("SELECT count(*) FROM api_keys").fetchone()[0]
     assert ddl == GO_API_KEYS_DDL

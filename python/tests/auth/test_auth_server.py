@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import shutil
@@ -18,7 +19,7 @@ from grpc_reflection.v1alpha import (  # type: ignore[import-untyped]
     reflection_pb2,
     reflection_pb2_grpc,
 )
-from sqlalchemy import text
+from sqlalchemy import delete, text
 from sqlalchemy.engine import make_url
 
 from junjo_backend.api_keys import create_api_key, revoke_api_key
@@ -29,7 +30,8 @@ from junjo_backend.auth_service import (
     VALIDATE_METHOD,
     AuthServer,
 )
-from junjo_backend.database import close_engine, create_engine, init_schema
+from junjo_backend.database import api_keys, close_engine, create_engine, init_schema
+from junjo_backend.settings import Settings
 
 from .auth_calls import (
     MISS_FLOOR_PASSED,
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 
     from junjo_backend._wire.ingestion import auth_pb2_grpc
     from junjo_backend.api_keys import NewApiKey
-    from junjo_backend.settings import Settings
+    from tests.postgres_cluster import PostgresCluster
 
     from .conftest import RecordingHandler
 
@@ -144,6 +146,37 @@ async def test_non_utf8_bytes_fail_the_call_and_the_server_keeps_serving(
         await raw(b"\xff\xff\xff", timeout=5)  # not even a protobuf message
     assert garbage.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert await validate(stub, key.key) is True
+
+
+async def test_a_refused_call_leaves_no_cycle_holding_the_call_or_the_server(
+    auth_server: AuthServer, channel: grpc.aio.Channel
+) -> None:
+    # An abort's exception, kept by grpc on the call's state, held our frames and through
+    # them the call's context: a cycle per refused call that kept the call state and the
+    # server alive past stop() and past their event loop, until the cyclic GC ran. With
+    # the collector off, whatever is left after the calls and the stop is such a cycle.
+    raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(VALIDATE_METHOD)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await raw(b"\x0a\x02\xff\xfe", timeout=5)
+            assert failure.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        del failure
+        await auth_server.stop(0)
+        left = [type(o).__name__ for o in gc.get_objects() if _is_server_call_state(o)]
+    finally:
+        gc.enable()
+    assert left == []
+
+
+def _is_server_call_state(thing: object) -> bool:
+    kind = type(thing)
+    return kind.__module__ == "grpc._cython.cygrpc" and kind.__name__ in {
+        "RPCState",
+        "_ServicerContext",
+    }
 
 
 async def test_two_hundred_concurrent_calls_mixing_valid_and_invalid_keys(
@@ -379,7 +412,7 @@ async def test_writers_in_other_processes_never_turn_into_wrong_answers(
         assert not used_keys.found_in(err.decode())
         await asyncio.sleep(MISS_FLOOR_PASSED)
         assert await validate(stub, created[0]) is True
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         assert db.execute("SELECT count(*) FROM api_keys").fetchone() == (5 + 40 + 3,)
 
 
@@ -425,20 +458,66 @@ def test_an_address_without_a_port_is_refused(settings: Settings) -> None:
 
 
 async def test_calls_under_way_finish_within_the_grace_period(
-    settings: Settings, engine: AsyncEngine, make_key: MakeKey
+    postgres: PostgresCluster, used_keys: KeyRegistry
 ) -> None:
-    key = await make_key()
+    # A call is held inside the servicer by a real condition: a migration-like transaction
+    # holds ACCESS EXCLUSIVE on api_keys (what ALTER TABLE takes), so the read that a miss
+    # triggers waits in PostgreSQL. SQLite cannot do this: in WAL mode a writer never
+    # blocks a reader, and locking_mode=EXCLUSIVE needs every other connection closed.
+    settings = Settings(
+        database_url=postgres.url, auth_grpc_listen_address="127.0.0.1:0", _env_file=None
+    )
+    engine = create_engine(postgres.url)
+    await init_schema(engine)
     server = AuthServer(settings, engine)
-    await server.start()
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        stub = auth_stub(channel)
-        calls = [asyncio.create_task(validate(stub, key.key)) for _ in range(20)]
-        await asyncio.sleep(0)
-        await server.stop(2.0)
-        done = await asyncio.gather(*calls, return_exceptions=True)
-    # Each call either completed correctly or was refused as the server went away;
-    # none was answered wrong.
-    assert all(d is True or isinstance(d, grpc.aio.AioRpcError) for d in done)
+    try:
+        async with engine.begin() as conn:  # the cluster lives for the session
+            await conn.execute(delete(api_keys))
+        await server.start()
+        # Created after start, so the snapshot lacks it: the call must read the table.
+        key = used_keys.add((await create_api_key(engine, "held call")).key)
+        await asyncio.sleep(MISS_FLOOR_PASSED)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = auth_stub(channel)
+            async with engine.connect() as migration, engine.connect() as observer:
+                await migration.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+                call = asyncio.create_task(validate(stub, key))
+
+                async def read_waits_on_the_lock() -> bool:
+                    waiting = await observer.execute(_WAITING_ON_API_KEYS)
+                    await observer.rollback()  # each look in a fresh snapshot
+                    return bool(waiting.scalar_one())
+
+                await wait_for(read_waits_on_the_lock, "the key read waiting on the lock")
+                stopping = asyncio.create_task(server.stop(30.0))  # 30 s: a hang guard
+                await wait_for(
+                    lambda: _refuses_connections(server.port), "the server to stop listening"
+                )
+                # The server is shutting down and the call is still in the servicer.
+                assert not call.done()
+                assert not stopping.done()
+                await migration.rollback()  # the lock goes; the read completes
+            assert await call is True
+            await stopping
+    finally:
+        await server.stop(0)
+        await close_engine(engine)
+
+
+# A lock request on api_keys that PostgreSQL has not granted: a query waiting on the lock.
+_WAITING_ON_API_KEYS = text(
+    "SELECT count(*) FROM pg_locks WHERE relation = 'api_keys'::regclass AND NOT granted"
+)
+
+
+async def _refuses_connections(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
 
 
 async def test_the_call_log_names_method_and_code_but_never_the_key(
