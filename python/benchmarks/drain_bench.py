@@ -11,7 +11,7 @@ check, starts the peer on that WAL, then measures, each draining from the oldest
   batches     IngestionClient.read_spans, batches of 1000 (the plan's list API)
   aio-list    the original plan's client: grpc.aio stub, `async for`, a list per batch of
               1000 (on the first --aio-spans entries only: it is slow); the anchor of
-              the 8x bar, at the poller's batch size so that only the transport differs
+              the retired 8x bar (information now), at the poller's batch size so that only the transport differs
   aio-list100 the same at the plan's default batch_size of 100 (information only)
   decode      the poller's decoding alone, in memory (its default sink, ServiceTally)
 
@@ -58,10 +58,11 @@ RESULTS = REPO_ROOT / "bench-results" / "drain.json"
 BATCH = 1000
 PHASE_LIMIT_SECONDS = 300.0
 
-# The bars (shared/PERFORMANCE.md).
-BAR_POLLER_SPANS_PER_S = 40_000
-BAR_VS_GO = 0.25
-BAR_VS_AIO = 8.0
+# The bars (shared/PERFORMANCE.md): against the faster of the two Go client runs of the
+# same run. The earlier absolute and "8x grpc.aio" bars are retired (a peer that decodes
+# and re-encodes like the real service bounds every client); aio figures stay as information.
+BAR_VS_GO = 0.7
+BAR_STREAM_VS_GO = 0.9
 BAR_RSS_MB_PER_MILLION = 100.0
 
 
@@ -325,10 +326,10 @@ def report(figures: Figures) -> dict[str, Any]:
     rss_growth = figures.rss_peak_mb - figures.rss_baseline_mb
     rss_per_million = rss_growth * 1_000_000 / figures.spans
     million_seconds = 1_000_000 / poller if poller else None
+    vs_go_stream = ratio(rates.get("stream"), rates.get("go"))
     checks = {
-        "poller_spans_per_s": (poller or 0) >= BAR_POLLER_SPANS_PER_S,
         "poller_vs_go": (vs_go or 0) >= BAR_VS_GO,
-        "poller_vs_aio_list": (vs_aio or 0) >= BAR_VS_AIO,
+        "stream_vs_go": (vs_go_stream or 0) >= BAR_STREAM_VS_GO,
         # Measured on --spans entries; the bar is for 1,000,000.
         "rss_growth": rss_growth < BAR_RSS_MB_PER_MILLION,
     }
@@ -353,17 +354,13 @@ def report(figures: Figures) -> dict[str, Any]:
             f"{figures.seconds.get(name, 0):>10.2f}{figures.counts.get(name, 0):>11,}"
         )
     print("\nbars (shared/PERFORMANCE.md)")
-    bar_line(
-        f"poller >= {BAR_POLLER_SPANS_PER_S:,} spans/s",
-        f"{poller or 0:,.0f}",
-        checks["poller_spans_per_s"],
-    )
     bar_line(f"poller >= {BAR_VS_GO}x Go client", f"{vs_go or 0:.2f}x", checks["poller_vs_go"])
     bar_line(
-        f"poller >= {BAR_VS_AIO:g}x grpc.aio list client",
-        f"{vs_aio or 0:.1f}x",
-        checks["poller_vs_aio_list"],
+        f"stream_spans >= {BAR_STREAM_VS_GO}x Go client",
+        f"{vs_go_stream or 0:.2f}x",
+        checks["stream_vs_go"],
     )
+    print(f"    (information: poller {vs_aio or 0:.1f}x the grpc.aio list client)")
     bar_line(
         f"RSS growth < {BAR_RSS_MB_PER_MILLION:g} MB for 1M spans",
         f"{rss_growth:.1f} MB",
@@ -401,7 +398,7 @@ def report(figures: Figures) -> dict[str, Any]:
             "poller_vs_go": vs_go,
             "poller_vs_aio_list": vs_aio,
             "poller_vs_aio_list_100": ratio(poller, rates.get("aio_list_100")),
-            "stream_vs_go": ratio(rates.get("stream"), rates.get("go")),
+            "stream_vs_go": vs_go_stream,
         },
         "rss_mb": {
             "baseline": round(figures.rss_baseline_mb, 1),
@@ -413,9 +410,8 @@ def report(figures: Figures) -> dict[str, Any]:
         "decode_us_per_span": round(figures.decode_us_per_span, 3),
         "poller_seconds_per_million": round(million_seconds, 1) if million_seconds else None,
         "bars": {
-            "poller_spans_per_s": BAR_POLLER_SPANS_PER_S,
             "poller_vs_go": BAR_VS_GO,
-            "poller_vs_aio_list": BAR_VS_AIO,
+            "stream_vs_go": BAR_STREAM_VS_GO,
             "rss_growth_mb_per_million": BAR_RSS_MB_PER_MILLION,
         },
         "met": checks,
