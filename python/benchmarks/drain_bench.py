@@ -11,7 +11,8 @@ check, starts the peer on that WAL, then measures, each draining from the oldest
   batches     IngestionClient.read_spans, batches of 1000 (the plan's list API)
   aio-list    the original plan's client: grpc.aio stub, `async for`, a list per batch of
               1000 (on the first --aio-spans entries only: it is slow); the anchor of
-              the retired 8x bar (information now), at the poller's batch size so that only the transport differs
+              the retired 8x bar (information now), at 1000 so that only the transport
+              differs
   aio-list100 the same at the plan's default batch_size of 100 (information only)
   decode      the poller's decoding alone, in memory (its default sink, ServiceTally)
 
