@@ -23,8 +23,19 @@ the snapshot):
 - A key missing from a snapshot older than `miss_refresh_after` triggers a refresh, so a
   key created a moment ago validates almost at once, while a flood of invalid keys costs
   at most about one read per `miss_refresh_after` (about 20 reads/s at the default).
-- Reads are single-flight: concurrent callers share one read. A read that just failed is
-  not retried for `miss_refresh_after`, so an outage does not turn into a query storm.
+- Reads are single-flight: a caller joins the read under way when it started late enough
+  for it, else starts one. A failed read is an outcome like a successful one: it answers
+  (with KeyStoreUnavailable) every call it is fresh enough for, so an outage costs at most
+  one read per `max_age`, not a query storm.
+
+Why this is the simplest structure that keeps the three guarantees: the only state is the
+latest read's outcome (its start time, and its keys or the fact that it failed) and the
+read under way. "Fresh enough" is one comparison of a start time, so each guarantee is one
+rule: staleness (`max_age`), new keys (`miss_refresh_after`), bounded reads (single flight
+plus remembered failures). Dropping any part loses one of them: without the miss refresh
+a new key is refused for up to `max_age` (an exporter's first batch, which OTLP does not
+retry); without single flight a flood of unknown keys is a read per call; without the
+remembered failure an outage is a read per call.
 """
 
 from __future__ import annotations
@@ -54,16 +65,13 @@ DEFAULT_MISS_REFRESH_AFTER_SECONDS = 0.05
 
 @dataclass(frozen=True, slots=True)
 class KeySnapshot:
-    """Every key in the table at one moment (`read_at`, monotonic: when the read started)."""
+    """The outcome of one read of the table: every key in it, or None when the read failed.
 
-    keys: frozenset[str]
+    `read_at` (monotonic) is when the read started: anything committed before it is in it.
+    """
+
+    keys: frozenset[str] | None
     read_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class _FailedRead:
-    started: float
-    ended: float
 
 
 class KeyStoreUnavailable(Exception):  # noqa: N818 (the name reads as the condition it reports)
@@ -88,9 +96,9 @@ class KnownKeys:
         self._miss_refresh_after = miss_refresh_after
         self._read_timeout = read_timeout
         self._query = select(api_keys.c.key)
-        self._snapshot: KeySnapshot | None = None
-        self._failed: _FailedRead | None = None
-        self._reading: asyncio.Task[bool] | None = None
+        self._latest: KeySnapshot | None = None
+        self._reading: asyncio.Task[KeySnapshot] | None = None
+        self._reading_since = -math.inf
         self._available: bool | None = None
         self._reads = 0
         self._failures = 0
@@ -117,36 +125,30 @@ class KnownKeys:
 
     @property
     def size(self) -> int:
-        """How many keys the current snapshot holds (0 before the first read)."""
-        return 0 if self._snapshot is None else len(self._snapshot.keys)
+        """How many keys the current snapshot holds (0 before the first read or after a failure)."""
+        latest = self._latest
+        return 0 if latest is None or latest.keys is None else len(latest.keys)
 
     def age(self) -> float:
         """Seconds since the current snapshot's read started (infinite when there is none)."""
-        snapshot = self._snapshot
-        return math.inf if snapshot is None else time.monotonic() - snapshot.read_at
+        latest = self._latest
+        if latest is None or latest.keys is None:
+            return math.inf
+        return time.monotonic() - latest.read_at
 
     async def contains(self, key: str) -> bool:
         """Whether `key` is in the table; raises `KeyStoreUnavailable` rather than guess."""
         now = time.monotonic()
-        snapshot = self._snapshot
-        if snapshot is None or snapshot.read_at < now - self._max_age:
-            snapshot = await self._snapshot_since(now - self._max_age)
-        if key in snapshot.keys:
+        keys = await self._keys_since(now - self._max_age)
+        if key in keys:
             return True
-        if snapshot.read_at >= now - self._miss_refresh_after:
+        if self._latest is not None and self._latest.read_at >= now - self._miss_refresh_after:
             return False
-        snapshot = await self._snapshot_since(now - self._miss_refresh_after)
-        return key in snapshot.keys
+        return key in await self._keys_since(now - self._miss_refresh_after)
 
     async def refresh(self) -> bool:
-        """Read the table once (or join the read under way); whether that read succeeded."""
-        reading = self._reading
-        if reading is None or reading.done():  # done: cancelled before it could run
-            reading = asyncio.create_task(self._read(), name="api-keys-read")
-            self._reading = reading
-        # Shielded: a caller that gives up (deadline, cancel) must not cancel the read
-        # that other callers are waiting on.
-        return await asyncio.shield(reading)
+        """Read the table once (or join a read that started just now); whether it succeeded."""
+        return (await self._outcome_since(time.monotonic())).keys is not None
 
     async def close(self) -> None:
         """Cancel a read under way; later calls still work (they start new reads)."""
@@ -158,26 +160,28 @@ class KnownKeys:
         if self._reading is reading:
             self._reading = None
 
-    async def _snapshot_since(self, not_before: float) -> KeySnapshot:
-        # Three rounds are enough: the first may join a read that started before
-        # `not_before`, the second then joins or starts one that started after it, and the
-        # third sees that read's outcome.
-        for _ in range(3):
-            snapshot = self._snapshot
-            if snapshot is not None and snapshot.read_at >= not_before:
-                return snapshot
-            failed = self._failed
-            if (
-                failed is not None
-                and failed.started >= not_before
-                and failed.ended >= time.monotonic() - self._miss_refresh_after
-            ):
-                break
-            await self.refresh()
-        raise KeyStoreUnavailable("the API key store cannot be read")
+    async def _keys_since(self, not_before: float) -> frozenset[str]:
+        """The keys of a read that started at `not_before` or later; raises if it failed."""
+        keys = (await self._outcome_since(not_before)).keys
+        if keys is None:
+            raise KeyStoreUnavailable("the API key store cannot be read")
+        return keys
 
-    async def _read(self) -> bool:
-        started = time.monotonic()
+    async def _outcome_since(self, not_before: float) -> KeySnapshot:
+        """The latest read's outcome if it started at `not_before` or later, else a new one's."""
+        latest = self._latest
+        if latest is not None and latest.read_at >= not_before:
+            return latest
+        reading = self._reading
+        if reading is None or reading.done() or self._reading_since < not_before:
+            self._reading_since = time.monotonic()
+            reading = asyncio.create_task(self._read(self._reading_since), name="api-keys-read")
+            self._reading = reading
+        # Shielded: a caller that gives up (deadline, cancel) must not cancel the read
+        # that other callers are waiting on.
+        return await asyncio.shield(reading)
+
+    async def _read(self, started: float) -> KeySnapshot:
         self._reads += 1
         try:
             async with asyncio.timeout(self._read_timeout), self._engine.connect() as conn:
@@ -189,10 +193,9 @@ class KnownKeys:
                     with contextlib.suppress(Exception):
                         await conn.invalidate()
                     raise
-                keys = frozenset(result.scalars())
+                outcome = KeySnapshot(frozenset(result.scalars()), started)
         except Exception as exc:  # noqa: BLE001 (any failure means: no fresh snapshot)
-            self._failed = _FailedRead(started, time.monotonic())
-            self._snapshot = None  # see the module docstring: no answer outlives a failed read
+            outcome = KeySnapshot(None, started)
             self._failures += 1
             if self._available is not False:
                 log.error(  # noqa: TRY400 (the cause is in `error`; a traceback adds nothing)
@@ -205,14 +208,13 @@ class KnownKeys:
                     "API key read failed again", extra={"error": describe_database_error(exc)}
                 )
             self._available = False
-            return False
         else:
-            self._snapshot = KeySnapshot(keys, started)
-            self._failed = None
             if self._available is False:
-                log.warning("API keys readable again", extra={"keys": len(keys)})
+                log.warning("API keys readable again", extra={"keys": len(outcome.keys or ())})
             self._available = True
-            return True
-        finally:
-            if self._reading is asyncio.current_task():
-                self._reading = None
+        # Two reads can overlap (a late caller starts its own); the later start wins.
+        if self._latest is None or started >= self._latest.read_at:
+            self._latest = outcome
+        if self._reading is asyncio.current_task():
+            self._reading = None
+        return outcome
