@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import insert, select, update
 
-from junjo_backend.database import poller_state
+from junjo_backend.database import describe_database_error, poller_state
 from junjo_backend.ingestion_client import MAX_BATCH_SIZE
 from junjo_backend.spans import ResourceCatalog, ulid_millis
 
@@ -334,7 +334,8 @@ class SpanPoller:
             except Exception as error:  # noqa: BLE001 (any failure: back off, retry from the checkpoint)
                 failures += 1
                 self._caught_up = False
-                self._last_error = f"{type(error).__name__}: {error}"
+                # One line naming the cause: never a statement's text or parameters.
+                self._last_error = describe_database_error(error).splitlines()[0]
                 delay = self._backoff(failures)
                 log.warning(
                     "span poller batch failed; retrying from the checkpoint",

@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from sqlalchemy import Column, LargeBinary, MetaData, Table, insert, select
+from sqlalchemy import Column, LargeBinary, MetaData, Table, insert, select, text
 
 from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
 from junjo_backend.poller import (
@@ -188,6 +188,22 @@ async def test_sink_error_is_reported_while_retrying(
     assert sink.keys == []
     assert poller.status.spans_processed == 0
     assert poller.status.running
+
+
+async def test_a_database_error_is_reported_in_one_line_without_statement_text(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal, engine: AsyncEngine
+) -> None:
+    poller = make_poller()
+    await poller.start()
+    async with engine.begin() as conn:
+        await conn.execute(text("DROP TABLE poller_state"))
+    wal.seed(10, ms=int(time.time() * 1000) - 60_000)
+
+    await wait_until(lambda: poller.status.last_error is not None)
+
+    last_error = poller.status.last_error
+    assert last_error is not None
+    assert last_error == "OperationalError: no such table: poller_state"
 
 
 async def test_drains_past_a_run_of_undecodable_entries_longer_than_a_read(
