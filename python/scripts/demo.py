@@ -109,8 +109,8 @@ class Summary:
 
     sent: int
     received: int
-    decode_failures: int
-    lag_seconds: float | None
+    entries_skipped: int
+    backlog_age_seconds: float | None
     unknown_key_refused: bool
     peer: str
 
@@ -460,12 +460,12 @@ def run(
     print(f"created an API key; sending {spans} spans over OTLP/gRPC")
     sent = send_spans(ports.otlp, key, spans)
     poller = wait_for_drain(backend, f"{base_url}/health", sent, deadline)
-    lag = poller.get("lag_seconds")
+    backlog = poller.get("backlog_age_seconds")
     return Summary(
         sent=sent,
         received=int(str(poller["spans_processed"])),
-        decode_failures=int(str(poller["decode_failures"])),
-        lag_seconds=float(lag) if isinstance(lag, int | float) else None,
+        entries_skipped=int(str(poller["entries_skipped"])),
+        backlog_age_seconds=float(backlog) if isinstance(backlog, int | float) else None,
         unknown_key_refused=refused,
         peer=peer_label,
     )
@@ -473,13 +473,15 @@ def run(
 
 def print_summary(summary: Summary, exits: Mapping[str, int | None]) -> None:
     """The figures, one per line."""
-    lag = "n/a" if summary.lag_seconds is None else f"{summary.lag_seconds:.2f} s"
+    backlog = (
+        "n/a" if summary.backlog_age_seconds is None else f"{summary.backlog_age_seconds:.2f} s"
+    )
     rows = [
         ("ingestion peer ran as", summary.peer),
         ("spans sent (accepted by the peer)", str(summary.sent)),
         ("spans received (backend poller)", str(summary.received)),
-        ("decode failures", str(summary.decode_failures)),
-        ("ingestion lag when caught up", lag),
+        ("WAL entries skipped (undecodable)", str(summary.entries_skipped)),
+        ("backlog age once drained", backlog),
         ("unknown API key refused", "yes" if summary.unknown_key_refused else "NO"),
     ]
     rows += [(f"{name} exit status", str(code)) for name, code in exits.items()]
@@ -495,8 +497,8 @@ def problems_with(summary: Summary, exits: Mapping[str, int | None]) -> list[str
         problems.append("no span was accepted by the peer")
     if summary.received != summary.sent:
         problems.append(f"received {summary.received} spans, sent {summary.sent}")
-    if summary.decode_failures:
-        problems.append(f"{summary.decode_failures} spans did not decode")
+    if summary.entries_skipped:
+        problems.append(f"the ingestion-service skipped {summary.entries_skipped} WAL entries")
     if not summary.unknown_key_refused:
         problems.append("an unknown API key was not refused")
     if exits.get("backend") != 0:
