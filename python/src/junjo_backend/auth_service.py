@@ -382,6 +382,11 @@ class AuthServer:
         return self._keys.available is True
 
     @property
+    def health_watches(self) -> int:
+        """Health/Watch streams open now."""
+        return 0 if self._health is None else self._health.watches
+
+    @property
     def known_keys(self) -> KnownKeys:
         """The key snapshot the server answers from (for status pages and benchmarks)."""
         return self._keys

@@ -329,8 +329,8 @@ class SpanPoller:
             spans_processed=self._spans_processed,
             batches_committed=self._batches_committed,
             entries_skipped=self._entries_skipped,
-            # The client knows of a failure at once; the poller only once its retries end.
-            last_error=self._last_error or self._client.last_error,
+            # The client knows of an outage at once; the poller only once its retries end.
+            last_error=self._client.last_error or self._last_error,
         )
 
     async def start(self) -> None:
