@@ -75,9 +75,11 @@ async def test_metrics_move_as_calls_are_made_and_carry_no_key_material(
         for _ in range(2):
             assert await validate(address, keys.unknown()) is False
         await until(
-            lambda: backend.poller is not None
-            and backend.poller.status.caught_up
-            and backend.poller.status.spans_processed == len(wal.keys),
+            lambda: (
+                backend.poller is not None
+                and backend.poller.status.caught_up
+                and backend.poller.status.spans_processed == len(wal.keys)
+            ),
             "drained",
         )
         text, after = await scrape(http)
