@@ -10,10 +10,11 @@ built from go-compat-tests/image with the static binary go-compat-tests/bin/inge
 (`make peer`) copied in, nothing pulled, and run on host networking. Without an engine it
 runs that binary directly. The demo then creates an API key with the CLI; sends spans to
 the peer with the OpenTelemetry SDK's OTLP gRPC exporter and that key; waits until the
-backend's /health says its poller has processed them all; prints a summary (saying how the
-peer ran) and stops everything it started (`docker stop`, then removal, for the container),
-also on failure or Ctrl-C. `--check` (CI) fails unless every span sent was received, an
-unknown key was refused, and the backend and the peer shut down cleanly.
+backend's /health says its poller has processed them all; reads /metrics; prints a summary
+(saying how the peer ran) and stops everything it started (`docker stop`, then removal, for
+the container), also on failure or Ctrl-C. `--check` (CI) fails unless every span sent was
+received, an unknown key was refused, /metrics counted what happened (the spans processed,
+the peer's valid and refused keys), and the backend and the peer shut down cleanly.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -113,6 +115,7 @@ class Summary:
     backlog_age_seconds: float | None
     unknown_key_refused: bool
     peer: str
+    metrics: dict[str, float]
 
 
 def free_ports() -> Ports:
@@ -374,6 +377,23 @@ def unknown_key_is_refused(otlp_port: int) -> bool:
     return exporter.refused == 1 and exporter.accepted == 0
 
 
+def scraped_metrics(metrics_url: str) -> dict[str, float]:
+    """The /metrics figures the demo checks: spans processed, auth calls by outcome."""
+    wanted = {
+        "junjo_poller_spans_processed_total": "spans processed",
+        "junjo_auth_validate_calls_total": "auth calls",
+    }
+    figures: dict[str, float] = {}
+    text = httpx.get(metrics_url, timeout=5.0).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                outcome = sample.labels.get("outcome")
+                label = wanted[sample.name] + (f" {outcome}" if outcome else "")
+                figures[label] = sample.value
+    return figures
+
+
 def wait_for_drain(
     backend: Child, health_url: str, sent: int, deadline: float
 ) -> dict[str, object]:
@@ -468,6 +488,7 @@ def run(
         backlog_age_seconds=float(backlog) if isinstance(backlog, int | float) else None,
         unknown_key_refused=refused,
         peer=peer_label,
+        metrics=scraped_metrics(f"{base_url}/metrics"),
     )
 
 
@@ -484,6 +505,7 @@ def print_summary(summary: Summary, exits: Mapping[str, int | None]) -> None:
         ("backlog age once drained", backlog),
         ("unknown API key refused", "yes" if summary.unknown_key_refused else "NO"),
     ]
+    rows += [(f"/metrics: {label}", f"{count:g}") for label, count in summary.metrics.items()]
     rows += [(f"{name} exit status", str(code)) for name, code in exits.items()]
     print("summary:")
     for label, value in rows:
@@ -501,6 +523,15 @@ def problems_with(summary: Summary, exits: Mapping[str, int | None]) -> list[str
         problems.append(f"the ingestion-service skipped {summary.entries_skipped} WAL entries")
     if not summary.unknown_key_refused:
         problems.append("an unknown API key was not refused")
+    counted = summary.metrics
+    if counted.get("spans processed") != summary.received:
+        problems.append(f"/metrics counted {counted.get('spans processed')} spans processed")
+    # The peer's start-up probe and the unknown key are refused; the demo's key is valid.
+    refused_at_least = 2
+    if counted.get("auth calls invalid", 0) < refused_at_least or not counted.get(
+        "auth calls valid"
+    ):
+        problems.append(f"/metrics did not count the peer's auth calls: {counted}")
     if exits.get("backend") != 0:
         problems.append(f"the backend exited with {exits.get('backend')} after SIGTERM")
     if exits.get("ingestion-peer") != 0:
