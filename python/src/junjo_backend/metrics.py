@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
@@ -208,10 +208,12 @@ class BackendCollector:
 
 
 class BackendMetrics:
-    """The registry of one backend: build info, auth call metrics, and a scrape-time collector."""
+    """The registry of one backend: build info, process figures, auth calls, the rest at scrape."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds (read from /proc).
+        ProcessCollector(registry=self.registry)
         Info("junjo_backend_build", "The running backend", registry=self.registry).info(
             {"version": __version__, "python_version": platform.python_version()}
         )

@@ -103,6 +103,7 @@ async def test_metrics_move_as_calls_are_made_and_carry_no_key_material(
         for name, labels in after
     )
     assert value(after, "junjo_api_keys_snapshot_keys") == 1
+    assert (value(after, "process_resident_memory_bytes") or 0) > 0
     assert (value(after, "junjo_api_keys_snapshot_age_seconds") or 0) < 60
     assert value(after, "junjo_api_keys_read_failures_total") == 0
     assert (value(broken, "junjo_api_keys_read_failures_total") or 0) >= 1
