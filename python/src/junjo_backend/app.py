@@ -205,7 +205,7 @@ class AuthServerHealth(_Frozen):
 
 
 class IngestionHealth(_Frozen):
-    """Whether the ingestion-service was reachable, as the poller's calls and the channel saw it.
+    """Whether the ingestion-service was reachable at the poller's last call (no call of its own).
 
     `reachable` is null with `POLLER_ENABLED=false` (nothing dials it) and before anything
     was seen.

@@ -249,7 +249,7 @@ class IngestionClient:
         self._closed = asyncio.Event()
         self._pipes: set[_StreamPipe] = set()
         self._workers: set[threading.Thread] = set()
-        # Written from the event loop and from grpc's connectivity thread.
+        # Written from the event loop; the lock keeps the transitions whole for any thread.
         self._state_lock = threading.Lock()
         self._reachable: bool | None = None
         self._unreachable_since: float | None = None
@@ -273,10 +273,13 @@ class IngestionClient:
 
     @property
     def reachable(self) -> bool | None:
-        """Whether the ingestion-service was reachable, as last seen; None before anything was seen.
+        """Whether the ingestion-service was reachable at the last call; None before any call.
 
-        Calls set it (a message or an OK end: yes; a lost connection: no), and so does the
-        channel's connectivity (READY: yes; TRANSIENT_FAILURE: no). Reading it starts nothing.
+        A message or an OK end says yes, a lost connection no. The poller calls at least every
+        `POLLER_IDLE_WAIT_SECONDS` while it is reachable, and at every retry while it is not,
+        so this is a probe result refreshed by the poller's own reads. Reading it starts
+        nothing. (The channel's connectivity subscription was tried: grpcio's polling thread
+        can outlive `unsubscribe` and raise "Channel closed" on its own thread at close.)
         """
         return self._reachable
 
@@ -322,13 +325,6 @@ class IngestionClient:
             fields["unreachable_seconds"] = round(time.monotonic() - since, 3)
         log.info("ingestion-service reachable again", extra=fields)
 
-    def _on_connectivity(self, connectivity: grpc.ChannelConnectivity) -> None:
-        """Grpc's connectivity callback (on its own thread): READY and TRANSIENT_FAILURE count."""
-        if connectivity is grpc.ChannelConnectivity.READY:
-            self._seen(reachable=True)
-        elif connectivity is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            self._seen(reachable=False, error="UNAVAILABLE: cannot connect")
-
     async def connect(self) -> None:
         """Create the channel (connections are made lazily by the first call); idempotent."""
         if self._channel is not None:
@@ -351,9 +347,6 @@ class IngestionClient:
             ("grpc.max_reconnect_backoff_ms", int(_RETRY_MAX_SECONDS * 1000)),
         ]
         self._channel = grpc.insecure_channel(self.address, options=options)
-        # Health reads the channel's state instead of making calls of its own; the
-        # subscription never makes the channel connect.
-        self._channel.subscribe(self._on_connectivity, try_to_connect=False)
         self._stub = ingestion_pb2_grpc.InternalIngestionServiceStub(self._channel)
         self._closed = asyncio.Event()
         log.info("ingestion client ready", extra={"address": self.address})
@@ -368,7 +361,6 @@ class IngestionClient:
         self._closed.set()
         for pipe in list(self._pipes):
             pipe.abandon()
-        channel.unsubscribe(self._on_connectivity)
         channel.close()
         # Cancelled calls end at once; the bound only guards against a thread stuck in C.
         stuck = await asyncio.to_thread(_join_all, list(self._workers), _CLOSE_JOIN_SECONDS)

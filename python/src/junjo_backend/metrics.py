@@ -189,7 +189,7 @@ class BackendCollector:
         if reachable is not None:
             yield _gauge(
                 "junjo_ingestion_reachable",
-                "1 when the last call or connection attempt reached the ingestion-service",
+                "1 when the poller's last call reached the ingestion-service",
                 reachable,
             )
         yield _counter(

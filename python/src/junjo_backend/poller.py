@@ -394,7 +394,11 @@ class SpanPoller:
             if short is not None:
                 self._count_skipped(short, read)
             short = read if read.short else None
-            self._caught_up = read.caught_up
+            # A short window that brought nothing proves nothing either way and the read of
+            # the largest size follows at once: the status keeps the last conclusive answer
+            # rather than saying "behind" for that moment after every idle pause.
+            if read.delivered or not read.short:
+                self._caught_up = read.caught_up
             if read.caught_up:
                 self._oldest_unprocessed_ms = None
             if read.unsettled_ms is not None:
