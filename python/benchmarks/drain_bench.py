@@ -232,7 +232,7 @@ async def poller_drain(
         await close_engine(engine)
     figures.rss_peak_mb = sampler.peak
     figures.counts["poller"] = status.spans_processed
-    figures.counts["poller_decode_failures"] = status.decode_failures
+    figures.counts["poller_entries_skipped"] = status.entries_skipped
     figures.counts["poller_services"] = len(tally.activity())
     figures.seconds["poller"] = elapsed
     figures.rates["poller"] = status.spans_processed / elapsed

@@ -4,6 +4,11 @@ The lifespan starts the parts in dependency order (database, auth gRPC server, i
 client, span poller) and stops them in reverse. The ingestion-service being unreachable is
 not a start-up failure: auth is what the ingestion-service needs from us first (it blocks
 its own start-up on it), and the poller retries with backoff until the WAL is reachable.
+With `POLLER_ENABLED=false` (an auth-only deployment) there is no ingestion client at all:
+nothing dials the ingestion-service.
+
+`/health` and `/metrics` read state the parts keep anyway; neither makes a gRPC call nor
+changes anything (the database probe is a read).
 """
 
 import asyncio
@@ -23,6 +28,7 @@ from typing import Annotated, Literal, TypedDict
 import uvicorn
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
+from fastapi.responses import Response as RawResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -38,7 +44,8 @@ from junjo_backend.database import (
 )
 from junjo_backend.http_protocol import bounded_h11_protocol
 from junjo_backend.ingestion_client import IngestionClient
-from junjo_backend.poller import SpanPoller
+from junjo_backend.metrics import CONTENT_TYPE, BackendMetrics
+from junjo_backend.poller import PollerStatus, SpanPoller
 from junjo_backend.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -65,8 +72,9 @@ class Backend:
     settings: Settings
     engine: AsyncEngine
     auth_server: AuthServer
-    ingestion: IngestionClient
+    ingestion: IngestionClient | None  # None when POLLER_ENABLED=false
     poller: SpanPoller | None
+    metrics: BackendMetrics
 
 
 class LifespanState(TypedDict):
@@ -116,6 +124,7 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
     A step that fails raises `StartupError`; the steps before it are stopped first.
     """
     started = asyncio.Event()
+    metrics = BackendMetrics()
     async with contextlib.AsyncExitStack() as stack:
         with _startup_step("database", "DATABASE_URL"):
             # Creates the schema (and a SQLite file) only now: after start-up a missing
@@ -133,7 +142,7 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
         )
 
         with _startup_step("auth server", "AUTH_GRPC_LISTEN_ADDRESS"):
-            auth_server = AuthServer(settings, engine)
+            auth_server = AuthServer(settings, engine, metrics=metrics.auth)
             stack.push_async_callback(
                 _stop_step,
                 "auth server",
@@ -142,31 +151,36 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
             )
             await auth_server.start()
 
-        with _startup_step("ingestion client", "INGESTION_GRPC_ADDRESS"):
-            ingestion = IngestionClient(settings=settings)
-            stack.push_async_callback(_stop_step, "ingestion client", ingestion.close, started)
-            await ingestion.connect()
-        if await ingestion.check_connection(settings.health_probe_timeout_seconds):
-            log.info(
-                "ingestion-service reachable", extra={"address": settings.ingestion_grpc_address}
-            )
-        else:
-            log.warning(
-                "ingestion-service not reachable yet; auth is served and the poller keeps retrying",
-                extra={"address": settings.ingestion_grpc_address},
-            )
-
+        ingestion: IngestionClient | None = None
         poller: SpanPoller | None = None
         if settings.poller_enabled:
+            with _startup_step("ingestion client", "INGESTION_GRPC_ADDRESS"):
+                ingestion = IngestionClient(settings=settings)
+                stack.push_async_callback(_stop_step, "ingestion client", ingestion.close, started)
+                await ingestion.connect()
+            if await ingestion.check_connection(settings.health_probe_timeout_seconds):
+                log.info(
+                    "ingestion-service reachable",
+                    extra={"address": settings.ingestion_grpc_address},
+                )
+            else:
+                log.warning(
+                    "ingestion-service not reachable yet; auth is served and the poller keeps "
+                    "retrying",
+                    extra={"address": settings.ingestion_grpc_address},
+                )
             with _startup_step("span poller", "DATABASE_URL"):
                 poller = SpanPoller(ingestion, engine, settings=settings)
                 stack.push_async_callback(_stop_step, "span poller", poller.stop, started)
                 await poller.start()
         else:
-            log.info("span poller disabled (POLLER_ENABLED=false)")
+            log.info(
+                "span poller disabled (POLLER_ENABLED=false); the ingestion-service is not dialled"
+            )
+        metrics.watch(auth_server.known_keys, poller, ingestion)
 
         started.set()
-        yield Backend(settings, engine, auth_server, ingestion, poller)
+        yield Backend(settings, engine, auth_server, ingestion, poller, metrics)
         log.info("shutting down")
     log.info("shut down")
 
@@ -191,24 +205,14 @@ class AuthServerHealth(_Frozen):
 
 
 class IngestionHealth(_Frozen):
-    """Whether the ingestion-service's internal gRPC server can be reached just now."""
+    """Whether the ingestion-service was reachable at the poller's last call (no call of its own).
+
+    `reachable` is null with `POLLER_ENABLED=false` (nothing dials it) and before anything
+    was seen.
+    """
 
     address: str
-    reachable: bool
-
-
-class PollerHealth(_Frozen):
-    """The span poller's progress through the ingestion-service's WAL."""
-
-    enabled: bool
-    running: bool
-    connected: bool
-    caught_up: bool
-    last_key: str | None
-    lag_seconds: float | None
-    spans_processed: int
-    decode_failures: int
-    last_error: str | None
+    reachable: bool | None
 
 
 class Health(_Frozen):
@@ -223,7 +227,7 @@ class Health(_Frozen):
     database: DatabaseHealth
     auth_server: AuthServerHealth
     ingestion: IngestionHealth
-    poller: PollerHealth
+    poller: PollerStatus
 
 
 async def _probe_database(engine: AsyncEngine, within: float) -> DatabaseHealth:
@@ -243,51 +247,21 @@ async def _probe_database(engine: AsyncEngine, within: float) -> DatabaseHealth:
     return DatabaseHealth(ok=True, error=None)
 
 
-def _poller_health(poller: SpanPoller | None) -> PollerHealth:
-    if poller is None:
-        return PollerHealth(
-            enabled=False,
-            running=False,
-            connected=False,
-            caught_up=False,
-            last_key=None,
-            lag_seconds=None,
-            spans_processed=0,
-            decode_failures=0,
-            last_error=None,
-        )
-    status = poller.status
-    return PollerHealth(
-        enabled=True,
-        running=status.running,
-        connected=status.connected,
-        caught_up=status.caught_up,
-        last_key=status.last_key.hex() if status.last_key is not None else None,
-        lag_seconds=status.lag_seconds,
-        spans_processed=status.spans_processed,
-        decode_failures=status.decode_failures,
-        last_error=status.last_error,
-    )
-
-
 async def check_health(backend: Backend) -> Health:
-    """Probe the database and the ingestion-service (concurrently) and collect the rest."""
-    timeout = backend.settings.health_probe_timeout_seconds
-    database, reachable = await asyncio.gather(
-        _probe_database(backend.engine, timeout),
-        backend.ingestion.check_connection(timeout),
-    )
+    """Probe the database; read the rest from the parts' own state (no gRPC call is made)."""
+    database = await _probe_database(backend.engine, backend.settings.health_probe_timeout_seconds)
     auth = backend.auth_server
     auth_health = AuthServerHealth(
         running=auth.running,
         address=auth.address if auth.running else None,
         database_ok=auth.database_ok,
     )
-    poller = _poller_health(backend.poller)
+    poller = backend.poller.status if backend.poller is not None else PollerStatus.disabled()
+    reachable = backend.ingestion.reachable if backend.ingestion is not None else None
     status: Literal["ok", "degraded", "unavailable"] = "ok"
     if not (database.ok and auth_health.running):
         status = "unavailable"
-    elif not reachable or (poller.enabled and not poller.running):
+    elif poller.enabled and not (reachable and poller.running):
         status = "degraded"
     return Health(
         status=status,
@@ -351,6 +325,11 @@ def create_app(
         if body.status == "unavailable":
             response.status_code = 503
         return body
+
+    @app.get("/metrics", response_class=RawResponse)
+    async def metrics(backend: RunningBackend) -> RawResponse:
+        """The backend's metrics in the Prometheus text format (README: "Metrics")."""
+        return RawResponse(backend.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
 

@@ -1,9 +1,11 @@
 """InternalAuthService: answers the Go ingestion-service's ValidateApiKey calls.
 
 `AuthServer` owns one `grpc.aio` server with three services: ValidateApiKey, the standard
-grpc.health.v1 Health (SERVING while the api_keys table can be read), and, only when
-`grpc_reflection_enabled`, server reflection. Answers come from `KnownKeys`, a snapshot of
-the table at most `api_key_cache_max_age_seconds` old, kept fresh by a background task.
+grpc.health.v1 Health (SERVING while the api_keys table can be read; Check, List, and
+Watch with a cap and a lifetime), and, only when `grpc_reflection_enabled`, server
+reflection. Answers come from `KnownKeys`, a snapshot of the table at most
+`api_key_cache_max_age_seconds` old, kept fresh by a background task. Calls are counted in
+`AuthCallMetrics`; refused keys are summed up in one INFO line per interval.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 from grpc_health.v1.health import aio as health_aio  # type: ignore[import-untyped]
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
+from prometheus_client import CollectorRegistry
 
 from junjo_backend._wire.ingestion import auth_pb2
 from junjo_backend.known_keys import KeyStoreUnavailable, KnownKeys
+from junjo_backend.metrics import AuthCallMetrics
 from junjo_backend.settings import parse_address
 
 if TYPE_CHECKING:
@@ -74,6 +78,14 @@ _INVALID = auth_pb2.ValidateApiKeyResponse(is_valid=False).SerializeToString()
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
+# Each open Health/Watch stream holds a task and its buffers (5,000 of them measured ~70 MB):
+# at most this many at once (more are refused with RESOURCE_EXHAUSTED), each ended (OK) after
+# this long, after which a client watches again, as grpc's health-checking clients do.
+HEALTH_WATCH_LIMIT = 100
+HEALTH_WATCH_LIFETIME_SECONDS = 300.0
+# Refused keys are summed up in one INFO line at most this often (none when none were refused).
+REFUSED_SUMMARY_SECONDS = 10.0
+
 # Codes that say the caller asked for something we cannot give, rather than a fault here.
 _CLIENT_CODES = frozenset(
     {
@@ -96,27 +108,48 @@ class InternalAuthServicer:
     possible answers are serialized once.
     """
 
-    def __init__(self, keys: KnownKeys) -> None:
+    def __init__(self, keys: KnownKeys, metrics: AuthCallMetrics) -> None:
         self._keys = keys
+        self._metrics = metrics
+        self.refused = 0  # keys answered is_valid=false since the last summary line
 
     async def ValidateApiKey(self, request: bytes, context: _Context) -> bytes:
         """is_valid=true only for a key in the database; INTERNAL when it cannot be read."""
+        started = time.perf_counter()
         try:
             key = auth_pb2.ValidateApiKeyRequest.FromString(request).api_key
         except DecodeError:
+            self._metrics.error.observe(started)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "not a ValidateApiKeyRequest (api_key must be UTF-8)",
             )
-        if not key or key == READINESS_PROBE_KEY or len(key) > MAX_KEY_BYTES:
+        if key == READINESS_PROBE_KEY:  # the ingestion-service's start-up probe is no refusal
+            self._metrics.invalid.observe(started)
             return _INVALID
-        if not key.isascii() and len(key.encode()) > MAX_KEY_BYTES:
-            return _INVALID
+        if (
+            not key
+            or len(key) > MAX_KEY_BYTES
+            or (not key.isascii() and len(key.encode()) > MAX_KEY_BYTES)
+        ):
+            return self._refuse(started)
         try:
             known = await self._keys.contains(key)
         except KeyStoreUnavailable:
+            self._metrics.error.observe(started)
             await context.abort(grpc.StatusCode.INTERNAL, "the API key store is unavailable")
-        return _VALID if known else _INVALID
+        except asyncio.CancelledError:
+            self._metrics.error.observe(started)
+            raise
+        if known:
+            self._metrics.valid.observe(started)
+            return _VALID
+        return self._refuse(started)
+
+    def _refuse(self, started: float) -> bytes:
+        self.refused += 1
+        self._metrics.invalid.observe(started)
+        return _INVALID
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
         """The service's handlers by method name, for `add_registered_method_handlers`."""
@@ -261,16 +294,76 @@ def listen_problem(address: str) -> str | None:
     return None
 
 
-class AuthServer:
-    """The auth gRPC server: started and stopped by the FastAPI lifespan or by tests."""
+class BoundedHealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
+    """grpc_health's aio servicer plus `List`, which 1.85 lacks, and bounded `Watch` streams.
 
-    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+    Without `List`, every List call raised NotImplementedError inside the server and logged
+    an ERROR traceback.
+    """
+
+    def __init__(self, *, watch_limit: int, watch_lifetime: float) -> None:
+        super().__init__()
+        self._watch_limit = watch_limit
+        self._watch_lifetime = watch_lifetime
+        self.watches = 0  # open Watch streams
+
+    async def List(
+        self,
+        request: health_pb2.HealthListRequest,  # noqa: ARG002 (it has no fields)
+        context: _Context,  # noqa: ARG002 (nothing to abort)
+    ) -> health_pb2.HealthListResponse:
+        """Every registered service with its status ("" is the whole server)."""
+        return health_pb2.HealthListResponse(
+            statuses={
+                service: health_pb2.HealthCheckResponse(status=status)
+                for service, status in self._server_status.items()
+            }
+        )
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: _Context) -> None:
+        """Stream status changes; past the cap RESOURCE_EXHAUSTED, past the lifetime the end."""
+        if self.watches >= self._watch_limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {self._watch_limit} health watches at once; use Check",
+            )
+        self.watches += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._watch_lifetime):
+                    await super().Watch(request, context)
+        finally:
+            self.watches -= 1
+
+
+class AuthServer:
+    """The auth gRPC server: started and stopped by the FastAPI lifespan or by tests.
+
+    `metrics` defaults to counters of its own (a fresh registry), for tests and benchmarks.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        *,
+        metrics: AuthCallMetrics | None = None,
+        health_watch_limit: int = HEALTH_WATCH_LIMIT,
+        health_watch_lifetime: float = HEALTH_WATCH_LIFETIME_SECONDS,
+        refused_summary_seconds: float = REFUSED_SUMMARY_SECONDS,
+    ) -> None:
         self._settings = settings
         self._engine = engine
         self._host, _ = _split_address(settings.auth_grpc_listen_address)
         self._keys = KnownKeys(engine, max_age=settings.api_key_cache_max_age_seconds)
+        self._metrics = metrics if metrics is not None else AuthCallMetrics(CollectorRegistry())
+        self._servicer = InternalAuthServicer(self._keys, self._metrics)
+        self._health_watch_limit = health_watch_limit
+        self._health_watch_lifetime = health_watch_lifetime
+        self._refused_summary_seconds = refused_summary_seconds
+        self._last_refused_summary = time.monotonic()
         self._server: grpc.aio.Server | None = None
-        self._health: Any = None  # grpc_health's aio HealthServicer (untyped)
+        self._health: BoundedHealthServicer | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._port = 0
@@ -295,6 +388,11 @@ class AuthServer:
     def database_ok(self) -> bool:
         """Whether the latest read of the api_keys table succeeded (drives the health status)."""
         return self._keys.available is True
+
+    @property
+    def health_watches(self) -> int:
+        """Health/Watch streams open now."""
+        return 0 if self._health is None else self._health.watches
 
     @property
     def known_keys(self) -> KnownKeys:
@@ -322,13 +420,14 @@ class AuthServer:
                 ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_HARD_LIMIT),
             ],
         )
-        servicer = InternalAuthServicer(self._keys)
-        handlers = servicer.method_handlers()
+        handlers = self._servicer.method_handlers()
         server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)]
         )
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
-        self._health = health_aio.HealthServicer()
+        self._health = BoundedHealthServicer(
+            watch_limit=self._health_watch_limit, watch_lifetime=self._health_watch_lifetime
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         await self._publish_health()
         if self._settings.grpc_reflection_enabled:
@@ -376,12 +475,14 @@ class AuthServer:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, server: grpc.aio.Server, grace: float) -> None:
-        await self._health.enter_graceful_shutdown()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
         await server.stop(grace)
+        self._summarize_refused()
         await self._keys.close()
         log.info("auth gRPC server stopped", extra={"address": self.address})
 
@@ -393,10 +494,28 @@ class AuthServer:
             if self._keys.age() >= interval:
                 await self._keys.refresh()
             await self._publish_health()
+            if time.monotonic() - self._last_refused_summary >= self._refused_summary_seconds:
+                self._summarize_refused()
             delay = interval - self._keys.age() if self._keys.available else interval
             await asyncio.sleep(max(delay, 0.001))
 
+    def _summarize_refused(self) -> None:
+        """One INFO line with how many keys were refused since the last one (none: no line)."""
+        now = time.monotonic()
+        refused, self._servicer.refused = self._servicer.refused, 0
+        if refused:
+            log.info(
+                "API keys refused: not in the database (is_valid=false)",
+                extra={
+                    "refused": refused,
+                    "interval_seconds": round(now - self._last_refused_summary, 3),
+                },
+            )
+        self._last_refused_summary = now
+
     async def _publish_health(self) -> None:
+        if self._health is None:
+            return
         serving = self.database_ok
         if serving == self._health_serving:
             return

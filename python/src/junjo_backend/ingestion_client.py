@@ -283,7 +283,13 @@ class IngestionClient:
         self._closed = asyncio.Event()
         self._pipes: set[_StreamPipe] = set()
         self._workers: set[threading.Thread] = set()
-        self._connected: bool | None = None
+        # Written from the event loop; the lock keeps the transitions whole for any thread.
+        self._state_lock = threading.Lock()
+        self._reachable: bool | None = None
+        self._unreachable_since: float | None = None
+        self._last_error: str | None = None
+        self._reconnects = 0
+        self._stream_errors: dict[str, int] = {}
 
     async def __aenter__(self) -> Self:
         """Connect, for `async with`."""
@@ -300,9 +306,58 @@ class IngestionClient:
         await self.close()
 
     @property
-    def connected(self) -> bool:
-        """Whether the last call reached the server (False before any call)."""
-        return bool(self._connected)
+    def reachable(self) -> bool | None:
+        """Whether the ingestion-service was reachable at the last call; None before any call.
+
+        A message or an OK end says yes, a lost connection no. The poller calls at least every
+        `POLLER_IDLE_WAIT_SECONDS` while it is reachable, and at every retry while it is not,
+        so this is a probe result refreshed by the poller's own reads. Reading it starts
+        nothing. (The channel's connectivity subscription was tried: grpcio's polling thread
+        can outlive `unsubscribe` and raise "Channel closed" on its own thread at close.)
+        """
+        return self._reachable
+
+    @property
+    def last_error(self) -> str | None:
+        """The failure that made the ingestion-service unreachable, from its first failed call."""
+        return self._last_error
+
+    @property
+    def reconnects(self) -> int:
+        """Times the ingestion-service became reachable again after being unreachable."""
+        return self._reconnects
+
+    @property
+    def stream_errors(self) -> dict[str, int]:
+        """ReadSpans calls that ended with an error, by gRPC status code name."""
+        return dict(self._stream_errors)
+
+    def _seen(self, *, reachable: bool, error: str | None = None) -> None:
+        """Record what a call or the channel showed; log the way back from an outage.
+
+        During an outage `last_error` keeps the first failure: it is set at once, not only
+        when the retries give up.
+        """
+        with self._state_lock:
+            before = self._reachable
+            if not reachable:
+                if before is not False:
+                    self._reachable = False
+                    self._last_error = error or "unreachable"
+                    self._unreachable_since = time.monotonic()
+                return
+            if before is True:
+                return
+            self._reachable = True
+            self._last_error = None
+            since, self._unreachable_since = self._unreachable_since, None
+            if before is None:  # first sight: the lifespan says it at start-up
+                return
+            self._reconnects += 1
+        fields: dict[str, object] = {"address": self.address}
+        if since is not None:
+            fields["unreachable_seconds"] = round(time.monotonic() - since, 3)
+        log.info("ingestion-service reachable again", extra=fields)
 
     async def connect(self) -> None:
         """Create the channel (connections are made lazily by the first call); idempotent."""
@@ -351,15 +406,19 @@ class IngestionClient:
         log.info("ingestion client closed", extra={"address": self.address})
 
     async def check_connection(self, timeout: float = 1.0) -> bool:  # noqa: ASYNC109 (the call's gRPC deadline)
-        """Whether the ingestion-service answers ReadSpans (batch_size 0) within `timeout`."""
+        """Whether the ingestion-service answers ReadSpans (batch_size 0) within `timeout`.
+
+        A call of its own: for start-up and the CLI, never for `/health` (see `reachable`).
+        """
         stub = self._stub
         if stub is None:
             return False
         request = ingestion_pb2.ReadSpansRequest(batch_size=0)
         loop = asyncio.get_running_loop()
-        answered: asyncio.Future[bool] = loop.create_future()
+        answered: asyncio.Future[str | None] = loop.create_future()
 
         def probe() -> None:
+            failure: str | None = None
             try:
                 for _ in stub.ReadSpans(request, timeout=timeout, wait_for_ready=False):
                     pass
@@ -368,18 +427,16 @@ class IngestionClient:
                 log.debug(
                     "ingestion-service probe failed", extra={"code": code.name, "details": details}
                 )
-                outcome = False
+                failure = f"{code.name}: {details}"
             except ValueError:  # closed channel
-                outcome = False
-            else:
-                outcome = True
+                failure = "the ingestion client was closed"
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting
-                loop.call_soon_threadsafe(_settle, answered, outcome)
+                loop.call_soon_threadsafe(_settle, answered, failure)
 
         self._start_worker(probe)
-        outcome = await answered
-        self._connected = outcome
-        return outcome
+        failure = await answered
+        self._seen(reachable=failure is None, error=failure)
+        return failure is None
 
     async def read_spans(self, start_key: bytes | None, batch_size: int = 100) -> list[SpanRecord]:
         """Up to `batch_size` records after `start_key` (None or b"": from the oldest), in order."""
@@ -421,8 +478,9 @@ class IngestionClient:
                         break
                     after = item[-1].key
                     remaining -= len(item)
-                    progressed = True
-                    self._connected = True
+                    if not progressed:
+                        progressed = True
+                        self._seen(reachable=True)
                     retry.progressed()
                     yield item
             finally:
@@ -435,8 +493,10 @@ class IngestionClient:
                     grpc.StatusCode.CANCELLED, "the ingestion client was closed"
                 )
             if item.error is None:
-                self._connected = True
+                self._seen(reachable=True)
                 return
+            code_name = rpc_status(item.error)[0].name
+            self._stream_errors[code_name] = self._stream_errors.get(code_name, 0) + 1
             await self._before_retry(item.error, retry, progressed=progressed)
 
     async def _before_retry(
@@ -451,7 +511,7 @@ class IngestionClient:
         if not resumable:
             raise ingestion_error(code, details)
         if code is not grpc.StatusCode.DEADLINE_EXCEEDED:
-            self._connected = False
+            self._seen(reachable=False, error=f"{code.name}: {details}")
         delay = retry.next_delay()
         if delay is None:
             raise IngestionUnavailableError(
@@ -508,9 +568,9 @@ def _join_all(workers: list[threading.Thread], seconds: float) -> int:
     return sum(worker.is_alive() for worker in workers)
 
 
-def _settle(future: asyncio.Future[bool], outcome: bool) -> None:  # noqa: FBT001 (a callback's value)
+def _settle(future: asyncio.Future[str | None], failure: str | None) -> None:
     if not future.done():
-        future.set_result(outcome)
+        future.set_result(failure)
 
 
 __all__ = [

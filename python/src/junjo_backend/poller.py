@@ -35,8 +35,13 @@ nothing for them), or it stopped at an entry still inside the settle window (not
 is left). The poller reads in bounded windows; a window that comes back short is followed
 at once by a read of the largest size, which passes any run of undecodable entries. When
 that read finds an entry that had settled before the short read was requested, the short
-window was exhausted by entries the server skipped: `decode_failures` counts them (a lower
+window was exhausted by entries the server skipped: `entries_skipped` counts them (a lower
 bound, as skips inside the largest read are invisible on the wire).
+
+Backlog age (what `/health` and `/metrics` report as lag): 0 when caught up; while behind,
+the age of the oldest entry the poller has read but not yet processed (between two batches
+of one drain, the age of the last processed one, which bounds it); not known (None) while
+behind with nothing read since start, e.g. while the ingestion-service is unreachable.
 """
 
 from __future__ import annotations
@@ -49,8 +54,10 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select, update
 
 from junjo_backend.database import describe_database_error, poller_state
@@ -194,20 +201,47 @@ class ServiceTally:
         self._spans_since_summary = 0
 
 
-@dataclass(frozen=True, slots=True)
-class PollerStatus:
-    """The poller's state, for health checks."""
+class PollerStatus(BaseModel):
+    """The poller's state: what `/health` shows under `poller` and `/metrics` reads."""
 
+    # bytes (the checkpoint key) go into JSON as hex.
+    model_config = ConfigDict(frozen=True, ser_json_bytes="hex")
+
+    enabled: bool = Field(description="POLLER_ENABLED")
     running: bool
-    connected: bool
-    last_key: bytes | None
-    lag_seconds: float | None  # now minus the ULID time of last_key
+    caught_up: bool = Field(description="the last read reached the end of the WAL (module doc)")
+    backlog_age_seconds: float | None = Field(
+        description="0 when caught up; while behind, the age of the oldest unprocessed span "
+        "read so far; null while not known"
+    )
+    last_key: bytes | None = Field(description="the checkpoint: the last processed WAL key")
+    last_key_received_at: datetime | None = Field(
+        description="when the ingestion-service received the span of last_key (its key's time)"
+    )
     spans_processed: int
-    # WAL entries the ingestion-service could not decode and skipped, as far as the reads
-    # prove it (a lower bound; see the module docstring).
-    decode_failures: int
-    last_error: str | None
-    caught_up: bool = False  # as defined in the module docstring
+    batches_committed: int
+    entries_skipped: int = Field(
+        description="WAL entries the ingestion-service skipped (undecodable), a lower bound"
+    )
+    last_error: str | None = Field(
+        description="why the last read failed, from the first failure of an outage"
+    )
+
+    @classmethod
+    def disabled(cls) -> PollerStatus:
+        """The status when POLLER_ENABLED=false."""
+        return cls(
+            enabled=False,
+            running=False,
+            caught_up=False,
+            backlog_age_seconds=None,
+            last_key=None,
+            last_key_received_at=None,
+            spans_processed=0,
+            batches_committed=0,
+            entries_skipped=0,
+            last_error=None,
+        )
 
 
 @dataclass(slots=True)
@@ -259,7 +293,10 @@ class SpanPoller:
         self._in_transaction = False
         self._checkpoint: bytes | None = None
         self._spans_processed = 0
-        self._decode_failures = 0
+        self._batches_committed = 0
+        self._entries_skipped = 0
+        # Key time (ms) of the oldest entry read but not yet processed: the backlog's age.
+        self._oldest_unprocessed_ms: int | None = None
         self._last_error: str | None = None
         self._caught_up = False
         self._read_size = min(settings.poller_batch_size * _BATCHES_PER_READ, MAX_BATCH_SIZE)
@@ -272,18 +309,28 @@ class SpanPoller:
 
     @property
     def status(self) -> PollerStatus:
-        """A snapshot of the poller's state."""
+        """A snapshot of the poller's state; computing it changes nothing and calls nothing."""
         checkpoint = self._checkpoint
-        lag = None if checkpoint is None else max(0.0, time.time() - ulid_millis(checkpoint) / 1000)
+        oldest = self._oldest_unprocessed_ms
+        backlog: float | None = None
+        if self._caught_up:
+            backlog = 0.0
+        elif oldest is not None:
+            backlog = max(0.0, time.time() - oldest / 1000)
         return PollerStatus(
+            enabled=True,
             running=self._task is not None and not self._task.done(),
-            connected=self._client.connected,
-            last_key=checkpoint,
-            lag_seconds=lag,
-            spans_processed=self._spans_processed,
-            decode_failures=self._decode_failures,
-            last_error=self._last_error,
             caught_up=self._caught_up,
+            backlog_age_seconds=backlog,
+            last_key=checkpoint,
+            last_key_received_at=None
+            if checkpoint is None
+            else datetime.fromtimestamp(ulid_millis(checkpoint) / 1000, UTC),
+            spans_processed=self._spans_processed,
+            batches_committed=self._batches_committed,
+            entries_skipped=self._entries_skipped,
+            # The client knows of an outage at once; the poller only once its retries end.
+            last_error=self._client.last_error or self._last_error,
         )
 
     async def start(self) -> None:
@@ -348,7 +395,13 @@ class SpanPoller:
             if short is not None:
                 self._count_skipped(short, read)
             short = read if read.short else None
-            self._caught_up = read.caught_up
+            # A short window that brought nothing proves nothing either way and the read of
+            # the largest size follows at once: the status keeps the last conclusive answer
+            # rather than saying "behind" for that moment after every idle pause.
+            if read.delivered or not read.short:
+                self._caught_up = read.caught_up
+            if read.caught_up:
+                self._oldest_unprocessed_ms = None
             if read.unsettled_ms is not None:
                 await self._pause(self._until_settled(read.unsettled_ms))
             elif read.caught_up:
@@ -377,7 +430,7 @@ class SpanPoller:
             # read's snapshot: the short window may simply have reached the end.
             return
         skipped = short.asked - short.delivered
-        self._decode_failures += skipped
+        self._entries_skipped += skipped
         log.warning(
             "the ingestion-service skipped WAL entries that do not decode",
             extra={
@@ -404,6 +457,7 @@ class SpanPoller:
                     read.unsettled_ms = ulid_millis(chunk[settled].key)
                     break
                 pending.extend(chunk)
+                self._oldest_unprocessed_ms = ulid_millis(pending[0].key)
                 while len(pending) >= batch_size:
                     await self._commit(pending[:batch_size])
                     del pending[:batch_size]
@@ -424,6 +478,9 @@ class SpanPoller:
             self._in_transaction = False
         self._checkpoint = last_key
         self._spans_processed += len(batch)
+        self._batches_committed += 1
+        # The next entry is no older than this one: a bound until the drain reads it.
+        self._oldest_unprocessed_ms = ulid_millis(last_key)
         if self._stop_requested.is_set():
             raise _Stopping
 

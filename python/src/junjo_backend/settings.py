@@ -199,7 +199,11 @@ class Settings(BaseSettings):
         default=1000, gt=0, description="open HTTP connections beyond this are closed at once"
     )
     health_probe_timeout_seconds: float = Field(
-        default=1.0, gt=0, description="how long /health waits for each live probe"
+        default=1.0,
+        gt=0,
+        description=(
+            "how long /health waits for its database probe (start-up: for the ingestion-service)"
+        ),
     )
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = (
         Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR (any case)")

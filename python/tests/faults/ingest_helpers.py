@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,8 +109,9 @@ class PollerView:
 
     spans_processed: int
     caught_up: bool
-    decode_failures: int
-    lag_seconds: float | None
+    entries_skipped: int
+    backlog_age_seconds: float | None
+    last_key_received_at: float | None  # Unix seconds
     last_key: str | None
     last_error: str | None
 
@@ -163,8 +165,11 @@ class ServeBackend:
         return PollerView(
             spans_processed=int(body["spans_processed"]),
             caught_up=bool(body["caught_up"]),
-            decode_failures=int(body["decode_failures"]),
-            lag_seconds=body["lag_seconds"],
+            entries_skipped=int(body["entries_skipped"]),
+            backlog_age_seconds=body["backlog_age_seconds"],
+            last_key_received_at=None
+            if body["last_key_received_at"] is None
+            else datetime.fromisoformat(body["last_key_received_at"]).timestamp(),
             last_key=body["last_key"],
             last_error=body["last_error"],
         )

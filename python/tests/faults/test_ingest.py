@@ -147,8 +147,8 @@ async def sample_lag(backend: ServeBackend, into: list[float]) -> None:
     """Every half second, the age of the newest processed span (now minus its key time)."""
     while True:
         view = await backend.poller()
-        if view is not None and view.lag_seconds is not None:
-            into.append(view.lag_seconds)
+        if view is not None and view.last_key_received_at is not None:
+            into.append(time.time() - view.last_key_received_at)
         await asyncio.sleep(0.5)
 
 
@@ -229,12 +229,12 @@ async def test_corrupt_run_is_drained_past(image: PeerImage, tmp_path: Path, kit
     assert again.caught_up
     assert again.spans_processed == valid
     # Reported where the reads prove it: the window of 500 that held only skipped entries.
-    assert 0 < final.decode_failures <= corrupt
+    assert 0 < final.entries_skipped <= corrupt
     kit.table.add(
         "run of undecodable WAL entries (POLLER_BATCH_SIZE=5)",
         f"{corrupt} corrupt between {before:,} and {valid - before:,} valid",
         f"drained past: {final.spans_processed:,} of {valid:,} processed, checkpoint at the "
         f"last valid key, caught_up never true before the end; skipped reported "
-        f"{final.decode_failures} of {corrupt} (a lower bound: the largest read's skips are "
+        f"{final.entries_skipped} of {corrupt} (a lower bound: the largest read's skips are "
         "invisible on the wire)",
     )

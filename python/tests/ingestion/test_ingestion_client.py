@@ -230,7 +230,7 @@ async def test_unavailable_is_retried_until_the_retry_deadline(
     async with IngestionClient(settings=settings) as client:
         with pytest.raises(IngestionUnavailableError) as raised:
             await client.read_spans(None, 10)
-        assert not client.connected
+        assert client.reachable is False
     assert raised.value.code is grpc.StatusCode.UNAVAILABLE
     assert "INGESTION_RETRY_DEADLINE_SECONDS" in str(raised.value)
     # One line per outage at INFO; its retries only at DEBUG.
@@ -251,7 +251,7 @@ async def test_a_server_that_comes_up_within_the_retry_deadline_is_read(
     async with IngestionClient(settings=settings) as client:
         reading = asyncio.create_task(client.read_spans(None, 10))
         # Start the server only once the client has failed at least once.
-        await wait_until(lambda: reading.done() or client._connected is not None)
+        await wait_until(lambda: reading.done() or client.reachable is not None)
         await server.start()
         try:
             records = await reading
@@ -286,14 +286,15 @@ async def test_check_connection(
     client: IngestionClient, make_settings: Callable[..., Settings], free_port: int
 ) -> None:
     assert await client.check_connection()
-    assert client.connected
+    assert client.reachable is True
 
     settings = make_settings(ingestion_grpc_address=f"127.0.0.1:{free_port}")
     unreachable = IngestionClient(settings=settings)
     assert not await unreachable.check_connection()  # not connected yet
     await unreachable.connect()
     assert not await unreachable.check_connection(timeout=0.2)
-    assert not unreachable.connected
+    assert unreachable.reachable is False
+    assert unreachable.last_error is not None
     await unreachable.close()
     assert not await unreachable.check_connection()
 
@@ -338,7 +339,7 @@ async def test_close_interrupts_a_retry_backoff(
     client = IngestionClient(settings=settings)
     await client.connect()
     reading = asyncio.create_task(client.read_spans(None, 10))
-    await wait_until(lambda: client._connected is not None)  # the first failure
+    await wait_until(lambda: client.reachable is not None)  # the first failure
 
     await asyncio.wait_for(client.close(), timeout=30)
 

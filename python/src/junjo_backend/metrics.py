@@ -1,0 +1,233 @@
+"""Prometheus metrics: what `/metrics` serves (README, "Metrics", lists each one).
+
+One `CollectorRegistry` per backend, not prometheus_client's process-wide default: each
+lifespan (and each test) counts on its own, so two backends in one process neither add to
+each other's counters nor fail on registering the same names twice.
+
+Two kinds of metric, so the hot paths pay almost nothing:
+
+- ValidateApiKey outcomes are counted as calls happen, on label children bound once
+  (`AuthCallMetrics`): a call costs one counter increment and one histogram observation.
+- Everything else is read at scrape time from the objects that keep the numbers anyway
+  (the key snapshot, the poller, the ingestion client) by `BackendCollector`: the span
+  drain does no metric work at all.
+
+No metric carries key material, and no label is derived from a key.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from junjo_backend import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from prometheus_client.metrics_core import Metric
+
+    from junjo_backend.ingestion_client import IngestionClient
+    from junjo_backend.known_keys import KnownKeys
+    from junjo_backend.poller import SpanPoller
+
+# The text format every Prometheus version scrapes.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+# A snapshot answer takes tens of microseconds in the handler; a call that waits for a
+# database read takes milliseconds, up to the read timeout (2 s).
+_AUTH_LATENCY_BUCKETS = (
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """The counter and histogram children of one ValidateApiKey outcome, bound once."""
+
+    calls: Counter
+    latency: Histogram
+
+    def observe(self, started: float) -> None:
+        """Count one call that started at `started` (`time.perf_counter()`) and ends now."""
+        self.calls.inc()
+        self.latency.observe(time.perf_counter() - started)
+
+
+class AuthCallMetrics:
+    """ValidateApiKey calls by outcome, with their latency in the handler."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        calls = Counter(
+            "junjo_auth_validate_calls",
+            "ValidateApiKey calls answered, by outcome: valid, invalid (is_valid=false), "
+            "error (a status other than OK)",
+            ["outcome"],
+            registry=registry,
+        )
+        latency = Histogram(
+            "junjo_auth_validate_duration_seconds",
+            "Time ValidateApiKey spent in the handler, by outcome",
+            ["outcome"],
+            buckets=_AUTH_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.valid = _Outcome(calls.labels("valid"), latency.labels("valid"))
+        self.invalid = _Outcome(calls.labels("invalid"), latency.labels("invalid"))
+        self.error = _Outcome(calls.labels("error"), latency.labels("error"))
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+class BackendCollector:
+    """Reads the key snapshot, the poller and the ingestion client at scrape time.
+
+    The poller and the ingestion client are None when `POLLER_ENABLED=false`: their metrics
+    are then absent rather than zero (nothing is watched).
+    """
+
+    def __init__(
+        self,
+        keys: KnownKeys,
+        poller: SpanPoller | None = None,
+        ingestion: IngestionClient | None = None,
+    ) -> None:
+        self._keys = keys
+        self._poller = poller
+        self._ingestion = ingestion
+
+    def collect(self) -> Iterator[Metric]:
+        """The current values (prometheus_client calls this on every scrape)."""
+        yield from self._key_metrics()
+        if self._poller is not None:
+            yield from self._poller_metrics(self._poller)
+        if self._ingestion is not None:
+            yield from self._ingestion_metrics(self._ingestion)
+
+    def _key_metrics(self) -> Iterator[Metric]:
+        keys = self._keys
+        yield _gauge(
+            "junjo_api_keys_snapshot_age_seconds",
+            "Age of the in-memory snapshot of api_keys (+Inf when there is none: "
+            "no read has succeeded since the last failure)",
+            keys.age(),
+        )
+        yield _gauge("junjo_api_keys_snapshot_keys", "API keys in the current snapshot", keys.size)
+        yield _counter("junjo_api_keys_reads", "Reads of the api_keys table", keys.reads)
+        yield _counter(
+            "junjo_api_keys_read_failures", "Reads of the api_keys table that failed", keys.failures
+        )
+
+    def _poller_metrics(self, poller: SpanPoller) -> Iterator[Metric]:
+        status = poller.status
+        yield _gauge("junjo_poller_running", "1 while the span poller runs", status.running)
+        yield _counter(
+            "junjo_poller_spans_processed",
+            "WAL entries delivered to the sink and checkpointed",
+            status.spans_processed,
+        )
+        yield _counter(
+            "junjo_poller_batches_committed",
+            "Checkpoint transactions committed",
+            status.batches_committed,
+        )
+        yield _counter(
+            "junjo_poller_entries_skipped",
+            "WAL entries the ingestion-service skipped (they do not decode), as the "
+            "poller's reads prove it: a lower bound",
+            status.entries_skipped,
+        )
+        yield _gauge(
+            "junjo_poller_caught_up",
+            "1 when the poller's last read reached the end of the WAL (or the settle window)",
+            status.caught_up,
+        )
+        if status.last_key_received_at is not None:
+            yield _gauge(
+                "junjo_poller_checkpoint_timestamp_seconds",
+                "When the ingestion-service received the last processed span (its WAL key's "
+                "time, Unix seconds)",
+                status.last_key_received_at.timestamp(),
+            )
+        if status.backlog_age_seconds is not None:
+            yield _gauge(
+                "junjo_poller_backlog_age_seconds",
+                "0 when caught up; while behind, the age of the oldest span read but not yet "
+                "processed (absent while not known)",
+                status.backlog_age_seconds,
+            )
+
+    def _ingestion_metrics(self, ingestion: IngestionClient) -> Iterator[Metric]:
+        reachable = ingestion.reachable
+        if reachable is not None:
+            yield _gauge(
+                "junjo_ingestion_reachable",
+                "1 when the poller's last call reached the ingestion-service",
+                reachable,
+            )
+        yield _counter(
+            "junjo_ingestion_reconnects",
+            "Times the ingestion-service became reachable again after being unreachable",
+            ingestion.reconnects,
+        )
+        errors = CounterMetricFamily(
+            "junjo_ingestion_stream_errors",
+            "ReadSpans calls that ended with an error status, by gRPC status code",
+            labels=["code"],
+        )
+        for code, count in sorted(ingestion.stream_errors.items()):
+            errors.add_metric([code], count)
+        yield errors
+
+
+class BackendMetrics:
+    """The registry of one backend: build info, process figures, auth calls, the rest at scrape."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds (read from /proc).
+        ProcessCollector(registry=self.registry)
+        Info("junjo_backend_build", "The running backend", registry=self.registry).info(
+            {"version": __version__, "python_version": platform.python_version()}
+        )
+        self.auth = AuthCallMetrics(self.registry)
+
+    def watch(
+        self,
+        keys: KnownKeys,
+        poller: SpanPoller | None = None,
+        ingestion: IngestionClient | None = None,
+    ) -> None:
+        """Read these parts at every scrape."""
+        self.registry.register(BackendCollector(keys, poller, ingestion))
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)
