@@ -17,6 +17,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Annotated, Literal, TypedDict
 
@@ -198,9 +199,15 @@ class IngestionHealth(_Frozen):
 
 
 class PollerHealth(_Frozen):
-    """The span poller's progress through the ingestion-service's WAL."""
+    """The span poller's progress through the ingestion-service's WAL.
+
+    With replicas on one database only the leader drains; a standby (`role`) is healthy,
+    and its `last_key` and `lag_seconds` show the leader's progress as of its last try.
+    """
 
     enabled: bool
+    role: Literal["leader", "standby"] | None  # None: the poller is disabled
+    role_since: datetime | None  # when the role last changed (UTC)
     running: bool
     connected: bool
     caught_up: bool
@@ -247,6 +254,8 @@ def _poller_health(poller: SpanPoller | None) -> PollerHealth:
     if poller is None:
         return PollerHealth(
             enabled=False,
+            role=None,
+            role_since=None,
             running=False,
             connected=False,
             caught_up=False,
@@ -259,6 +268,10 @@ def _poller_health(poller: SpanPoller | None) -> PollerHealth:
     status = poller.status
     return PollerHealth(
         enabled=True,
+        role=status.role,
+        role_since=None
+        if status.role_since is None
+        else datetime.fromtimestamp(status.role_since, UTC),
         running=status.running,
         connected=status.connected,
         caught_up=status.caught_up,

@@ -37,6 +37,13 @@ at once by a read of the largest size, which passes any run of undecodable entri
 that read finds an entry that had settled before the short read was requested, the short
 window was exhausted by entries the server skipped: `decode_failures` counts them (a lower
 bound, as skips inside the largest read are invisible on the wire).
+
+Replicas. Several backends on one database run a poller each, but only the leader drains
+(leadership.py): a standby tries for leadership every `POLLER_LEADER_RETRY_SECONDS` and
+keeps its view of the checkpoint fresh meanwhile. A replica that becomes leader reads the
+checkpoint again (the previous leader moved it), and every commit is fenced: it fails
+unless this replica still leads. A leader that learns it lost its lock stops at the next
+record or pause and becomes a standby.
 """
 
 from __future__ import annotations
@@ -49,12 +56,13 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from sqlalchemy import insert, select, update
 
 from junjo_backend.database import poller_state
 from junjo_backend.ingestion_client import MAX_BATCH_SIZE
+from junjo_backend.leadership import LeadershipLost, PollerLeadership, leadership_for
 from junjo_backend.spans import ResourceCatalog, ulid_millis
 
 if TYPE_CHECKING:
@@ -208,6 +216,8 @@ class PollerStatus:
     decode_failures: int
     last_error: str | None
     caught_up: bool = False  # as defined in the module docstring
+    role: Literal["leader", "standby"] = "standby"  # replicas: only the leader drains
+    role_since: float | None = None  # when the role last changed (Unix time); None: never
 
 
 @dataclass(slots=True)
@@ -249,6 +259,7 @@ class SpanPoller:
         sink: SpanSink | None = None,
         *,
         settings: Settings,
+        leadership: PollerLeadership | None = None,
     ) -> None:
         self._client = client
         self._engine = engine
@@ -264,6 +275,14 @@ class SpanPoller:
         self._caught_up = False
         self._read_size = min(settings.poller_batch_size * _BATCHES_PER_READ, MAX_BATCH_SIZE)
         self._settle_ms = round(settings.poller_settle_seconds * 1000)
+        self._leadership = leadership or leadership_for(engine, settings)
+        self._role: Literal["leader", "standby"] = "standby"
+        self._role_since: float | None = None
+
+    @property
+    def leadership(self) -> PollerLeadership:
+        """What decides whether this replica drains."""
+        return self._leadership
 
     @property
     def sink(self) -> SpanSink:
@@ -283,7 +302,9 @@ class SpanPoller:
             spans_processed=self._spans_processed,
             decode_failures=self._decode_failures,
             last_error=self._last_error,
-            caught_up=self._caught_up,
+            caught_up=self._caught_up and self._role == "leader",
+            role=self._role,
+            role_since=self._role_since,
         )
 
     async def start(self) -> None:
@@ -317,20 +338,35 @@ class SpanPoller:
             task.cancel()
             await asyncio.wait({task})
         self._task = None
+        try:
+            await self._leadership.close()
+        finally:
+            self._set_role("standby")
         if not task.cancelled() and (error := task.exception()) is not None:
             log.error("span poller task failed", exc_info=error)
         log.info("span poller stopped", extra={"spans_processed": self._spans_processed})
 
     async def _run(self) -> None:
-        """Drain, wait when caught up or at the settle window, back off after failures."""
+        """Lead or stand by; drain, wait when caught up or at the settle window, back off."""
         failures = 0
         short: _Read | None = None  # the last bounded window that came back short
         while not self._stop_requested.is_set():
+            if not self._leadership.held:
+                short = None
+                if not await self._lead_or_wait():
+                    continue
             read = self._next_read(MAX_BATCH_SIZE if short is not None else self._read_size)
             try:
                 await self._drain(read)
             except _Stopping:
                 return
+            except LeadershipLost as lost:
+                log.warning(
+                    "span poller lost leadership; it stops draining and stands by",
+                    extra={"reason": str(lost)},
+                )
+                await self._step_down()
+                continue
             except Exception as error:  # noqa: BLE001 (any failure: back off, retry from the checkpoint)
                 failures += 1
                 self._caught_up = False
@@ -352,6 +388,55 @@ class SpanPoller:
                 await self._pause(self._until_settled(read.unsettled_ms))
             elif read.caught_up:
                 await self._pause(self._settings.poller_idle_wait_seconds)
+
+    async def _lead_or_wait(self) -> bool:
+        """Become leader if possible; otherwise stand by until the next try."""
+        if self._role == "leader":
+            await self._step_down()
+        if await self._try_to_lead():
+            return True
+        await self._pause(self._settings.poller_leader_retry_seconds)
+        return False
+
+    async def _try_to_lead(self) -> bool:
+        """One try for leadership; as leader, read the checkpoint the last leader left."""
+        try:
+            if await self._leadership.acquire():
+                async with self._engine.connect() as conn:
+                    self._checkpoint = await load_checkpoint(conn)
+                self._set_role("leader")
+                return True
+            # A standby's view of the leader's progress, for its health report.
+            async with self._engine.connect() as conn:
+                self._checkpoint = await load_checkpoint(conn)
+        except Exception as error:  # noqa: BLE001 (a failed try is retried like a busy lock)
+            self._last_error = f"{type(error).__name__}: {error}"
+            log.warning(
+                "span poller could not try for leadership; retrying",
+                extra={"error": self._last_error},
+            )
+            with contextlib.suppress(Exception):
+                await self._leadership.release()
+        return False
+
+    async def _step_down(self) -> None:
+        """Let go of a lost (or doubtful) leadership and become a standby."""
+        self._caught_up = False
+        try:
+            await self._leadership.release()
+        finally:
+            self._set_role("standby")
+
+    def _set_role(self, role: Literal["leader", "standby"]) -> None:
+        if role == self._role:
+            return
+        self._role, self._role_since = role, time.time()
+        log.info(
+            "span poller is the leader now; it drains the WAL"
+            if role == "leader"
+            else "span poller is a standby now; another replica may drain",
+            extra={"role": role},
+        )
 
     def _next_read(self, asked: int) -> _Read:
         """A read of `asked` records, its settle cutoff taken now (before the call starts)."""
@@ -391,8 +476,11 @@ class SpanPoller:
         cutoff = read.cutoff_ms
         pending: list[SpanRecord] = []
         chunks = self._client.stream_chunks(self._checkpoint, read.asked)
+        lost = self._leadership.lost
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
+                if lost.is_set():
+                    raise LeadershipLost("the lock was lost while reading")
                 if read.first_key_ms is None:
                     read.first_key_ms = ulid_millis(chunk[0].key)
                 read.delivered += len(chunk)
@@ -417,6 +505,9 @@ class SpanPoller:
         self._in_transaction = True
         try:
             async with self._engine.begin() as conn:
+                # First: its row lock keeps a successor from reading the checkpoint until
+                # this transaction has ended (leadership.py).
+                await self._leadership.fence(conn)
                 await self._sink.handle(batch, conn)
                 await save_checkpoint(conn, last_key)
         finally:
@@ -435,9 +526,15 @@ class SpanPoller:
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not crypto)
 
     async def _pause(self, seconds: float) -> None:
-        """Sleep, but return as soon as stop() is asked for."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+        """Sleep, but return as soon as stop() is asked for or held leadership is lost."""
+        waits = [asyncio.ensure_future(self._stop_requested.wait())]
+        if self._leadership.held:
+            waits.append(asyncio.ensure_future(self._leadership.lost.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
 
 def _settled_prefix(chunk: Sequence[SpanRecord], cutoff_ms: int) -> int:

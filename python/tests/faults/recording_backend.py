@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
     from junjo_backend.ingestion_client import IngestionClient
+    from junjo_backend.leadership import PollerLeadership
     from junjo_backend.poller import SpanSink
     from junjo_backend.settings import Settings
     from junjo_backend.spans import SpanRecord
@@ -89,11 +90,12 @@ class RecordingPoller(SpanPoller):
         sink: SpanSink | None = None,  # noqa: ARG002 (replaced on purpose)
         *,
         settings: Settings,
+        leadership: PollerLeadership | None = None,
     ) -> None:
         recording = RecordingSink(
             int(os.environ["JUNJO_FAULT_RUN"]), Path(os.environ["JUNJO_FAULT_DELIVERED"])
         )
-        super().__init__(client, engine, recording, settings=settings)
+        super().__init__(client, engine, recording, settings=settings, leadership=leadership)
 
 
 def create_ledger(database_url: str) -> None:
