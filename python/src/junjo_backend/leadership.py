@@ -22,14 +22,14 @@ Fencing. A lock says who may lead now, not whether a transaction started by a le
 has since lost the lock may still commit. So the table `poller_leadership` (id 1; the Go
 layout of `poller_state` is left alone) holds an epoch: a replica that becomes leader bumps
 it, in a transaction of its own, before it reads the checkpoint; every checkpoint commit
-first runs `UPDATE poller_leadership SET epoch = epoch WHERE id = 1 AND epoch = <its own>`.
-A commit whose epoch was bumped finds no row and rolls back. The UPDATE also takes the
-row's write lock (a row lock on PostgreSQL, the database's write lock on SQLite) until
-the commit ends, so a successor's bump waits for an old leader's batch under way and only
-then reads the checkpoint, which includes that batch: no batch is committed twice. On
-PostgreSQL the commit also checks `pg_locks` that the lock connection's session still holds
-the lock, so a batch under way when that connection was terminated fails at once, even
-before a standby has taken over.
+runs, last before COMMIT, `UPDATE poller_leadership SET epoch = epoch WHERE id = 1 AND
+epoch = <its own>`. A commit whose epoch was bumped finds no row and rolls back. The UPDATE
+also takes the row's write lock (a row lock on PostgreSQL, the database's write lock on
+SQLite) until the commit ends, so a successor's bump waits for an old leader's batch that
+got that far and only then reads the checkpoint, which includes that batch: no batch is
+committed twice. On PostgreSQL the commit then checks `pg_locks` that the lock
+connection's session still holds the lock, so a batch under way when that connection was
+terminated fails, even before a standby has taken over.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ class PollerLeadership(ABC):
     async def fence(self, conn: AsyncConnection) -> None:
         """Inside a commit's transaction: raise LeadershipLost unless this replica still leads.
 
-        Run it first in the transaction: the epoch row it locks keeps a successor's bump
-        waiting until the transaction ends.
+        Run it last before COMMIT: the epoch row it locks keeps a successor's bump waiting
+        until the transaction ends, and a lock lost before it fails the transaction.
         """
         epoch = self._epoch
         if epoch is None or self.lost.is_set():

@@ -504,12 +504,15 @@ class SpanPoller:
         last_key = batch[-1].key
         self._in_transaction = True
         try:
+            if not self._leadership.held:
+                raise LeadershipLost("this replica is not the leader")
             async with self._engine.begin() as conn:
-                # First: its row lock keeps a successor from reading the checkpoint until
-                # this transaction has ended (leadership.py).
-                await self._leadership.fence(conn)
                 await self._sink.handle(batch, conn)
                 await save_checkpoint(conn, last_key)
+                # Last, just before the commit: a lock lost while the sink worked fails the
+                # batch, and the epoch row it locks keeps a successor from reading the
+                # checkpoint until this transaction has ended (leadership.py).
+                await self._leadership.fence(conn)
         finally:
             self._in_transaction = False
         self._checkpoint = last_key
