@@ -393,6 +393,7 @@ class SpanPoller:
         """Become leader if possible; otherwise stand by until the next try."""
         if self._role == "leader":
             await self._step_down()
+            return False
         if await self._try_to_lead():
             return True
         await self._pause(self._settings.poller_leader_retry_seconds)
@@ -420,12 +421,17 @@ class SpanPoller:
         return False
 
     async def _step_down(self) -> None:
-        """Let go of a lost (or doubtful) leadership and become a standby."""
+        """Let go of a lost (or doubtful) leadership, become a standby, and yield a while.
+
+        A healthy standby tries within one retry interval; waiting two lets it take over,
+        rather than this replica whose lock connection (or database link) just failed.
+        """
         self._caught_up = False
         try:
             await self._leadership.release()
         finally:
             self._set_role("standby")
+        await self._pause(self._settings.poller_leader_retry_seconds * 2)
 
     def _set_role(self, role: Literal["leader", "standby"]) -> None:
         if role == self._role:
