@@ -15,7 +15,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 import pytest
-from sqlalchemy import Column, LargeBinary, MetaData, Table, func, insert, select, text
+from sqlalchemy import Column, LargeBinary, MetaData, Table, func, insert, select, text, update
 
 from junjo_backend.database import close_engine, create_engine, init_schema, poller_leadership
 from junjo_backend.ingestion_client import IngestionClient
@@ -271,7 +271,11 @@ async def test_postgresql_a_commit_after_the_lock_connection_is_terminated_fails
         async with engine.begin() as conn:
             await conn.execute(insert(committed_keys).values(key=b"in the batch"))
             await _terminate(engine, leadership.backend_pid)
-            with pytest.raises(LeadershipLost):
+            await wait_until(leadership.lost.is_set)  # asyncpg's termination callback
+            # A stand-in for the moment before asyncpg has noticed (the callback runs when
+            # the socket's end reaches the event loop): pg_locks alone must refuse.
+            leadership.lost.clear()
+            with pytest.raises(LeadershipLost, match="session has ended"):
                 await leadership.fence(conn)
             await conn.rollback()
         assert not leadership.held
@@ -340,6 +344,31 @@ async def test_postgresql_a_poller_whose_lock_connection_is_terminated_stops_and
         assert await ledger(engine) == (250, 250)
         assert sink.handed > 250  # the failed batch was handed twice
     finally:
+        await close_engine(engine)
+
+
+async def test_a_commit_fails_once_another_replica_has_bumped_the_epoch(
+    database_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    engine = await open_engine(database_url)
+    leadership = leadership_for(engine, make_settings(database_url=database_url))
+    try:
+        assert await leadership.acquire()
+        # What a successor does on taking over (here by hand: on one machine no other
+        # process can take the lock while this one holds it).
+        async with engine.begin() as conn:
+            await conn.execute(
+                update(poller_leadership).values(epoch=poller_leadership.c.epoch + 1)
+            )
+        async with engine.begin() as conn:
+            await conn.execute(insert(committed_keys).values(key=b"in the batch"))
+            with pytest.raises(LeadershipLost, match="superseded"):
+                await leadership.fence(conn)
+            await conn.rollback()
+        assert not leadership.held
+        assert await ledger(engine) == (0, 0)
+    finally:
+        await leadership.close()
         await close_engine(engine)
 
 
