@@ -41,8 +41,9 @@ bound, as skips inside the largest read are invisible on the wire).
 Replicas. Several backends on one database run a poller each, but only the leader drains
 (leadership.py): a standby tries for leadership every `POLLER_LEADER_RETRY_SECONDS` and
 keeps its view of the checkpoint fresh meanwhile. A replica that becomes leader reads the
-checkpoint again (the previous leader moved it), and every commit is fenced: it fails
-unless this replica still leads. A leader that learns it lost its lock stops at the next
+checkpoint again (the previous leader moved it; a checkpoint older than the position this
+process holds is a restored backup and is not replayed), and every commit is fenced: it
+fails unless this replica still leads. A leader that learns it lost its lock stops at the next
 record or pause and becomes a standby.
 """
 
@@ -402,14 +403,18 @@ class SpanPoller:
     async def _try_to_lead(self) -> bool:
         """One try for leadership; as leader, read the checkpoint the last leader left."""
         try:
-            if await self._leadership.acquire():
-                async with self._engine.connect() as conn:
-                    self._checkpoint = await load_checkpoint(conn)
+            leads = await self._leadership.acquire()
+            async with self._engine.connect() as conn:
+                stored = await load_checkpoint(conn)
+            # The later of the two: another leader moved it on, or a SQLite file restored
+            # from a backup moved it back, which is overwritten, not replayed (database.py).
+            # As a standby, this is its view of the leader's progress, for /health.
+            if self._checkpoint is None or (stored is not None and stored > self._checkpoint):
+                self._checkpoint = stored
+            self._last_error = None
+            if leads:
                 self._set_role("leader")
                 return True
-            # A standby's view of the leader's progress, for its health report.
-            async with self._engine.connect() as conn:
-                self._checkpoint = await load_checkpoint(conn)
         except Exception as error:  # noqa: BLE001 (a failed try is retried like a busy lock)
             self._last_error = f"{type(error).__name__}: {error}"
             log.warning(
