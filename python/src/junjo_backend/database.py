@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 import aiosqlite
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Column,
     DateTime,
@@ -76,6 +77,16 @@ poller_state = Table(
     metadata,
     Column("id", Integer, CheckConstraint("id = 1"), primary_key=True, autoincrement=False),
     Column("last_key", LargeBinary),
+)
+
+# One row (id = 1): the poller's fencing token (leadership.py). A table of its own, so that
+# poller_state keeps the Go backend's layout; the Go backend never reads it.
+poller_leadership = Table(
+    "poller_leadership",
+    metadata,
+    Column("id", Integer, CheckConstraint("id = 1"), primary_key=True, autoincrement=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("holder", Text, nullable=False),
 )
 
 # The Go backend's pragmas. API keys are few, small and precious: every commit is fsynced

@@ -165,6 +165,17 @@ class BackendCollector:
             status.entries_skipped,
         )
         yield _gauge(
+            "junjo_poller_leader",
+            "1 while this replica leads (drains the WAL), 0 while it stands by",
+            status.role == "leader",
+        )
+        if status.role_since is not None:
+            yield _gauge(
+                "junjo_poller_role_changed_timestamp_seconds",
+                "When this replica last became leader or standby (Unix seconds)",
+                status.role_since.timestamp(),
+            )
+        yield _gauge(
             "junjo_poller_caught_up",
             "1 when the poller's last read reached the end of the WAL (or the settle window)",
             status.caught_up,

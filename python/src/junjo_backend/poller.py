@@ -42,6 +42,14 @@ Backlog age (what `/health` and `/metrics` report as lag): 0 when caught up; whi
 the age of the oldest entry the poller has read but not yet processed (between two batches
 of one drain, the age of the last processed one, which bounds it); not known (None) while
 behind with nothing read since start, e.g. while the ingestion-service is unreachable.
+
+Replicas. Several backends on one database run a poller each, but only the leader drains
+(leadership.py): a standby tries for leadership every `POLLER_LEADER_RETRY_SECONDS` and
+keeps its view of the checkpoint fresh meanwhile. A replica that becomes leader reads the
+checkpoint again (the previous leader moved it; a checkpoint older than the position this
+process holds is a restored backup and is not replayed), and every commit is fenced: it
+fails unless this replica still leads. A leader that learns it lost its lock stops at the next
+record or pause and becomes a standby.
 """
 
 from __future__ import annotations
@@ -55,13 +63,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select, update
 
 from junjo_backend.database import describe_database_error, poller_state
 from junjo_backend.ingestion_client import MAX_BATCH_SIZE
+from junjo_backend.leadership import LeadershipLost, PollerLeadership, leadership_for
 from junjo_backend.spans import ResourceCatalog, ulid_millis
 
 if TYPE_CHECKING:
@@ -226,6 +235,13 @@ class PollerStatus(BaseModel):
     last_error: str | None = Field(
         description="why the last read failed, from the first failure of an outage"
     )
+    role: Literal["leader", "standby"] | None = Field(
+        default=None,
+        description="replicas: only the leader drains; a standby is healthy (null: disabled)",
+    )
+    role_since: datetime | None = Field(
+        default=None, description="when the role last changed (UTC); null: never"
+    )
 
     @classmethod
     def disabled(cls) -> PollerStatus:
@@ -283,6 +299,7 @@ class SpanPoller:
         sink: SpanSink | None = None,
         *,
         settings: Settings,
+        leadership: PollerLeadership | None = None,
     ) -> None:
         self._client = client
         self._engine = engine
@@ -301,6 +318,14 @@ class SpanPoller:
         self._caught_up = False
         self._read_size = min(settings.poller_batch_size * _BATCHES_PER_READ, MAX_BATCH_SIZE)
         self._settle_ms = round(settings.poller_settle_seconds * 1000)
+        self._leadership = leadership or leadership_for(engine, settings)
+        self._role: Literal["leader", "standby"] = "standby"
+        self._role_since: float | None = None
+
+    @property
+    def leadership(self) -> PollerLeadership:
+        """What decides whether this replica drains."""
+        return self._leadership
 
     @property
     def sink(self) -> SpanSink:
@@ -320,7 +345,7 @@ class SpanPoller:
         return PollerStatus(
             enabled=True,
             running=self._task is not None and not self._task.done(),
-            caught_up=self._caught_up,
+            caught_up=self._caught_up and self._role == "leader",
             backlog_age_seconds=backlog,
             last_key=checkpoint,
             last_key_received_at=None
@@ -331,6 +356,10 @@ class SpanPoller:
             entries_skipped=self._entries_skipped,
             # The client knows of an outage at once; the poller only once its retries end.
             last_error=self._client.last_error or self._last_error,
+            role=self._role,
+            role_since=None
+            if self._role_since is None
+            else datetime.fromtimestamp(self._role_since, UTC),
         )
 
     async def start(self) -> None:
@@ -364,48 +393,130 @@ class SpanPoller:
             task.cancel()
             await asyncio.wait({task})
         self._task = None
+        try:
+            await self._leadership.close()
+        finally:
+            self._set_role("standby")
         if not task.cancelled() and (error := task.exception()) is not None:
             log.error("span poller task failed", exc_info=error)
         log.info("span poller stopped", extra={"spans_processed": self._spans_processed})
 
     async def _run(self) -> None:
-        """Drain, wait when caught up or at the settle window, back off after failures."""
+        """Lead or stand by; drain, wait when caught up or at the settle window, back off."""
         failures = 0
         short: _Read | None = None  # the last bounded window that came back short
         while not self._stop_requested.is_set():
+            if not self._leadership.held:
+                short = None
+                if not await self._lead_or_wait():
+                    continue
             read = self._next_read(MAX_BATCH_SIZE if short is not None else self._read_size)
             try:
                 await self._drain(read)
             except _Stopping:
                 return
+            except LeadershipLost as lost:
+                log.warning(
+                    "span poller lost leadership; it stops draining and stands by",
+                    extra={"reason": str(lost)},
+                )
+                await self._step_down()
+                continue
             except Exception as error:  # noqa: BLE001 (any failure: back off, retry from the checkpoint)
                 failures += 1
-                self._caught_up = False
-                # One line naming the cause: never a statement's text or parameters.
-                self._last_error = describe_database_error(error).splitlines()[0]
-                delay = self._backoff(failures)
-                log.warning(
-                    "span poller batch failed; retrying from the checkpoint",
-                    extra={"error": self._last_error, "retry_in_seconds": round(delay, 3)},
-                )
-                await self._pause(delay)
+                await self._back_off(error, failures)
                 continue
             failures = 0
+            short = await self._after_read(read, short)
+
+    async def _back_off(self, error: Exception, failures: int) -> None:
+        """Report a failed drain and wait before retrying from the checkpoint."""
+        self._caught_up = False
+        # One line naming the cause: never a statement's text or parameters.
+        self._last_error = describe_database_error(error).splitlines()[0]
+        delay = self._backoff(failures)
+        log.warning(
+            "span poller batch failed; retrying from the checkpoint",
+            extra={"error": self._last_error, "retry_in_seconds": round(delay, 3)},
+        )
+        await self._pause(delay)
+
+    async def _after_read(self, read: _Read, short: _Read | None) -> _Read | None:
+        """Note what a read proved, wait as it says; the short window to follow up, if any."""
+        self._last_error = None
+        if short is not None:
+            self._count_skipped(short, read)
+        # A short window that brought nothing proves nothing either way and the read of
+        # the largest size follows at once: the status keeps the last conclusive answer
+        # rather than saying "behind" for that moment after every idle pause.
+        if read.delivered or not read.short:
+            self._caught_up = read.caught_up
+        if read.caught_up:
+            self._oldest_unprocessed_ms = None
+        if read.unsettled_ms is not None:
+            await self._pause(self._until_settled(read.unsettled_ms))
+        elif read.caught_up:
+            await self._pause(self._settings.poller_idle_wait_seconds)
+        return read if read.short else None
+
+    async def _lead_or_wait(self) -> bool:
+        """Become leader if possible; otherwise stand by until the next try."""
+        if self._role == "leader":
+            await self._step_down()
+            return False
+        if await self._try_to_lead():
+            return True
+        await self._pause(self._settings.poller_leader_retry_seconds)
+        return False
+
+    async def _try_to_lead(self) -> bool:
+        """One try for leadership; as leader, read the checkpoint the last leader left."""
+        try:
+            leads = await self._leadership.acquire()
+            async with self._engine.connect() as conn:
+                stored = await load_checkpoint(conn)
+            # The later of the two: another leader moved it on, or a SQLite file restored
+            # from a backup moved it back, which is overwritten, not replayed (database.py).
+            # As a standby, this is its view of the leader's progress, for /health.
+            if self._checkpoint is None or (stored is not None and stored > self._checkpoint):
+                self._checkpoint = stored
             self._last_error = None
-            if short is not None:
-                self._count_skipped(short, read)
-            short = read if read.short else None
-            # A short window that brought nothing proves nothing either way and the read of
-            # the largest size follows at once: the status keeps the last conclusive answer
-            # rather than saying "behind" for that moment after every idle pause.
-            if read.delivered or not read.short:
-                self._caught_up = read.caught_up
-            if read.caught_up:
-                self._oldest_unprocessed_ms = None
-            if read.unsettled_ms is not None:
-                await self._pause(self._until_settled(read.unsettled_ms))
-            elif read.caught_up:
-                await self._pause(self._settings.poller_idle_wait_seconds)
+            if leads:
+                self._set_role("leader")
+                return True
+        except Exception as error:  # noqa: BLE001 (a failed try is retried like a busy lock)
+            self._last_error = describe_database_error(error).splitlines()[0]
+            log.warning(
+                "span poller could not try for leadership; retrying",
+                extra={"error": self._last_error},
+            )
+            with contextlib.suppress(Exception):
+                await self._leadership.release()
+        return False
+
+    async def _step_down(self) -> None:
+        """Let go of a lost (or doubtful) leadership, become a standby, and yield a while.
+
+        A healthy standby tries within one retry interval; waiting two lets it take over,
+        rather than this replica whose lock connection (or database link) just failed.
+        """
+        self._caught_up = False
+        try:
+            await self._leadership.release()
+        finally:
+            self._set_role("standby")
+        await self._pause(self._settings.poller_leader_retry_seconds * 2)
+
+    def _set_role(self, role: Literal["leader", "standby"]) -> None:
+        if role == self._role:
+            return
+        self._role, self._role_since = role, time.time()
+        log.info(
+            "span poller is the leader now; it drains the WAL"
+            if role == "leader"
+            else "span poller is a standby now; another replica may drain",
+            extra={"role": role},
+        )
 
     def _next_read(self, asked: int) -> _Read:
         """A read of `asked` records, its settle cutoff taken now (before the call starts)."""
@@ -445,8 +556,11 @@ class SpanPoller:
         cutoff = read.cutoff_ms
         pending: list[SpanRecord] = []
         chunks = self._client.stream_chunks(self._checkpoint, read.asked)
+        lost = self._leadership.lost
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
+                if lost.is_set():
+                    raise LeadershipLost("the lock was lost while reading")
                 if read.first_key_ms is None:
                     read.first_key_ms = ulid_millis(chunk[0].key)
                 read.delivered += len(chunk)
@@ -471,9 +585,15 @@ class SpanPoller:
         last_key = batch[-1].key
         self._in_transaction = True
         try:
+            if not self._leadership.held:
+                raise LeadershipLost("this replica is not the leader")
             async with self._engine.begin() as conn:
                 await self._sink.handle(batch, conn)
                 await save_checkpoint(conn, last_key)
+                # Last, just before the commit: a lock lost while the sink worked fails the
+                # batch, and the epoch row it locks keeps a successor from reading the
+                # checkpoint until this transaction has ended (leadership.py).
+                await self._leadership.fence(conn)
         finally:
             self._in_transaction = False
         self._checkpoint = last_key
@@ -493,9 +613,15 @@ class SpanPoller:
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not crypto)
 
     async def _pause(self, seconds: float) -> None:
-        """Sleep, but return as soon as stop() is asked for."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+        """Sleep, but return as soon as stop() is asked for or held leadership is lost."""
+        waits = [asyncio.ensure_future(self._stop_requested.wait())]
+        if self._leadership.held:
+            waits.append(asyncio.ensure_future(self._leadership.lost.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
 
 def _settled_prefix(chunk: Sequence[SpanRecord], cutoff_ms: int) -> int:

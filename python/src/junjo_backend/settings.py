@@ -182,6 +182,14 @@ class Settings(BaseSettings):
         "entries can be lost)",
     )
 
+    poller_leader_retry_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        le=300,
+        description="replicas on one database: how often a standby tries to become the one "
+        "replica that drains (and how often the leader checks its lock connection)",
+    )
+
     # HTTP API and process.
     http_host: str = Field(
         default="127.0.0.1", description="where the HTTP API listens (containers: 0.0.0.0)"

@@ -93,6 +93,8 @@ async def test_lifespan_serves_and_then_releases_everything(
     assert body["ingestion"] == {"address": ingestion.address, "reachable": True}
     assert body["poller"]["enabled"] is True
     assert body["poller"]["running"] is True
+    assert body["poller"]["role"] == "leader"
+    assert body["poller"]["role_since"] is not None
     assert body["poller"]["spans_processed"] == len(wal.keys)
     assert body["poller"]["entries_skipped"] == 0
     assert body["poller"]["last_key"] == wal.keys[-1].hex()
@@ -205,6 +207,7 @@ async def test_health_is_503_when_the_auth_server_is_down(
     assert body["status"] == "unavailable"
     assert body["auth_server"] == {"running": False, "address": None, "database_ok": True}
     assert body["poller"]["enabled"] is False
+    assert body["poller"]["role"] is None
 
 
 async def test_startup_failure_at_the_auth_server_stops_what_started_before_it(

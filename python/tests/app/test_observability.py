@@ -114,6 +114,8 @@ async def test_metrics_move_as_calls_are_made_and_carry_no_key_material(
     assert value(after, "junjo_poller_batches_committed_total") in {1, 2}
     assert value(after, "junjo_poller_entries_skipped_total") == 0
     assert value(after, "junjo_poller_caught_up") == 1
+    assert value(after, "junjo_poller_leader") == 1  # the only replica leads
+    assert (value(after, "junjo_poller_role_changed_timestamp_seconds") or 0) > 0
     assert value(after, "junjo_poller_backlog_age_seconds") == 0
     assert value(after, "junjo_poller_checkpoint_timestamp_seconds") == (
         ulid_millis(wal.keys[-1]) / 1000

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
     from junjo_backend.ingestion_client import IngestionClient
+    from junjo_backend.leadership import PollerLeadership
     from junjo_backend.poller import SpanSink
     from junjo_backend.settings import Settings
     from junjo_backend.spans import SpanRecord
@@ -89,16 +90,23 @@ class RecordingPoller(SpanPoller):
         sink: SpanSink | None = None,  # noqa: ARG002 (replaced on purpose)
         *,
         settings: Settings,
+        leadership: PollerLeadership | None = None,
     ) -> None:
         recording = RecordingSink(
             int(os.environ["JUNJO_FAULT_RUN"]), Path(os.environ["JUNJO_FAULT_DELIVERED"])
         )
-        super().__init__(client, engine, recording, settings=settings)
+        super().__init__(client, engine, recording, settings=settings, leadership=leadership)
 
 
 def create_ledger(database_url: str) -> None:
-    """Create the ledger tables in the SQLite file of `database_url` (before `serve` opens it)."""
-    path = make_url(database_url).database
+    """Create the ledger tables in the SQLite file of `database_url` (before `serve` opens it).
+
+    On PostgreSQL the test creates them (replica_helpers.PostgresLedger) before any replica.
+    """
+    url = make_url(database_url)
+    if url.get_backend_name() == "postgresql":
+        return
+    path = url.database
     if not path:
         raise SystemExit("the recording backend needs a SQLite file")
     with sqlite3.connect(path) as conn:

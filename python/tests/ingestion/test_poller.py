@@ -114,6 +114,7 @@ async def test_drains_the_wal_in_order_and_checkpoints(
         batches_committed=0,
         entries_skipped=0,
         last_error=None,
+        role="standby",  # until it has taken leadership (one replica drains)
     )
 
     await poller.start()

@@ -1,0 +1,371 @@
+"""Which replica drains the WAL: a lock that one process holds at a time, and a fencing token.
+
+Several replicas can run on one database (`docker compose up --scale`, two pods). Every one
+serves auth; exactly one, the leader, runs the poller's drain; the others are standbys and
+try for leadership every `POLLER_LEADER_RETRY_SECONDS`. No coordinator of our own: the
+database (PostgreSQL) or the kernel (SQLite, one machine) decides.
+
+- PostgreSQL: a session advisory lock, `pg_try_advisory_lock(LOCK_CLASS, LOCK_OBJECT)`, taken
+  on a connection of its own (an engine with no pool: the connection is never shared with
+  queries, never recycled). PostgreSQL releases the lock when that session ends: a killed
+  replica's socket is closed by its kernel and the server ends the session at once, so the
+  standby's next try succeeds. The leader learns it lost the session from asyncpg's
+  termination callback, or from a ping every retry interval when the connection dies
+  silently; either way it stops draining at once.
+- SQLite: `flock` on a lock file beside the database, `.<database file name>.poller-lock`
+  (a dot file: an operator's `rm data/junjo.db*` does not match it, nor does `rm data/*`).
+  The database file itself is never opened outside SQLite: SQLite's locks are POSIX record
+  locks, which a process loses when it closes any descriptor of the file. An flock belongs
+  to the open file, not to the process, and is released when the process dies.
+
+Fencing. A lock says who may lead now, not whether a transaction started by a leader that
+has since lost the lock may still commit. So the table `poller_leadership` (id 1; the Go
+layout of `poller_state` is left alone) holds an epoch: a replica that becomes leader bumps
+it, in a transaction of its own, before it reads the checkpoint; every checkpoint commit
+runs, last before COMMIT, `UPDATE poller_leadership SET epoch = epoch WHERE id = 1 AND
+epoch = <its own>`. A commit whose epoch was bumped finds no row and rolls back. The UPDATE
+also takes the row's write lock (a row lock on PostgreSQL, the database's write lock on
+SQLite) until the commit ends, so a successor's bump waits for an old leader's batch that
+got that far and only then reads the checkpoint, which includes that batch: no batch is
+committed twice. On PostgreSQL the commit then checks `pg_locks` that the lock
+connection's session still holds the lock, so a batch under way when that connection was
+terminated fails, even before a standby has taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import insert, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from junjo_backend.database import describe_database_error, poller_leadership, sqlite_file
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+    from junjo_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_LEADERSHIP_ROW = 1
+# The advisory lock's two int4 keys: "JUNJ" and the poller. pg_locks shows them as classid
+# and objid, with objsubid 2 (the two-key form).
+LOCK_CLASS = 0x4A554E4A
+LOCK_OBJECT = 1
+_TWO_KEY_FORM = 2
+# A ping of the lock connection that takes longer than this counts as a lost connection.
+_PING_TIMEOUT_SECONDS = 5.0
+
+
+class LeadershipLost(Exception):  # noqa: N818 (a state, as PostgreSQL's own names say)
+    """The replica no longer leads: its lock is gone or another replica has bumped the epoch."""
+
+
+def holder_name() -> str:
+    """Who holds leadership, for operators: host name and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class PollerLeadership(ABC):
+    """Leadership of the drain; `acquire` tries once, `fence` guards each checkpoint commit."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._epoch: int | None = None
+        self.lost = asyncio.Event()  # set when held leadership is lost; new at each acquire
+
+    @property
+    def held(self) -> bool:
+        """Whether this replica leads (the lock is held and was not seen lost)."""
+        return self._epoch is not None and not self.lost.is_set()
+
+    async def acquire(self) -> bool:
+        """Try once to become leader; True when this replica now leads (epoch bumped)."""
+        if self.held:
+            return True
+        await self.release()
+        if not await self._take_lock():
+            return False
+        try:
+            epoch = await self._bump_epoch()
+        except BaseException:
+            await self.release()
+            raise
+        self.lost = asyncio.Event()
+        self._epoch = epoch
+        self._on_acquired()
+        return True
+
+    async def fence(self, conn: AsyncConnection) -> None:
+        """Inside a commit's transaction: raise LeadershipLost unless this replica still leads.
+
+        Run it last before COMMIT: the epoch row it locks keeps a successor's bump waiting
+        until the transaction ends, and a lock lost before it fails the transaction.
+        """
+        epoch = self._epoch
+        if epoch is None or self.lost.is_set():
+            raise LeadershipLost("this replica is not the leader")
+        result = await conn.execute(
+            update(poller_leadership)
+            .where(poller_leadership.c.id == _LEADERSHIP_ROW, poller_leadership.c.epoch == epoch)
+            .values(epoch=poller_leadership.c.epoch)
+        )
+        if result.rowcount != 1:
+            self.lost.set()
+            raise LeadershipLost(f"another replica leads now (epoch {epoch} was superseded)")
+        await self._fence_lock(conn)
+
+    async def release(self) -> None:
+        """Give up leadership (idempotent); a standby can take it at its next try."""
+        was_held = self._epoch is not None
+        self._epoch = None
+        self.lost.set()
+        await self._drop_lock()
+        if was_held:
+            log.info("poller leadership released")
+
+    async def close(self) -> None:
+        """Release leadership and whatever holds the lock (at shutdown)."""
+        await self.release()
+
+    async def _bump_epoch(self) -> int:
+        """Move the epoch on; waits for a commit of the previous leader still under way."""
+        async with self._engine.begin() as conn:
+            holder = holder_name()
+            result = await conn.execute(
+                update(poller_leadership)
+                .where(poller_leadership.c.id == _LEADERSHIP_ROW)
+                .values(epoch=poller_leadership.c.epoch + 1, holder=holder)
+            )
+            if result.rowcount == 0:
+                await conn.execute(
+                    insert(poller_leadership).values(id=_LEADERSHIP_ROW, epoch=1, holder=holder)
+                )
+            epoch = (
+                await conn.execute(
+                    select(poller_leadership.c.epoch).where(
+                        poller_leadership.c.id == _LEADERSHIP_ROW
+                    )
+                )
+            ).scalar_one()
+        return int(epoch)
+
+    def _on_acquired(self) -> None:  # noqa: B027 (optional hook)
+        """Called once leadership is held (start watching the lock)."""
+
+    @abstractmethod
+    async def _take_lock(self) -> bool:
+        """Take the lock without waiting; False when another replica holds it."""
+
+    @abstractmethod
+    async def _drop_lock(self) -> None:
+        """Let go of the lock, whether or not it is still held."""
+
+    async def _fence_lock(self, conn: AsyncConnection) -> None:  # noqa: B027 (optional hook)
+        """Check, inside the commit's transaction, that the lock itself is still held."""
+
+
+class PostgresLeadership(PollerLeadership):
+    """A session advisory lock on a connection of its own; see the module docstring."""
+
+    def __init__(
+        self, engine: AsyncEngine, *, ping_interval_seconds: float, connect_timeout_seconds: float
+    ) -> None:
+        super().__init__(engine)
+        connect_args: dict[str, Any] = {"timeout": connect_timeout_seconds}
+        self._lock_engine = create_async_engine(
+            engine.url, poolclass=NullPool, hide_parameters=True, connect_args=connect_args
+        )
+        self._ping_interval = ping_interval_seconds
+        self._connection: AsyncConnection | None = None
+        self._backend_pid: int | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The PostgreSQL backend process of the lock connection (for pg_terminate_backend)."""
+        return self._backend_pid
+
+    async def _take_lock(self) -> bool:
+        connection = await self._lock_engine.connect()
+        try:
+            # Autocommit: a session lock needs no transaction, and an idle open transaction
+            # would hold back vacuum for as long as this replica leads.
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            taken = await connection.scalar(
+                text("SELECT pg_try_advisory_lock(:class_key, :object_key)"),
+                {"class_key": LOCK_CLASS, "object_key": LOCK_OBJECT},
+            )
+            if not taken:
+                await connection.close()
+                return False
+            pid = await connection.scalar(text("SELECT pg_backend_pid()"))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.invalidate()
+            raise
+        self._connection = connection
+        self._backend_pid = int(pid)
+        raw = await connection.get_raw_connection()
+        driver = raw.driver_connection
+        if driver is not None:
+            # asyncpg calls this when the server ends the session or the socket closes.
+            driver.add_termination_listener(self._on_terminated)
+        return True
+
+    def _on_terminated(self, _connection: object) -> None:
+        if self._connection is not None and not self.lost.is_set():
+            log.warning("the poller's lock connection to PostgreSQL ended; leadership is lost")
+            self.lost.set()
+
+    def _on_acquired(self) -> None:
+        self._watch = asyncio.create_task(self._ping_lock(), name="poller-leadership-ping")
+
+    async def _ping_lock(self) -> None:
+        """Notice a lock connection that died without a word (no FIN, no error yet)."""
+        lost = self.lost
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), self._ping_interval)
+            connection = self._connection
+            if lost.is_set() or connection is None:
+                return
+            try:
+                async with asyncio.timeout(_PING_TIMEOUT_SECONDS):
+                    await connection.execute(text("SELECT 1"))
+            except (SQLAlchemyError, OSError, TimeoutError) as error:
+                if not lost.is_set():
+                    log.warning(
+                        "the poller's lock connection to PostgreSQL failed; leadership is lost",
+                        extra={"error": describe_database_error(error)},
+                    )
+                    lost.set()
+                return
+
+    async def _fence_lock(self, conn: AsyncConnection) -> None:
+        held = await conn.scalar(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = "
+                ":class_key AND objid = :object_key AND objsubid = :form AND pid = :pid "
+                "AND granted"
+            ),
+            {
+                "class_key": LOCK_CLASS,
+                "object_key": LOCK_OBJECT,
+                "form": _TWO_KEY_FORM,
+                "pid": self._backend_pid,
+            },
+        )
+        if not held:
+            self.lost.set()
+            raise LeadershipLost("the advisory lock's session has ended")
+
+    async def _drop_lock(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        connection, self._connection = self._connection, None
+        self._backend_pid = None
+        if connection is not None:
+            # Closing the session releases the advisory lock; a dead one is just discarded.
+            try:
+                await connection.close()
+            except Exception:  # the session is gone either way
+                log.debug("closing the poller's lock connection failed", exc_info=True)
+
+    async def close(self) -> None:
+        """Release leadership and close the lock engine."""
+        await self.release()
+        await self._lock_engine.dispose()
+
+
+class FileLockLeadership(PollerLeadership):
+    """`flock` on a lock file beside the SQLite database; see the module docstring."""
+
+    def __init__(self, engine: AsyncEngine, lock_path: Path) -> None:
+        super().__init__(engine)
+        self.lock_path = lock_path
+        self._fd: int | None = None
+
+    async def _take_lock(self) -> bool:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        if not self._at_path(fd):
+            # Replaced (deleted) between our open and our lock: a lock on a file no one
+            # else will open proves nothing.
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder_name()}\n".encode(), 0)
+        self._fd = fd
+        return True
+
+    def _at_path(self, fd: int) -> bool:
+        try:
+            at_path = self.lock_path.stat()
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (mine.st_dev, mine.st_ino) == (at_path.st_dev, at_path.st_ino)
+
+    async def _fence_lock(self, conn: AsyncConnection) -> None:  # noqa: ARG002 (the hook's signature)
+        fd = self._fd
+        if fd is None or not self._at_path(fd):
+            # Someone deleted the lock file: another process can lock a new one.
+            self.lost.set()
+            raise LeadershipLost(f"the lock file {self.lock_path} was removed or replaced")
+
+    async def _drop_lock(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+
+class SoleLeadership(PollerLeadership):
+    """For a database no other process can open (in-memory, a `file:` URI used as written)."""
+
+    async def _take_lock(self) -> bool:
+        return True
+
+    async def _drop_lock(self) -> None:
+        return None
+
+
+def lock_file_for(database: Path) -> Path:
+    """The SQLite leader lock file: a dot file beside the database, not matched by `rm db*`."""
+    return database.with_name(f".{database.name}.poller-lock")
+
+
+def leadership_for(engine: AsyncEngine, settings: Settings) -> PollerLeadership:
+    """The leadership that fits the database behind `engine`."""
+    if engine.dialect.name == "postgresql":
+        return PostgresLeadership(
+            engine,
+            ping_interval_seconds=settings.poller_leader_retry_seconds,
+            connect_timeout_seconds=settings.database_connect_timeout_seconds,
+        )
+    path = sqlite_file(settings.database_url)
+    if path is not None:
+        return FileLockLeadership(engine, lock_file_for(path))
+    return SoleLeadership(engine)

@@ -1,0 +1,281 @@
+"""Two replicas on one PostgreSQL and one Go peer: one drains, the leader fails, nothing is lost.
+
+- The leader SIGKILLed mid-drain: the standby takes over and finishes; the checkpoint ends
+  on the last WAL key, no span is committed twice, and the spans handed to the sinks of
+  both replicas total N plus at most the one batch the kill rolled back.
+- The leader SIGSTOPped mid-drain: while it holds the lock nobody drains (the standby stays
+  a standby); SIGCONT and it goes on. Then its lock connection is terminated
+  (pg_terminate_backend): it stops, the standby takes over, no batch is committed twice.
+
+Replicas are the recording backend (recording_backend.py: `serve` whose sink writes every
+committed batch and key to the ledger tables in the checkpoint's transaction), here on a
+database of the throwaway PostgreSQL cluster; replica A's runs are numbered from 1 and B's
+from 101, so the ledger says who committed what. The WAL is filled with walseed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import docker  # type: ignore[import-untyped]  # docker-py ships no types
+import httpx
+import pytest
+from testcontainers.core.config import testcontainers_config
+
+from tests.compat.peer import PeerFleet, PeerImage, PeerPorts, ensure_image
+from tests.postgres_cluster import PostgresCluster, throwaway_cluster
+
+from .recovery_helpers import seed_wal
+from .replica_helpers import PostgresLedger, Replica, fresh_database, wait_until
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator
+    from pathlib import Path
+
+    from .conftest import FaultTable, OutputFolder
+    from .recovery_helpers import Seeded
+
+SPANS = 60_000
+POLLER_BATCH_SIZE = 200
+LEADER_RETRY_SECONDS = 1.0
+FAULT_AFTER = 6_000  # spans committed before the fault
+STOPPED_SECONDS = 4 * LEADER_RETRY_SECONDS  # the standby tries ~4 times meanwhile
+B_FIRST_RUN = 100  # B's runs are numbered from 101
+# Hang guards only (generous): figures go to the fault table.
+LIMIT_SECONDS = 120.0
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway cluster for this module (a missing PostgreSQL fails under CI=true)."""
+    with throwaway_cluster("junjo-faults-replicas-pg-") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def peer_image() -> Iterator[PeerImage]:
+    """The Go peer's image (built once per source hash)."""
+    os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"  # no Ryuk image can be pulled here
+    testcontainers_config.ryuk_disabled = True
+    client = docker.from_env()
+    try:
+        yield ensure_image(client)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def fleet(
+    peer_image: PeerImage, tmp_path: Path, fault_output: OutputFolder
+) -> AsyncIterator[PeerFleet]:
+    """Peer containers for one test; their logs go to the output folder at the end."""
+    registry: list = []  # type: ignore[type-arg]  # PeerContainer, kept for the logs
+    fleet = PeerFleet(peer_image, tmp_path, registry)
+    try:
+        yield fleet
+    finally:
+        await fleet.close()
+        for peer in registry:
+            fault_output.path(f"{peer.name}-container").write_text(peer.logs())
+
+
+class Setup:
+    """Two replicas (A leads first), the ledger, the seeded WAL."""
+
+    def __init__(self, a: Replica, b: Replica, ledger: PostgresLedger, seeded: Seeded) -> None:
+        self.a, self.b, self.ledger, self.seeded = a, b, ledger, seeded
+
+    async def committed_by(self) -> tuple[int, int]:
+        """Spans committed by A's runs and by B's runs."""
+        return await self.ledger.committed_by_runs(B_FIRST_RUN)
+
+
+async def _role(replica: Replica) -> str | None:
+    try:
+        role = (await replica.poller())["role"]
+    except httpx.TransportError:
+        return None
+    return str(role) if role is not None else None
+
+
+async def _has_role(replica: Replica, role: str) -> bool:
+    return await _role(replica) == role
+
+
+@pytest.fixture
+async def setup(  # noqa: PLR0917 (fixtures)
+    tmp_path: Path,
+    postgres: PostgresCluster,
+    peer_image: PeerImage,
+    fleet: PeerFleet,
+    fault_output: OutputFolder,
+    fault_log_env: Callable[[], dict[str, str]],
+) -> AsyncIterator[Setup]:
+    """A leads, B stands by, the peer serves the seeded WAL: the drain is under way."""
+    ports = PeerPorts.pick(peer_image)
+    wal_dir = tmp_path / "wal"
+    seeded = seed_wal(wal_dir, SPANS, fault_output)
+    url = await fresh_database(postgres)
+    settings = {
+        "POLLER_BATCH_SIZE": str(POLLER_BATCH_SIZE),
+        "POLLER_LEADER_RETRY_SECONDS": str(LEADER_RETRY_SECONDS),
+        "POLLER_MAX_BACKOFF_SECONDS": "0.5",
+        "POLLER_IDLE_WAIT_SECONDS": "0.1",
+    }
+
+    def replica(name: str, auth_port: int | None = None) -> Replica:
+        return Replica(
+            name,
+            database_url=url,
+            ingestion_address=f"127.0.0.1:{ports.internal}",
+            folder=tmp_path,
+            output=fault_output,
+            log_env=fault_log_env,
+            auth_port=auth_port,
+            settings=settings,
+        )
+
+    # A on the auth port the peer dials (its start-up waits for our auth server).
+    a, b = replica("replica-a", ports.backend), replica("replica-b")
+    b.runs = B_FIRST_RUN
+    ledger = PostgresLedger(url)
+    try:
+        a.start()
+        await a.wait_ready()
+        await wait_until(lambda: _has_role(a, "leader"), "A leads", LIMIT_SECONDS)
+        b.start()
+        await b.wait_ready()
+        await wait_until(lambda: _has_role(b, "standby"), "B stands by", LIMIT_SECONDS)
+        await fleet.launch(ports, wal_dir=wal_dir)
+        await wait_until(
+            lambda: _committed_at_least(ledger, FAULT_AFTER),
+            "the drain is under way",
+            LIMIT_SECONDS,
+        )
+        yield Setup(a, b, ledger, seeded)
+    finally:
+        for process in (a, b):
+            if process.running:
+                process.signal(signal.SIGCONT)
+            process.close()
+        await ledger.close()
+
+
+async def _committed_at_least(ledger: PostgresLedger, spans: int) -> bool:
+    return await ledger.committed() >= spans
+
+
+async def _finished(setup: Setup) -> None:
+    """Wait for the checkpoint to reach the last WAL key."""
+    last_key = setup.seeded.last_key
+
+    async def at_last_key() -> bool:
+        return await setup.ledger.checkpoint() == last_key
+
+    await wait_until(at_last_key, "the checkpoint reaches the last WAL key", LIMIT_SECONDS)
+
+
+async def _assert_exactly_once(setup: Setup) -> int:
+    """No span committed twice, every span committed; returns the spans re-handed."""
+    check = await setup.ledger.check()
+    assert check.keys_twice == 0, check
+    assert check.overlapping_batches == 0, check
+    assert check.spans == check.distinct_keys == SPANS, check
+    assert (check.min_key, check.max_key) == (setup.seeded.first_key, setup.seeded.last_key)
+    assert await setup.ledger.checkpoint() == setup.seeded.last_key
+    handed = setup.a.handed + setup.b.handed
+    # Across replicas: N, plus at most the one batch the fault rolled back.
+    assert SPANS <= handed <= SPANS + POLLER_BATCH_SIZE, (setup.a.handed, setup.b.handed)
+    return handed - SPANS
+
+
+async def test_leader_sigkilled_mid_drain_the_standby_finishes(
+    setup: Setup, fault_table: FaultTable
+) -> None:
+    a, b = setup.a, setup.b
+    standby = await b.poller()
+    assert standby["role"] == "standby", standby
+    assert standby["spans_processed"] == 0, standby
+    started = time.monotonic()
+
+    a.kill()
+    killed = time.monotonic()
+
+    async def b_committed() -> bool:
+        return (await setup.committed_by())[1] > 0
+
+    failover = await wait_until(b_committed, "B commits its first batch", LIMIT_SECONDS)
+    await _finished(setup)
+    elapsed = time.monotonic() - started
+    by_a, by_b = await setup.committed_by()
+    b_view = await b.poller()
+    assert b_view["role"] == "leader", b_view
+    assert b_view["spans_processed"] == by_b, (b_view, by_b)
+    assert by_a + by_b == SPANS
+    rehanded = await _assert_exactly_once(setup)
+    assert b.stop() == 0, b.output()
+    assert killed - started < LIMIT_SECONDS
+    fault_table.add(
+        "replicas on PostgreSQL: leader SIGKILL mid-drain",
+        f"1 kill, {SPANS:,} spans",
+        f"standby's first commit {failover:.1f} s after the kill (retry "
+        f"{LEADER_RETRY_SECONDS:g} s); committed A {by_a:,} + B {by_b:,} = {SPANS:,}, 0 twice; "
+        f"{rehanded} re-handed (the killed batch); checkpoint == last WAL key; "
+        f"{elapsed:.0f} s to the end",
+    )
+
+
+async def test_leader_sigstopped_then_its_lock_connection_terminated(
+    setup: Setup, fault_table: FaultTable
+) -> None:
+    a, b, ledger = setup.a, setup.b, setup.ledger
+
+    a.signal(signal.SIGSTOP)
+    # A commit already sent when A stopped still lands; count from a moment later.
+    await asyncio.sleep(0.5)
+    before = await setup.committed_by()
+    await asyncio.sleep(STOPPED_SECONDS)
+    during = await setup.committed_by()
+    standby = await b.poller()
+    assert during == before, "a second replica drained while the leader held the lock"
+    assert standby["role"] == "standby", standby
+    assert b.handed == 0
+    a.signal(signal.SIGCONT)
+
+    async def a_goes_on() -> bool:
+        return (await setup.committed_by())[0] > during[0]
+
+    await wait_until(a_goes_on, "A drains again after SIGCONT", LIMIT_SECONDS)
+    pid = await ledger.lock_holder_pid()
+    assert pid is not None
+    assert await ledger.terminate(pid)
+    terminated = time.monotonic()
+
+    async def b_committed() -> bool:
+        return (await setup.committed_by())[1] > 0
+
+    failover = await wait_until(b_committed, "B commits its first batch", LIMIT_SECONDS)
+    a_after_failover = (await setup.committed_by())[0]
+    await _finished(setup)
+    by_a, by_b = await setup.committed_by()
+    a_view, b_view = await a.poller(), await b.poller()
+    assert a_view["role"] == "standby", a_view
+    assert b_view["role"] == "leader", b_view
+    assert by_a == a_after_failover, "A committed after the standby took over"
+    assert a_view["spans_processed"] == by_a
+    assert b_view["spans_processed"] == by_b
+    rehanded = await _assert_exactly_once(setup)
+    assert a.stop() == 0, a.output()
+    assert b.stop() == 0, b.output()
+    fault_table.add(
+        "replicas on PostgreSQL: leader SIGSTOP, then its lock connection terminated",
+        f"{STOPPED_SECONDS:g} s stopped, 1 pg_terminate_backend, {SPANS:,} spans",
+        f"0 spans committed by anyone while stopped (standby stayed standby); after the "
+        f"termination the standby's first commit in {failover:.1f} s; committed A {by_a:,} + "
+        f"B {by_b:,}, 0 twice; {rehanded} re-handed; {time.monotonic() - terminated:.0f} s "
+        f"from the termination to the end",
+    )
