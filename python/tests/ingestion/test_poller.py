@@ -162,7 +162,8 @@ async def test_a_failing_sink_leaves_the_checkpoint_and_its_writes_rolled_back(
 ) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(sink_metadata.create_all)
-    keys = wal.seed(350)
+    # Stamped a second ago, so all have settled and the batches are whole.
+    keys = wal.seed(350, ms=int(time.time() * 1000) - 1000)
     # Calls 2 and 3 write their batch, then fail: neither the rows nor the checkpoint stay.
     sink = RecordingSink(fail_on_calls=(2, 3), write=True)
     poller = make_poller(sink)
