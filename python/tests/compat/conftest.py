@@ -16,17 +16,16 @@ import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import pytest
 from testcontainers.core.config import testcontainers_config
 
-from .auth_backend import AuthBackend
-from .peer import (
-    PEERS,
+from harness.peer import (
     PeerError,
-    PeerFleet,
     PeerImage,
     PeerPorts,
     ensure_image,
-    peer_registry,
     remove_session_containers,
 )
+
+from .auth_backend import AuthBackend
+from .peer import PEERS, PeerFleet, peer_registry
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Generator, Iterator

@@ -23,10 +23,11 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
+    from harness.peer import PeerPorts
     from junjo_backend.spans import SpanRecord
 
     from .auth_backend import AuthBackend
-    from .peer import PeerFleet, PeerPorts
+    from .peer import PeerFleet
 
 pytestmark = pytest.mark.compat
 

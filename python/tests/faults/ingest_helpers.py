@@ -25,9 +25,11 @@ import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import httpx
 from testcontainers.core.config import testcontainers_config
 
+from harness.peer import PeerImage, PeerPorts, ensure_image
+from harness.waiting import free_port
 from junjo_backend.api_keys import create_api_key
 from junjo_backend.database import close_engine, create_engine, init_schema
-from tests.compat.peer import PeerContainer, PeerImage, PeerPorts, ensure_image, free_ports
+from tests.compat.peer import PeerContainer
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -126,7 +128,7 @@ class ServeBackend:
         output: Path,
         env: dict[str, str],
     ) -> None:
-        self.http_port = free_ports(1)[0]
+        self.http_port = free_port()
         self._folder = folder
         self._output = output
         self._env = {

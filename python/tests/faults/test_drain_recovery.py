@@ -29,14 +29,10 @@ import grpc
 import pytest
 from testcontainers.core.config import testcontainers_config
 
+from harness.peer import PeerImage, PeerPorts, ensure_image
+from harness.waiting import free_port
 from junjo_backend._wire.ingestion import auth_pb2_grpc
-from tests.compat.peer import (
-    PeerFleet,
-    PeerImage,
-    PeerPorts,
-    ensure_image,
-    free_ports,
-)
+from tests.compat.peer import PeerFleet
 
 from .recovery_helpers import (
     AuthProbe,
@@ -109,7 +105,7 @@ def _backend(
     fault_log_env: Callable[[], dict[str, str]],
     name: str,
 ) -> BackendProcess:
-    (http_port,) = free_ports(1)
+    http_port = free_port()
     return BackendProcess(
         recording_backend_command(),
         {

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from harness.waiting import free_ports
 from junjo_backend._wire.ingestion import auth_pb2_grpc
 from junjo_backend.api_keys import create_api_key
 from junjo_backend.database import close_engine, create_engine
-from tests.compat.peer import free_ports
 from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 from .recovery_helpers import (
