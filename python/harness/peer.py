@@ -396,7 +396,8 @@ class Peer:
 
     With `image`, a container of it on host networking, run as the calling user so that the
     WAL files belong to them (needs `client`); otherwise `binary` as a child process, its log
-    in `wal_dir`'s parent. `start` and `stop` may alternate; the WAL is kept.
+    in `wal_dir`'s parent. `log_level` is our peer's (debug: what a failed test's report
+    wants; a benchmark asks for less). `start` and `stop` may alternate; the WAL is kept.
     """
 
     def __init__(
@@ -410,6 +411,7 @@ class Peer:
         binary: Path = PEER_BINARY,
         health_interval: float | None = None,
         container_name: str | None = None,
+        log_level: str = "debug",
     ) -> None:
         self.ports = ports
         self.wal_dir = wal_dir
@@ -423,7 +425,7 @@ class Peer:
             env |= {
                 "BACKEND_GRPC_ADDRESS": f"127.0.0.1:{ports.backend}",
                 "LISTEN_HOST": "127.0.0.1",
-                "LOG_LEVEL": "debug",
+                "LOG_LEVEL": log_level,
             }
         if image is None:
             env["BADGERDB_PATH"] = str(wal_dir)
