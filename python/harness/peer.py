@@ -32,16 +32,15 @@ import docker.errors  # type: ignore[import-untyped]  # docker-py ships no types
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
+from harness.go_tools import GO_BIN, GO_MODULE, GoBuildError, go_build
 from harness.waiting import NeverHappenedError, free_ports, port_is_free, wait_until_sync
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-GO_MODULE = REPO_ROOT / "go-compat-tests"
+REPO_ROOT = GO_MODULE.parent
 IMAGE_CONTEXT = GO_MODULE / "image"
-# What `make peer` builds.
-PEER_BINARY = GO_MODULE / "bin" / "ingestion-peer"
+PEER_BINARY = GO_BIN / "ingestion-peer"
 IMAGE_ENV = "JUNJO_COMPAT_INGESTION_IMAGE"
 IMAGE_REPOSITORY = "junjo-compat/ingestion-peer"
 SOURCE_HASH_LABEL = "org.junjo-backend.compat.source-hash"
@@ -54,7 +53,6 @@ WAL_MOUNT = "/wal"
 SESSION_ID = uuid.uuid4().hex
 STOP_TIMEOUT_SECONDS = 10
 PROCESS_STOP_SECONDS = 30.0
-_BUILD_TIMEOUT_SECONDS = 600
 
 
 class PeerError(Exception):
@@ -138,29 +136,13 @@ def ensure_image(client: docker.DockerClient) -> PeerImage:
         client.images.get(tag)
     except docker.errors.ImageNotFound:
         with tempfile.TemporaryDirectory(prefix="ingestion-peer-build-") as folder:
-            binary = build_binary(Path(folder) / "ingestion-peer")
+            try:
+                binary = go_build("ingestion-peer", Path(folder) / "ingestion-peer")
+            except GoBuildError as error:
+                raise PeerError(str(error)) from error
             build_image(client, tag, binary, labels={SOURCE_HASH_LABEL: source})
         _remove_stale_images(client, keep=tag)
     return PeerImage(tag, built_here=True)
-
-
-def build_binary(output: Path) -> Path:
-    """`go build` of the static peer binary to `output`; PeerError with Go's output if it fails."""
-    go = shutil.which("go")
-    if go is None:
-        raise PeerError("the `go` toolchain is not on PATH: it builds the ingestion peer")
-    build = subprocess.run(
-        [go, "build", "-trimpath", "-o", str(output), "./cmd/ingestion-peer"],
-        cwd=GO_MODULE,
-        env={**os.environ, "CGO_ENABLED": "0"},
-        capture_output=True,
-        text=True,
-        timeout=_BUILD_TIMEOUT_SECONDS,
-        check=False,
-    )
-    if build.returncode != 0:
-        raise PeerError(f"go build of the ingestion peer failed:\n{build.stderr}")
-    return output
 
 
 def build_image(

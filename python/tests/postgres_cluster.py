@@ -15,7 +15,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from harness.waiting import free_port
 from tests.auth.postgres_binaries import find_pg_tool, missing_postgres
 
 if TYPE_CHECKING:
@@ -85,15 +85,6 @@ class PostgresCluster:
         self._process = None
 
 
-def _free_port() -> int:
-    # PostgreSQL cannot bind port 0 and report it; a just-released ephemeral port is the
-    # usual way, with a small race that a retry would cover.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def throwaway_cluster(prefix: str) -> Iterator[PostgresCluster]:
     """Initialise and start a cluster; stop it and delete its folder afterwards.
@@ -128,7 +119,7 @@ def throwaway_cluster(prefix: str) -> Iterator[PostgresCluster]:
             capture_output=True,
             timeout=120,
         )
-        cluster = PostgresCluster(server, folder, _free_port(), user)
+        cluster = PostgresCluster(server, folder, free_port(), user)
         cluster.start()
         try:
             yield cluster

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal
 import grpc
 import httpx
 
+from harness.waiting import NeverHappenedError, wait_until
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
 
 if TYPE_CHECKING:
@@ -203,16 +204,20 @@ class AuthCalls:
 
     async def until(self, key: str, wanted: Answer) -> tuple[float, list[Answer]]:
         """Call until the answer is `wanted`: seconds taken, and the answers before it."""
-        started = time.monotonic()
-        before: list[Answer] = []
-        while time.monotonic() - started < _CHANGE_WITHIN:
-            answer = await self.answer(key)
-            if answer == wanted:
-                return time.monotonic() - started, before
-            before.append(answer)
-            await asyncio.sleep(_POLL_SECONDS)
-        msg = f"never answered {wanted} within the hang guard; answers: {before[-5:]}"
-        raise AssertionError(msg)
+        answers: list[Answer] = []
+
+        async def answered() -> bool:
+            answers.append(await self.answer(key))
+            return answers[-1] == wanted
+
+        try:
+            seconds = await wait_until(
+                answered, f"answer {wanted}", limit=_CHANGE_WITHIN, every=_POLL_SECONDS
+            )
+        except NeverHappenedError:
+            msg = f"never answered {wanted} within the hang guard; answers: {answers[-5:]}"
+            raise AssertionError(msg) from None
+        return seconds, answers[:-1]
 
 
 @dataclass(slots=True)

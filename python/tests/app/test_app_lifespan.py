@@ -13,6 +13,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+from harness.waiting import port_is_free, wait_until
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
 from junjo_backend.app import Backend, StartupError, create_app
 
@@ -20,9 +21,7 @@ from .backend_under_test import (
     corrupt_sqlite_file,
     drop_table,
     established_connections_to,
-    eventually,
     open_files_under,
-    port_is_free,
 )
 
 if TYPE_CHECKING:
@@ -77,11 +76,12 @@ async def test_lifespan_serves_and_then_releases_everything(
         assert not port_is_free(auth_port)
         # The Go ingestion-service's start-up probe gets a prompt "no" on an empty database.
         assert await validate(backend.auth_server.address, "startup-readiness-check") is False
-        assert await eventually(
+        await wait_until(
             lambda: (
                 backend.poller is not None
                 and backend.poller.status.spans_processed == len(wal.keys)
-            )
+            ),
+            "the poller processes every WAL entry",
         )
         body = (await http.get("/health")).json()
         assert established_connections_to(ingestion.port) > 0
@@ -102,7 +102,10 @@ async def test_lifespan_serves_and_then_releases_everything(
     # fake ingestion server's own tasks are not the backend's: it is stopped first).
     assert port_is_free(auth_port)
     assert open_files_under(database_path.parent) == []
-    assert await eventually(lambda: established_connections_to(ingestion.port) == 0)
+    await wait_until(
+        lambda: established_connections_to(ingestion.port) == 0,
+        "no connection to the ingestion server is left",
+    )
     await ingestion.stop()
     assert other_tasks() <= tasks_before
     assert backend.auth_server.running is False

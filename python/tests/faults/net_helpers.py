@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.go_tools import go_tool
 from junjo_backend.api_keys import create_api_key
 from junjo_backend.database import close_engine, create_engine, init_schema
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-GO_DIR = Path(__file__).resolve().parents[3] / "go-compat-tests"
-AUTHLOAD = GO_DIR / "bin" / "authload"
 
 # The start-up banner names both ports, in text (`auth_grpc=127.0.0.1:PORT`) and JSON
 # (`"auth_grpc": "127.0.0.1:PORT"`) logs alike.
@@ -119,24 +118,12 @@ def _wait_for_banner(process: subprocess.Popen[bytes], output: Path, within: flo
     raise AssertionError(f"serve did not become ready; it wrote:\n{text[-4000:]}")
 
 
-def ensure_authload() -> Path:
-    """The Go load generator, built if `make peer` has not built it."""
-    if not AUTHLOAD.exists():
-        subprocess.run(
-            ["go", "build", "-o", "bin/", "./cmd/authload"],
-            cwd=GO_DIR,
-            env={**os.environ, "CGO_ENABLED": "0"},
-            check=True,
-        )
-    return AUTHLOAD
-
-
 def authload(
     address: str, keys_file: Path, stderr: Path, seconds: float, **flags: object
 ) -> dict[str, Any]:
     """One authload run (grpc-go, one connection, like the ingestion-service); its report."""
     args = [
-        str(ensure_authload()),
+        str(go_tool("authload")),
         f"-addr={address}",
         f"-keys={keys_file}",
         f"-duration={seconds}s",

@@ -278,15 +278,6 @@ def delivered_spans(path: Path) -> int:
     return sum(int(line) for line in path.read_text(encoding="ascii").split())
 
 
-async def wait_for(check: Callable[[], bool], what: str, limit: float) -> None:
-    """Poll `check` until it holds; `limit` seconds is a hang guard, not a measurement."""
-    give_up = time.monotonic() + limit
-    while not check():
-        if time.monotonic() > give_up:
-            raise AssertionError(f"not within {limit:g} s (a hang guard): {what}")
-        await asyncio.sleep(0.05)
-
-
 async def validate_outcome(stub: auth_pb2_grpc.InternalAuthServiceAsyncStub, key: str) -> str:
     """One ValidateApiKey call with the ingestion-service's 5 s deadline: "true", "false",
     or the status code's name."""

@@ -18,6 +18,7 @@ import grpc
 import httpx
 import pytest
 
+from harness.waiting import wait_until
 from tests.app.database_replacement import (
     AuthCalls,
     Cli,
@@ -30,7 +31,6 @@ from tests.ingestion.fake_ingestion import (
     FakeIngestionServer,
     FakeIngestionService,
     FakeWal,
-    wait_until,
 )
 
 if TYPE_CHECKING:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import uuid
 from typing import TYPE_CHECKING
 
 import pytest
 
+from harness.waiting import free_port
 from junjo_backend import __version__
 from tests.image.image_helpers import BACKEND_IMAGE, docker, missing
 
@@ -52,13 +52,6 @@ def remove_left_containers() -> Iterator[None]:
     listed = docker("ps", "-aq", "--filter", f"label={LABEL}")
     for container in listed.stdout.split():
         docker("rm", "-f", "-v", container)
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_the_image_runs_the_cli_of_this_version(image_config: dict[str, object]) -> None:
