@@ -66,10 +66,14 @@ from harness.peer import (
     shared_client,
     tail,
 )
-from harness.waiting import free_ports
+from harness.waiting import (
+    NeverHappenedError,
+    free_ports,
+    wait_until_sync,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from opentelemetry.sdk.trace import ReadableSpan
 
@@ -169,18 +173,25 @@ def build_peer_image(peer_binary: Path) -> str:
         raise DemoFailedError(str(error)) from error
 
 
+def until(condition: Callable[[], bool], deadline: float, failure: Callable[[], str]) -> None:
+    """Poll `condition` until it holds; DemoFailedError with `failure()` past the deadline."""
+    try:
+        wait_until_sync(condition, limit=max(0.0, deadline - time.monotonic()), every=0.2)
+    except NeverHappenedError:
+        raise DemoFailedError(failure()) from None
+
+
 def wait_for_http(backend: Child, url: str, deadline: float) -> None:
     """Until `url` answers (the backend's HTTP server is up)."""
-    while True:
+
+    def answers() -> bool:
         check_alive(backend)
         try:
-            if httpx.get(url, timeout=1.0).status_code == httpx.codes.OK:
-                return
+            return httpx.get(url, timeout=1.0).status_code == httpx.codes.OK
         except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise DemoFailedError(f"the backend did not answer {url} in time")
-        time.sleep(0.1)
+            return False
+
+    until(answers, deadline, lambda: f"the backend did not answer {url} in time")
 
 
 def wait_for_peer(peer: Peer, deadline: float) -> None:
@@ -263,28 +274,37 @@ def wait_for_drain(
     backend: Child, health_url: str, sent: int, deadline: float
 ) -> dict[str, object]:
     """The first /health poller section that counts `sent` spans processed."""
-    while True:
+    poller: dict[str, object] | None = None
+
+    def drained() -> bool:
+        nonlocal poller
         check_alive(backend)
         try:
             poller = httpx.get(health_url, timeout=5.0).json()["poller"]
         except httpx.TransportError:
             poller = None
-        if isinstance(poller, dict) and int(poller["spans_processed"]) >= sent:
-            return poller
-        if time.monotonic() > deadline:
-            raise DemoFailedError(f"the backend had not processed {sent} spans in time: {poller}")
-        time.sleep(0.2)
+        return isinstance(poller, dict) and int(str(poller["spans_processed"])) >= sent
+
+    until(
+        drained, deadline, lambda: f"the backend had not processed {sent} spans in time: {poller}"
+    )
+    assert poller is not None  # noqa: S101 (drained() held)
+    return poller
 
 
 def wait_for_health(containers: Sequence[HostContainer], deadline: float) -> dict[str, str]:
     """Each container's HEALTHCHECK verdict, once none is still starting (or at the deadline)."""
-    while True:
-        verdicts = {container.name: container.health() for container in containers}
-        if "starting" not in verdicts.values() or time.monotonic() > deadline:
-            return verdicts
+    verdicts: dict[str, str] = {}
+
+    def settled() -> bool:
+        verdicts.update((container.name, container.health()) for container in containers)
         for container in containers:
             check_alive(container)
-        time.sleep(0.2)
+        return "starting" not in verdicts.values()
+
+    with contextlib.suppress(NeverHappenedError):
+        wait_until_sync(settled, limit=max(0.0, deadline - time.monotonic()), every=0.2)
+    return verdicts
 
 
 def backend_image_present(image: str) -> bool:
