@@ -234,9 +234,11 @@ class HostContainer:
             raise RuntimeError(f"{self.name} is already running")
         self._runs += 1
         try:
-            self._container = self._client.containers.run(
-                self.image, detach=True, name=self._container_name, **self.options
+            # Created, then started: one that fails to start is still ours to remove at `stop`.
+            self._container = self._client.containers.create(
+                self.image, name=self._container_name, **self.options
             )
+            self._container.start()
         except docker.errors.APIError as error:
             raise PeerError(f"`docker run` of the {self.name} failed: {error}") from error
 
