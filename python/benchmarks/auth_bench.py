@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,9 +42,12 @@ from junjo_backend.auth_service import AuthServer
 from junjo_backend.database import close_engine, create_engine, init_schema
 from junjo_backend.settings import Settings
 
+# Run as a file (`python python/benchmarks/auth_bench.py`): the shared harness is in python/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.go_tools import go_tool
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GO_DIR = REPO_ROOT / "go-compat-tests"
-AUTHLOAD = GO_DIR / "bin" / "authload"
 RESULTS = REPO_ROOT / "bench-results" / "auth.json"
 
 CONCURRENCIES = (1, 16, 64)
@@ -91,23 +93,10 @@ class Point:
         return sum(int(r[pick]) for r in self.runs)
 
 
-def build_authload() -> None:
-    """Build the Go load generator if `make peer` has not."""
-    if AUTHLOAD.exists():
-        return
-    print("building authload ...", flush=True)
-    subprocess.run(
-        ["go", "build", "-o", "bin/", "./cmd/authload"],
-        cwd=GO_DIR,
-        env={**os.environ, "CGO_ENABLED": "0"},
-        check=True,
-    )
-
-
 async def authload(address: str, keys_file: Path, seconds: float, **flags: float) -> dict[str, Any]:
     """One authload run; its JSON report."""
     args = [
-        str(AUTHLOAD),
+        str(go_tool("authload")),
         f"-addr={address}",
         f"-keys={keys_file}",
         f"-duration={seconds}s",
@@ -331,7 +320,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (servers alternate)")
     args = parser.parse_args()
-    build_authload()
+    go_tool("authload")  # built now, if `make peer` has not, rather than mid-measurement
     doc = asyncio.run(run(args.seconds, args.rounds))
     print_report(doc)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

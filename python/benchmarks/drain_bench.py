@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import Any, Self
 
 import grpc
 
@@ -51,6 +50,12 @@ from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.poller import ServiceTally, SpanPoller
 from junjo_backend.settings import Settings
 from junjo_backend.spans import ResourceCatalog
+
+# Run as a file (`python python/benchmarks/drain_bench.py`): the shared harness is in python/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.peer import Peer, PeerPorts
+from harness.waiting import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BIN = REPO_ROOT / "go-compat-tests" / "bin"
@@ -136,58 +141,6 @@ def seed_wal(bin_dir: Path, wal: Path, spans: int) -> dict[str, Any]:
     )
     answer: dict[str, Any] = json.loads(done.stdout)
     return answer
-
-
-class Peer:
-    """ingestion-peer as a child process; its internal address is read from its log."""
-
-    def __init__(self, bin_dir: Path, wal: Path, backend: str) -> None:
-        env = os.environ | {
-            "GRPC_PORT": "0",
-            "INTERNAL_GRPC_PORT": "0",
-            "LISTEN_HOST": "127.0.0.1",
-            "BACKEND_GRPC_ADDRESS": backend,
-            "BADGERDB_PATH": str(wal),
-            "LOG_LEVEL": "info",
-        }
-        self._process = subprocess.Popen(
-            [str(bin_dir / "ingestion-peer")],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._address: str | None = None
-        self._found = threading.Event()
-        self._log: list[str] = []
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-
-    def _read_log(self) -> None:
-        stream: IO[str] | None = self._process.stderr
-        if stream is None:
-            return
-        for line in stream:
-            self._log.append(line)
-            found = re.search(r"server=internal address=(\S+)", line)
-            if found:
-                self._address = found.group(1)
-                self._found.set()
-
-    async def address(self, limit: float = 60.0) -> str:
-        """The internal (ReadSpans) address, once the peer serves."""
-        if not await asyncio.to_thread(self._found.wait, limit) or self._address is None:
-            raise RuntimeError("ingestion-peer did not start:\n" + "".join(self._log[-20:]))
-        return self._address
-
-    def stop(self) -> None:
-        """SIGTERM, then wait (kill if it hangs)."""
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
 
 
 def go_drain(bin_dir: Path, address: str) -> dict[str, Any]:
@@ -494,9 +447,13 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
         await init_schema(auth_engine)
         auth = AuthServer(auth_settings, auth_engine)
         await auth.start()
-        peer = Peer(bin_dir, workdir / "wal", auth.address)
+        public, internal = free_ports(2)
+        ports = PeerPorts(public, internal, backend=int(auth.address.rsplit(":", 1)[1]))
+        peer = Peer(ports, workdir / "wal", binary=bin_dir / "ingestion-peer", log_level="info")
         try:
-            address = await peer.address()
+            await asyncio.to_thread(peer.start)
+            await asyncio.to_thread(peer.wait_serving)
+            address = peer.internal_address
             settings = Settings(
                 database_url=f"sqlite+aiosqlite:///{workdir / 'poller.db'}",
                 ingestion_grpc_address=address,

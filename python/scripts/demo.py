@@ -29,18 +29,16 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
-import grpc
+import docker.errors  # type: ignore[import-untyped]  # docker-py ships no types
 import httpx
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -53,26 +51,41 @@ from opentelemetry.sdk.trace.export import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+# Run as a file (`python python/scripts/demo.py`): the shared harness lives in python/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.peer import (
+    IMAGE_CONTEXT,
+    PEER_BINARY,
+    REPO_ROOT,
+    ChildProcess,
+    HostContainer,
+    Peer,
+    PeerError,
+    PeerImage,
+    PeerPorts,
+    build_image,
+    shared_client,
+    tail,
+)
+from harness.waiting import (
+    NeverHappenedError,
+    free_ports,
+    wait_until_sync,
+)
+
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from opentelemetry.sdk.trace import ReadableSpan
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PEER_BINARY = REPO_ROOT / "go-compat-tests" / "bin" / "ingestion-peer"
-IMAGE_CONTEXT = REPO_ROOT / "go-compat-tests" / "image"
 PEER_IMAGE = "junjo-ingestion-peer:demo"
 BACKEND_IMAGE = "junjo-backend:local"
-WAL_MOUNT = "/wal"
 # The image's volume; its DATABASE_URL points there.
 DATA_MOUNT = "/data"
 API_KEY = re.compile(r"\b[0-9A-Za-z]{64}\b")
-STOP_TIMEOUT_SECONDS = 20.0
-CONTAINER_STOP_SECONDS = 10
-DOCKER_TIMEOUT_SECONDS = 60.0
-BUILD_TIMEOUT_SECONDS = 300.0
 # The images' HEALTHCHECKs probe every 10 s; the demo runs the same probes every second.
-HEALTH_INTERVAL = "1s"
+HEALTH_INTERVAL_SECONDS = 1.0
 
 
 class DemoFailedError(Exception):
@@ -114,6 +127,11 @@ class Ports:
     auth: int
     http: int
 
+    @property
+    def peer(self) -> PeerPorts:
+        """The peer's ports and the auth server's it dials."""
+        return PeerPorts(public=self.otlp, internal=self.internal, backend=self.auth)
+
 
 @dataclass(frozen=True, slots=True)
 class Summary:
@@ -131,238 +149,69 @@ class Summary:
     metrics: dict[str, float]
 
 
-def free_ports() -> Ports:
-    """Distinct loopback ports nothing listens on right now (all held until all are chosen)."""
-    with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(4):
-            probe = held.enter_context(socket.socket())
-            probe.bind(("127.0.0.1", 0))
-            ports.append(int(probe.getsockname()[1]))
-    return Ports(*ports)
+# What the demo starts: processes and containers, stopped in reverse order at the end.
+Child = ChildProcess | HostContainer
 
 
-class Child:
-    """A process the demo started, output to a log file in the demo's folder.
-
-    It runs in its own session so that Ctrl-C reaches only the demo, which then stops the
-    children in order, each with one SIGTERM (a second signal would force the backend).
-    """
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], workdir: Path) -> None:
-        self.name = name
-        self.log_path = workdir / f"{name}.log"
-        self._log: IO[bytes] = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            argv,
-            env={**os.environ, **env},
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.exit_code: int | None = None
-
-    def check_alive(self) -> None:
-        """Fail the demo if the process has ended."""
-        code = self.process.poll()
-        if code is not None:
-            raise DemoFailedError(f"{self.name} exited early with status {code}")
-
-    def stop(self) -> int:
-        """SIGTERM, wait (bounded), SIGKILL if it has to; returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                print(f"{self.name} did not stop within {STOP_TIMEOUT_SECONDS:.0f} s; killing it")
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        self.exit_code = self.process.returncode
-        return self.exit_code
-
-    def tail(self, lines: int = 40) -> str:
-        """The last lines the process wrote."""
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-
-def docker(*args: str, timeout: float = DOCKER_TIMEOUT_SECONDS) -> subprocess.CompletedProcess[str]:
-    """One docker CLI command, output captured; the caller judges its status.
-
-    Its own session keeps Ctrl-C from killing a clean-up command half-way.
-    """
-    return subprocess.run(
-        ["docker", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        start_new_session=True,
-    )
+def check_alive(child: Child) -> None:
+    """Fail the demo if the process or container has ended."""
+    if not child.running():
+        code = child.stop()
+        raise DemoFailedError(f"{child.name} exited early with status {code}")
 
 
 def docker_engine_reachable() -> bool:
-    """Whether `docker info` succeeds."""
+    """Whether the Docker engine answers."""
     try:
-        return docker("info", timeout=15).returncode == 0
-    except (OSError, subprocess.SubprocessError):
+        return bool(shared_client().ping())
+    except (docker.errors.DockerException, OSError):
         return False
 
 
 def build_peer_image(peer_binary: Path) -> str:
-    """Build the peer image from a copy of go-compat-tests/image plus the binary; its tag.
-
-    The Dockerfile is `FROM scratch`, so nothing is pulled.
-    """
-    with tempfile.TemporaryDirectory(prefix="junjo-demo-image-") as tmp:
-        context = Path(tmp)
-        for name in ("Dockerfile", ".dockerignore"):
-            shutil.copy(IMAGE_CONTEXT / name, context / name)
-        shutil.copy(peer_binary, context / "ingestion-peer")
-        build = docker("build", "-t", PEER_IMAGE, str(context), timeout=BUILD_TIMEOUT_SECONDS)
-    if build.returncode != 0:
-        raise DemoFailedError(f"`docker build` of the peer image failed:\n{build.stderr}")
-    return PEER_IMAGE
+    """Build the peer image from go-compat-tests/image plus the `make peer` binary; its tag."""
+    try:
+        return build_image(shared_client(), PEER_IMAGE, peer_binary).tag
+    except PeerError as error:
+        raise DemoFailedError(str(error)) from error
 
 
-class Container:
-    """A container on host networking, driven with the docker CLI.
-
-    Run without --rm so that its exit code can be read after a graceful stop; `stop`
-    removes it in every case, also when `start` failed half-way. Its image's HEALTHCHECK
-    runs every second here, so that the demo can wait for it.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        image: str,
-        env: Mapping[str, str],
-        mounts: Mapping[Path, str],
-        workdir: Path,
-        *,
-        user: str | None = None,
-    ) -> None:
-        self.name = name
-        self.container = f"junjo-demo-{name}-{os.getpid()}"
-        self.log_path = workdir / f"{self.name}.log"
-        self.exit_code: int | None = None
-        options = ["--network", "host", "--name", self.container]
-        options += ["--health-interval", HEALTH_INTERVAL, "--health-start-period", "0s"]
-        for source, target in mounts.items():
-            options += ["-v", f"{source}:{target}"]
-        if user is not None:
-            options += ["--user", user]
-        for key, value in env.items():
-            options += ["-e", f"{key}={value}"]
-        self._run_args = ["run", "-d", *options, image]
-
-    def start(self) -> None:
-        """`docker run -d`; fails the demo if the container did not start."""
-        started = docker(*self._run_args)
-        if started.returncode != 0:
-            raise DemoFailedError(
-                f"`docker run` of the {self.name} failed: {started.stderr.strip()}"
-            )
-
-    def health(self) -> str:
-        """The image's HEALTHCHECK verdict: starting, healthy, unhealthy (or none, unknown)."""
-        state = docker(
-            "inspect",
-            "-f",
-            "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}",
-            self.container,
-        )
-        return state.stdout.strip() if state.returncode == 0 else "unknown"
-
-    def exec(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        """`docker exec` of a command inside the running container, output captured."""
-        return docker("exec", self.container, *argv)
-
-    def check_alive(self) -> None:
-        """Fail the demo if the container has ended."""
-        state = docker("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", self.container)
-        running, _, code = state.stdout.strip().partition(" ")
-        if state.returncode != 0 or running != "true":
-            raise DemoFailedError(f"{self.name} exited early with status {code or 'unknown'}")
-
-    def stop(self) -> int | None:
-        """`docker stop` (SIGTERM, SIGKILL after 10 s), keep its exit code and logs, remove it."""
-        try:
-            docker("stop", "-t", str(CONTAINER_STOP_SECONDS), self.container)
-            waited = docker("wait", self.container)
-            if waited.returncode == 0:
-                self.exit_code = int(waited.stdout.strip())
-            with self.log_path.open("wb") as log:
-                subprocess.run(
-                    ["docker", "logs", self.container],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    timeout=DOCKER_TIMEOUT_SECONDS,
-                    check=False,
-                    start_new_session=True,
-                )
-        except (OSError, subprocess.SubprocessError, ValueError) as exc:
-            print(f"could not stop the {self.name} container cleanly: {exc}")
-        finally:
-            docker("rm", "-f", self.container)
-        return self.exit_code
-
-    def tail(self, lines: int = 40) -> str:
-        """The last lines the container wrote."""
-        if not self.log_path.exists():
-            return "(no output: the container did not run)"
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+def until(condition: Callable[[], bool], deadline: float, failure: Callable[[], str]) -> None:
+    """Poll `condition` until it holds; DemoFailedError with `failure()` past the deadline."""
+    try:
+        wait_until_sync(condition, limit=max(0.0, deadline - time.monotonic()), every=0.2)
+    except NeverHappenedError:
+        raise DemoFailedError(failure()) from None
 
 
-def wait_for_http(backend: Child | Container, url: str, deadline: float) -> None:
+def wait_for_http(backend: Child, url: str, deadline: float) -> None:
     """Until `url` answers (the backend's HTTP server is up)."""
-    while True:
-        backend.check_alive()
+
+    def answers() -> bool:
+        check_alive(backend)
         try:
-            if httpx.get(url, timeout=1.0).status_code == httpx.codes.OK:
-                return
+            return httpx.get(url, timeout=1.0).status_code == httpx.codes.OK
         except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise DemoFailedError(f"the backend did not answer {url} in time")
-        time.sleep(0.1)
+            return False
+
+    until(answers, deadline, lambda: f"the backend did not answer {url} in time")
 
 
-def wait_for_peer(peer: Child | Container, port: int, deadline: float) -> None:
-    """Until the peer's OTLP server accepts connections.
-
-    The peer serves nothing until our auth server has answered its start-up readiness check,
-    so a ready channel to its OTLP port means the whole chain is up.
-    """
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        ready = grpc.channel_ready_future(channel)
-        while True:
-            peer.check_alive()
-            try:
-                ready.result(timeout=0.5)
-            except grpc.FutureTimeoutError:
-                if time.monotonic() > deadline:
-                    raise DemoFailedError(
-                        "the ingestion peer did not start serving in time"
-                    ) from None
-            else:
-                return
+def wait_for_peer(peer: Peer, deadline: float) -> None:
+    """Until the peer serves (and so our auth server has answered its readiness check)."""
+    try:
+        peer.wait_serving(timeout=max(1.0, deadline - time.monotonic()))
+    except PeerError as error:
+        first_line = str(error).splitlines()[0]
+        raise DemoFailedError(f"the ingestion peer did not start serving: {first_line}") from None
 
 
-def create_api_key(backend: Child | Container, env: dict[str, str], workdir: Path) -> str:
+def create_api_key(backend: Child, env: dict[str, str], workdir: Path) -> str:
     """A new key from `junjo-backend api-keys create`, read from its output.
 
     A backend container runs the command itself, as an operator would (`docker exec`).
     """
-    if isinstance(backend, Container):
+    if isinstance(backend, HostContainer):
         result = backend.exec("junjo-backend", "api-keys", "create", "demo")
     else:
         result = subprocess.run(
@@ -442,36 +291,49 @@ def scraped_metrics(metrics_url: str) -> dict[str, float]:
 
 
 def wait_for_drain(
-    backend: Child | Container, health_url: str, sent: int, deadline: float
+    backend: Child, health_url: str, sent: int, deadline: float
 ) -> dict[str, object]:
     """The first /health poller section that counts `sent` spans processed."""
-    while True:
-        backend.check_alive()
+    poller: dict[str, object] | None = None
+
+    def drained() -> bool:
+        nonlocal poller
+        check_alive(backend)
         try:
             poller = httpx.get(health_url, timeout=5.0).json()["poller"]
         except httpx.TransportError:
             poller = None
-        if isinstance(poller, dict) and int(poller["spans_processed"]) >= sent:
-            return poller
-        if time.monotonic() > deadline:
-            raise DemoFailedError(f"the backend had not processed {sent} spans in time: {poller}")
-        time.sleep(0.2)
+        return isinstance(poller, dict) and int(str(poller["spans_processed"])) >= sent
+
+    until(
+        drained, deadline, lambda: f"the backend had not processed {sent} spans in time: {poller}"
+    )
+    assert poller is not None  # noqa: S101 (drained() held)
+    return poller
 
 
-def wait_for_health(containers: Sequence[Container], deadline: float) -> dict[str, str]:
+def wait_for_health(containers: Sequence[HostContainer], deadline: float) -> dict[str, str]:
     """Each container's HEALTHCHECK verdict, once none is still starting (or at the deadline)."""
-    while True:
-        verdicts = {container.name: container.health() for container in containers}
-        if "starting" not in verdicts.values() or time.monotonic() > deadline:
-            return verdicts
+    verdicts: dict[str, str] = {}
+
+    def settled() -> bool:
+        verdicts.update((container.name, container.health()) for container in containers)
         for container in containers:
-            container.check_alive()
-        time.sleep(0.2)
+            check_alive(container)
+        return "starting" not in verdicts.values()
+
+    with contextlib.suppress(NeverHappenedError):
+        wait_until_sync(settled, limit=max(0.0, deadline - time.monotonic()), every=0.2)
+    return verdicts
 
 
 def backend_image_present(image: str) -> bool:
     """Whether the backend image exists in the local engine."""
-    return docker("image", "inspect", image).returncode == 0
+    try:
+        shared_client().images.get(image)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -490,7 +352,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def start_backend(
     ports: Ports, workdir: Path, backend_image: str | None
-) -> tuple[Child | Container, dict[str, str]]:
+) -> tuple[Child, dict[str, str]]:
     """The backend as a subprocess, or as a container of `backend_image`; its settings.
 
     The settings put every address on loopback. The container keeps the image's own
@@ -508,11 +370,20 @@ def start_backend(
     if backend_image is None:
         env["DATABASE_URL"] = f"sqlite+aiosqlite:///{workdir / 'junjo.db'}"
         argv = [sys.executable, "-m", "junjo_backend.cli", "serve"]
-        return Child("backend", argv, env, workdir), env
+        return ChildProcess("backend", argv, env, workdir / "backend.log", workdir), env
     data_dir = workdir / "data"
     data_dir.mkdir()
     data_dir.chmod(0o777)  # the image's user is not us; the demo's folder goes away after
-    return Container("backend", backend_image, env, {data_dir: DATA_MOUNT}, workdir), env
+    container = HostContainer(
+        shared_client(),
+        "backend",
+        backend_image,
+        env,
+        {data_dir: DATA_MOUNT},
+        health_interval=HEALTH_INTERVAL_SECONDS,
+        container_name=f"junjo-demo-backend-{os.getpid()}",
+    )
+    return container, env
 
 
 def run(
@@ -520,7 +391,7 @@ def run(
     spans: int,
     timeout: float,
     workdir: Path,
-    children: list[Child | Container],
+    children: list[Child],
     *,
     in_container: bool,
     backend_image: str | None,
@@ -533,39 +404,25 @@ def run(
     else:
         peer_label = f"binary ({peer_binary})"
     backend_label = f"container ({backend_image})" if backend_image else "subprocess"
-    ports = free_ports()
+    ports = Ports(*free_ports(4))
     deadline = time.monotonic() + timeout
     backend, backend_env = start_backend(ports, workdir, backend_image)
     children.append(backend)  # before it starts: a half-started container is removed too
-    if isinstance(backend, Container):
-        backend.start()
-    peer_env = {
-        "GRPC_PORT": str(ports.otlp),
-        "INTERNAL_GRPC_PORT": str(ports.internal),
-        "BACKEND_GRPC_ADDRESS": f"127.0.0.1:{ports.auth}",
-        "BADGERDB_PATH": str(workdir / "wal"),
-    }
-    peer: Child | Container
-    if in_container:
-        wal_dir = workdir / "wal"
-        # Made here, so that it belongs to us and not to the daemon (the peer runs as us).
-        wal_dir.mkdir()
-        peer = Container(
-            "ingestion-peer",
-            image,
-            {**peer_env, "BADGERDB_PATH": WAL_MOUNT},
-            {wal_dir: WAL_MOUNT},
-            workdir,
-            user=f"{os.getuid()}:{os.getgid()}",
-        )
-        children.append(peer)
-        peer.start()
-    else:
-        peer = Child("ingestion-peer", [str(peer_binary)], peer_env, workdir)
-        children.append(peer)
+    backend.start()
+    peer = Peer(
+        ports.peer,
+        workdir / "wal",
+        image=PeerImage(image, built_here=True) if in_container else None,
+        client=shared_client() if in_container else None,
+        binary=peer_binary,
+        health_interval=HEALTH_INTERVAL_SECONDS,
+        container_name=f"junjo-demo-ingestion-peer-{os.getpid()}",
+    )
+    children.append(peer.runner)
+    peer.start()
     base_url = f"http://127.0.0.1:{ports.http}"
     wait_for_http(backend, f"{base_url}/ping", deadline)
-    wait_for_peer(peer, ports.otlp, deadline)
+    wait_for_peer(peer, deadline)
     print(f"backend on {base_url} (auth gRPC 127.0.0.1:{ports.auth}); peer OTLP on :{ports.otlp}")
 
     refused = unknown_key_is_refused(ports.otlp)
@@ -573,7 +430,7 @@ def run(
     print(f"created an API key; sending {spans} spans over OTLP/gRPC")
     sent = send_spans(ports.otlp, key, spans)
     poller = wait_for_drain(backend, f"{base_url}/health", sent, deadline)
-    containers = [child for child in children if isinstance(child, Container)]
+    containers = [child for child in children if isinstance(child, HostContainer)]
     health = wait_for_health(containers, deadline)
     backlog = poller.get("backlog_age_seconds")
     return Summary(
@@ -711,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
 
-    children: list[Child | Container] = []
+    children: list[Child] = []
     summary: Summary | None = None
     failure: str | None = None
     with tempfile.TemporaryDirectory(prefix="junjo-demo-") as tmp, sigterm_as_interrupt():
@@ -734,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             exits = {child.name: child.stop() for child in reversed(children)}
             if failure is not None and failure != "interrupted":
                 for child in children:
-                    print(f"--- last lines of {child.name}'s output ---\n{child.tail()}")
+                    print(f"--- last lines of {child.name}'s output ---\n{tail(child.logs())}")
 
     if summary is None:
         print(f"demo failed: {failure}", file=sys.stderr)

@@ -15,15 +15,14 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from harness.waiting import NeverHappenedError, free_port, wait_until_sync
 from tests.auth.postgres_binaries import find_pg_tool, missing_postgres
 
 if TYPE_CHECKING:
@@ -62,14 +61,20 @@ class PostgresCluster:
         offset = self._log.stat().st_size if self._log.exists() else 0
         with self._log.open("ab") as log_file:
             self._process = subprocess.Popen(self._command, stdout=log_file, stderr=log_file)
-        for _ in range(600):
-            if _PG_READY in self._log.read_bytes()[offset:].decode(errors="replace"):
-                return
-            if self._process.poll() is not None:
-                break
-            time.sleep(0.05)
+        process = self._process
+
+        def ready_or_gone() -> bool:
+            return process.poll() is not None or self._ready_since(offset)
+
+        with contextlib.suppress(NeverHappenedError):
+            wait_until_sync(ready_or_gone, "PostgreSQL ready", limit=30, every=0.05)
+        if self._ready_since(offset):
+            return
         self.stop()
         pytest.fail(f"PostgreSQL did not start: {self._log.read_text(errors='replace')}")
+
+    def _ready_since(self, offset: int) -> bool:
+        return _PG_READY in self._log.read_bytes()[offset:].decode(errors="replace")
 
     def stop(self) -> None:
         """Fast shutdown (open connections are closed), and wait for the server to exit."""
@@ -83,15 +88,6 @@ class PostgresCluster:
                 self._process.kill()
                 self._process.wait()
         self._process = None
-
-
-def _free_port() -> int:
-    # PostgreSQL cannot bind port 0 and report it; a just-released ephemeral port is the
-    # usual way, with a small race that a retry would cover.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager
@@ -128,7 +124,7 @@ def throwaway_cluster(prefix: str) -> Iterator[PostgresCluster]:
             capture_output=True,
             timeout=120,
         )
-        cluster = PostgresCluster(server, folder, _free_port(), user)
+        cluster = PostgresCluster(server, folder, free_port(), user)
         cluster.start()
         try:
             yield cluster

@@ -66,10 +66,6 @@ class SpanRecord:
         return service_name_of(self.resource())
 
 
-# The original plan's name for the same value.
-SpanWithResource = SpanRecord
-
-
 class ResourceCatalog:
     """Decoded resources by their serialized bytes.
 

@@ -8,29 +8,12 @@ import json
 import os
 import queue
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from tests.ingestion.fake_ingestion import wait_until
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-
-def port_is_free(port: int) -> bool:
-    """Whether nothing listens on 127.0.0.1:`port` (binding it, as a new server would)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def open_files_under(folder: Path) -> list[str]:
@@ -70,15 +53,6 @@ def established_connections_to(port: int) -> int:
             if remote_port == port and fields[3] == "01":  # 01 = ESTABLISHED
                 count += 1
     return count
-
-
-async def eventually(check: Callable[[], bool], *, within: float = 20.0) -> bool:
-    """Poll `check` until it holds or `within` seconds pass; the result says which."""
-    try:
-        await wait_until(check, limit=within)
-    except TimeoutError:
-        return False
-    return True
 
 
 class ServeProcess:

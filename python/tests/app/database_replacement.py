@@ -11,6 +11,7 @@ bytes, the same file). Used by tests/app/test_database_replaced.py and by the fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import grpc
 import httpx
 
+from harness.waiting import NeverHappenedError, wait_until
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
 
 if TYPE_CHECKING:
@@ -135,18 +137,21 @@ class ServeUnderTest:
                 stderr=sink,
             )
         self.process = process
-        deadline = time.monotonic() + _READY_WITHIN
-        while time.monotonic() < deadline and process.returncode is None:
-            ready = [line for line in self.text().splitlines() if _READY in line]
-            if ready:
-                auth, http = _AUTH_ADDRESS.search(ready[0]), _HTTP_PORT.search(ready[0])
-                assert auth is not None, ready[0]
-                assert http is not None, ready[0]
-                self.auth_address, self.http_port = auth.group(1), int(http.group(1))
-                return
-            await asyncio.sleep(_POLL_SECONDS)
-        msg = f"serve never got ready; it wrote:\n{self.text()}"
-        raise AssertionError(msg)
+        ready: list[str] = []
+
+        def ready_or_gone() -> bool:
+            ready.extend(line for line in self.text().splitlines() if _READY in line)
+            return bool(ready) or process.returncode is not None
+
+        with contextlib.suppress(NeverHappenedError):
+            await wait_until(ready_or_gone, "serve's ready line", limit=_READY_WITHIN)
+        if not ready:
+            msg = f"serve never got ready; it wrote:\n{self.text()}"
+            raise AssertionError(msg)
+        auth, http = _AUTH_ADDRESS.search(ready[0]), _HTTP_PORT.search(ready[0])
+        assert auth is not None, ready[0]
+        assert http is not None, ready[0]
+        self.auth_address, self.http_port = auth.group(1), int(http.group(1))
 
     def text(self) -> str:
         """Everything the server wrote so far."""
@@ -203,16 +208,20 @@ class AuthCalls:
 
     async def until(self, key: str, wanted: Answer) -> tuple[float, list[Answer]]:
         """Call until the answer is `wanted`: seconds taken, and the answers before it."""
-        started = time.monotonic()
-        before: list[Answer] = []
-        while time.monotonic() - started < _CHANGE_WITHIN:
-            answer = await self.answer(key)
-            if answer == wanted:
-                return time.monotonic() - started, before
-            before.append(answer)
-            await asyncio.sleep(_POLL_SECONDS)
-        msg = f"never answered {wanted} within the hang guard; answers: {before[-5:]}"
-        raise AssertionError(msg)
+        answers: list[Answer] = []
+
+        async def answered() -> bool:
+            answers.append(await self.answer(key))
+            return answers[-1] == wanted
+
+        try:
+            seconds = await wait_until(
+                answered, f"answer {wanted}", limit=_CHANGE_WITHIN, every=_POLL_SECONDS
+            )
+        except NeverHappenedError:
+            msg = f"never answered {wanted} within the hang guard; answers: {answers[-5:]}"
+            raise AssertionError(msg) from None
+        return seconds, answers[:-1]
 
 
 @dataclass(slots=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -13,6 +12,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+from harness.waiting import port_is_free, wait_until
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
 from junjo_backend.app import Backend, StartupError, create_app
 
@@ -20,9 +20,7 @@ from .backend_under_test import (
     corrupt_sqlite_file,
     drop_table,
     established_connections_to,
-    eventually,
     open_files_under,
-    port_is_free,
 )
 
 if TYPE_CHECKING:
@@ -77,11 +75,12 @@ async def test_lifespan_serves_and_then_releases_everything(
         assert not port_is_free(auth_port)
         # The Go ingestion-service's start-up probe gets a prompt "no" on an empty database.
         assert await validate(backend.auth_server.address, "startup-readiness-check") is False
-        assert await eventually(
+        await wait_until(
             lambda: (
                 backend.poller is not None
                 and backend.poller.status.spans_processed == len(wal.keys)
-            )
+            ),
+            "the poller processes every WAL entry",
         )
         body = (await http.get("/health")).json()
         assert established_connections_to(ingestion.port) > 0
@@ -104,7 +103,10 @@ async def test_lifespan_serves_and_then_releases_everything(
     # fake ingestion server's own tasks are not the backend's: it is stopped first).
     assert port_is_free(auth_port)
     assert open_files_under(database_path.parent) == []
-    assert await eventually(lambda: established_connections_to(ingestion.port) == 0)
+    await wait_until(
+        lambda: established_connections_to(ingestion.port) == 0,
+        "no connection to the ingestion server is left",
+    )
     await ingestion.stop()
     assert other_tasks() <= tasks_before
     assert backend.auth_server.running is False
@@ -122,12 +124,14 @@ async def test_health_follows_the_ingestion_service_going_away_and_coming_back(
         assert first.json()["ingestion"]["reachable"] is True
 
         await ingestion.stop()
+
         # /health makes no call of its own: it says what the poller's next read found.
+        async def reported_down() -> bool:
+            health = await http.get("/health")
+            return bool(health.json()["ingestion"]["reachable"] is False)
+
+        await wait_until(reported_down, "/health reports the ingestion-service unreachable")
         down = await http.get("/health")
-        deadline = time.monotonic() + 60
-        while down.json()["ingestion"]["reachable"] is not False and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            down = await http.get("/health")
         # Auth does not need the ingestion-service: degraded, still HTTP 200.
         assert down.status_code == 200
         assert down.json()["status"] == "degraded"
@@ -135,12 +139,13 @@ async def test_health_follows_the_ingestion_service_going_away_and_coming_back(
         assert down.json()["poller"]["last_error"] is not None
 
         await ingestion.start()
+
         # gRPC reconnects with its own backoff, so the way back is waited for (bounded).
+        async def healthy_again() -> bool:
+            return bool((await http.get("/health")).json()["status"] == "ok")
+
+        await wait_until(healthy_again, "/health says ok again", every=0.2)
         back = await http.get("/health")
-        deadline = time.monotonic() + 60
-        while back.json()["status"] != "ok" and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            back = await http.get("/health")
         assert back.status_code == 200
         assert back.json()["status"] == "ok"
         assert back.json()["ingestion"]["reachable"] is True

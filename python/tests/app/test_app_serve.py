@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from .backend_under_test import ServeProcess, port_is_free
+from harness.waiting import port_is_free
+
+from .backend_under_test import ServeProcess
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from harness.waiting import wait_until
 from junjo_backend.http_protocol import bounded_h11_protocol
-from tests.ingestion.fake_ingestion import wait_until
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
@@ -13,8 +11,6 @@ from junjo_backend.api_keys import generate_api_key
 from junjo_backend.known_keys import DEFAULT_MISS_REFRESH_AFTER_SECONDS
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
     import grpc
 
 SERVING: int = health_pb2.HealthCheckResponse.SERVING
@@ -71,12 +67,3 @@ async def health(channel: grpc.aio.Channel, service: str = "") -> int:
     response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     status: int = response.status
     return status
-
-
-async def wait_for(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll `condition` until it holds; a test fails (it asserts no time) after ~10 s."""
-    for _ in range(1000):
-        if await condition():
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail(f"never happened: {what}")

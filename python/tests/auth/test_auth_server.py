@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import (  # type: ignore[import-untyped]
 from sqlalchemy import delete, text
 from sqlalchemy.engine import make_url
 
+from harness.waiting import wait_until
 from junjo_backend.api_keys import create_api_key, revoke_api_key
 from junjo_backend.auth_service import (
     MAX_KEY_BYTES,
@@ -41,7 +42,6 @@ from .auth_calls import (
     auth_stub,
     health,
     validate,
-    wait_for,
 )
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ async def test_a_missing_table_gives_internal_never_true_then_recovers(  # noqa:
     async def not_serving() -> bool:
         return await health(channel) == NOT_SERVING
 
-    await wait_for(not_serving, "health goes NOT_SERVING")
+    await wait_until(not_serving, "health goes NOT_SERVING")
     assert await health(channel, SERVICE_NAME) == NOT_SERVING
     # Keys that need no lookup are still answered.
     assert await validate(stub, READINESS_PROBE_KEY) is False
@@ -266,7 +266,7 @@ async def test_a_missing_table_gives_internal_never_true_then_recovers(  # noqa:
     async def serving() -> bool:
         return await health(channel) == SERVING
 
-    await wait_for(serving, "health comes back to SERVING")
+    await wait_until(serving, "health comes back to SERVING")
     assert await validate(stub, key.key) is True
 
 
@@ -314,7 +314,7 @@ async def test_a_database_file_that_is_not_a_database_gives_internal_then_recove
     async def recovered() -> bool:
         return auth_server.database_ok and await health(channel) == SERVING
 
-    await wait_for(recovered, "the server reads the restored file")
+    await wait_until(recovered, "the server reads the restored file")
     assert await validate(stub, key.key) is True
 
 
@@ -338,7 +338,7 @@ async def test_a_server_started_on_a_broken_database_serves_internal_until_it_is
             async def serving() -> bool:
                 return await health(channel) == SERVING
 
-            await wait_for(serving, "health goes SERVING once the table exists")
+            await wait_until(serving, "health goes SERVING once the table exists")
             assert await validate(stub, used_keys.unknown()) is False
     finally:
         await server.stop(0)
@@ -488,9 +488,9 @@ async def test_calls_under_way_finish_within_the_grace_period(
                     await observer.rollback()  # each look in a fresh snapshot
                     return bool(waiting.scalar_one())
 
-                await wait_for(read_waits_on_the_lock, "the key read waiting on the lock")
+                await wait_until(read_waits_on_the_lock, "the key read waiting on the lock")
                 stopping = asyncio.create_task(server.stop(30.0))  # 30 s: a hang guard
-                await wait_for(
+                await wait_until(
                     lambda: _refuses_connections(server.port), "the server to stop listening"
                 )
                 # The server is shutting down and the call is still in the servicer.

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from sqlalchemy import delete
 
+from harness.waiting import wait_until
 from junjo_backend.api_keys import (
     create_api_key,
     list_api_keys,
@@ -22,7 +23,7 @@ from junjo_backend.database import api_keys, close_engine, create_engine, init_s
 from junjo_backend.key_commands import run_api_keys_command
 from junjo_backend.settings import Settings
 
-from .auth_calls import NOT_SERVING, SERVING, auth_stub, health, validate, wait_for
+from .auth_calls import NOT_SERVING, SERVING, auth_stub, health, validate
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -98,14 +99,14 @@ async def test_a_postgresql_outage_gives_internal_and_the_server_recovers(
                 async def not_serving() -> bool:
                     return await health(channel) == NOT_SERVING
 
-                await wait_for(not_serving, "health goes NOT_SERVING")
+                await wait_until(not_serving, "health goes NOT_SERVING")
             finally:
                 await asyncio.to_thread(postgres.start)
 
             async def serving() -> bool:
                 return await health(channel) == SERVING
 
-            await wait_for(serving, "health comes back once PostgreSQL is up")
+            await wait_until(serving, "health comes back once PostgreSQL is up")
             assert await validate(stub, key.key) is True
     finally:
         await server.stop(0)

@@ -8,25 +8,22 @@ carries the logs of every peer container it used.
 from __future__ import annotations
 
 import gc
-import os
 import warnings
 from typing import TYPE_CHECKING
 
 import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import pytest
-from testcontainers.core.config import testcontainers_config
 
-from .auth_backend import AuthBackend
-from .peer import (
-    PEERS,
+from harness.peer import (
     PeerError,
-    PeerFleet,
     PeerImage,
     PeerPorts,
     ensure_image,
-    peer_registry,
     remove_session_containers,
 )
+
+from .auth_backend import AuthBackend
+from .peer import PEERS, PeerFleet, peer_registry
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Generator, Iterator
@@ -50,9 +47,7 @@ def pytest_runtest_makereport(
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.DockerClient]:
     """The Docker engine; the suite fails here, loudly, when there is none."""
-    # The Ryuk reaper image cannot be pulled here; our own teardown removes the containers.
-    os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
-    testcontainers_config.ryuk_disabled = True
+    # Our own teardown removes the containers (labelled with the session), passed or failed.
     client: docker.DockerClient | None = None
     unreachable = None
     try:

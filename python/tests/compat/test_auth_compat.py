@@ -18,8 +18,10 @@ from .wire import export_metrics_and_logs, export_traces, list_services
 if TYPE_CHECKING:
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
+    from harness.peer import PeerPorts
+
     from .auth_backend import AuthBackend
-    from .peer import PeerContainer, PeerFleet, PeerPorts
+    from .peer import PeerContainer, PeerFleet
 
 pytestmark = pytest.mark.compat
 

@@ -15,12 +15,13 @@ import pytest
 import pytest_asyncio
 from opentelemetry.sdk.trace.export import SpanExportResult
 
+from harness.peer import PeerImage, PeerPorts
 from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.spans import ULID_BYTES, SpanRecord, ulid_millis
 
 from .auth_backend import AuthBackend
 from .otlp_spans import SentSpan, as_sent, export, make_spans
-from .peer import PeerContainer, PeerFleet, PeerImage, PeerPorts, peer_registry
+from .peer import PeerContainer, PeerFleet, peer_registry
 from .wire import read_spans_raw
 
 if TYPE_CHECKING:

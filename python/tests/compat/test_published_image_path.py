@@ -21,18 +21,19 @@ from typing import TYPE_CHECKING
 import docker.errors  # type: ignore[import-untyped]  # docker-py ships no types
 import pytest
 
-from .peer import (
+from harness.peer import (
     IMAGE_ENV,
     PUBLISHED_BACKEND_HOST,
     PUBLISHED_PORTS,
-    PeerContainer,
+    HostContainer,
+    Peer,
     PeerError,
     PeerImage,
     PeerPorts,
     ensure_image,
     ensure_ports_free,
-    free_ports,
 )
+from harness.waiting import free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -70,12 +71,16 @@ def test_the_published_path_is_what_the_suite_takes_for_another_image(
     monkeypatch.setenv(IMAGE_ENV, standin)
     image = ensure_image(docker_client)
     assert image == PeerImage(standin, built_here=False)
-    container = PeerContainer(image, PeerPorts(*PUBLISHED_PORTS), tmp_path / "wal", "standin")
-    definition = container._definition()
-    kwargs = definition._kwargs
-    assert kwargs["network_mode"] == "host"
-    assert kwargs["extra_hosts"] == {PUBLISHED_BACKEND_HOST: "127.0.0.1"}
-    assert set(definition.env) == {"GRPC_PORT", "INTERNAL_GRPC_PORT", "BADGERDB_PATH"}
+    peer = Peer(
+        PeerPorts(*PUBLISHED_PORTS), tmp_path / "wal", "standin", image=image, client=docker_client
+    )
+    assert isinstance(peer.runner, HostContainer)
+    options = peer.runner.options
+    environment = options["environment"]
+    assert isinstance(environment, dict)
+    assert options["network_mode"] == "host"
+    assert options["extra_hosts"] == {PUBLISHED_BACKEND_HOST: "127.0.0.1"}
+    assert environment.keys() == {"GRPC_PORT", "INTERNAL_GRPC_PORT", "BADGERDB_PATH"}
 
 
 def test_the_suite_passes_against_the_stand_in_on_the_published_path(
@@ -102,7 +107,7 @@ def test_taken_fixed_ports_fail_with_a_clear_message() -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         held = holder.getsockname()[1]
-        (free,) = free_ports(1)
+        free = free_port()
         with pytest.raises(PeerError, match=rf"port\(s\) {held} already in use") as failure:
             ensure_ports_free((free, held), STANDIN)
     assert "fixed ports" in str(failure.value)

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from sqlalchemy import select
 
+from harness.waiting import wait_until
 from junjo_backend.database import poller_state
 from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.poller import SpanPoller
@@ -19,14 +20,15 @@ from .otlp_spans import bulk_request
 from .wire import export_traces
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
+    from harness.peer import PeerPorts
     from junjo_backend.spans import SpanRecord
 
     from .auth_backend import AuthBackend
-    from .peer import PeerFleet, PeerPorts
+    from .peer import PeerFleet
 
 pytestmark = pytest.mark.compat
 
@@ -56,16 +58,6 @@ class GatedSink:
 
     def release(self) -> None:
         self._gate.set()
-
-
-async def wait_until(what: str, condition: Callable[[], bool]) -> None:
-    """Poll `condition` until it holds; fail after DRAIN_BOUND_SECONDS."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + DRAIN_BOUND_SECONDS
-    while not condition():
-        if loop.time() > give_up:
-            pytest.fail(f"gave up waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def port_refuses(port: int) -> bool:
@@ -108,7 +100,11 @@ async def test_the_poller_resumes_after_a_peer_restart_and_loses_nothing(
         # closed, let the poller go on: it finishes what was already streamed to it and
         # then finds nobody there until the new container serves.
         stopping = asyncio.create_task(peer.stop())
-        await wait_until("the peer to close its port", lambda: port_refuses(peer_ports.internal))
+        await wait_until(
+            lambda: port_refuses(peer_ports.internal),
+            "the peer to close its port",
+            limit=DRAIN_BOUND_SECONDS,
+        )
         sink.release()
         assert await stopping == 0  # a clean exit: the WAL was synced and closed
         keys_at_restart = len(sink.keys)
@@ -116,8 +112,14 @@ async def test_the_poller_resumes_after_a_peer_restart_and_loses_nothing(
 
         await peer.start()  # same ports, same WAL directory
         await peer.wait_serving()
-        await wait_until("the drain to finish", lambda: len(sink.keys) >= SPANS)
-        await wait_until("the checkpoint to settle", lambda: poller.status.last_key == wal_keys[-1])
+        await wait_until(
+            lambda: len(sink.keys) >= SPANS, "the drain to finish", limit=DRAIN_BOUND_SECONDS
+        )
+        await wait_until(
+            lambda: poller.status.last_key == wal_keys[-1],
+            "the checkpoint to settle",
+            limit=DRAIN_BOUND_SECONDS,
+        )
     finally:
         sink.release()
         await poller.stop()

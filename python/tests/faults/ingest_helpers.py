@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,44 +21,26 @@ from typing import TYPE_CHECKING, Any
 
 import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import httpx
-from testcontainers.core.config import testcontainers_config
 
+from harness.go_tools import go_tool
+from harness.peer import PeerImage, PeerPorts, ensure_image
+from harness.waiting import NeverHappenedError, free_port, wait_until
 from junjo_backend.api_keys import create_api_key
 from junjo_backend.database import close_engine, create_engine, init_schema
-from tests.compat.peer import PeerContainer, PeerImage, PeerPorts, ensure_image, free_ports
+from tests.compat.peer import PeerContainer
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from pathlib import Path
 
     from tests.faults.conftest import OutputFolder
-
-GO_MODULE = Path(__file__).resolve().parents[3] / "go-compat-tests"
-GO_BIN = GO_MODULE / "bin"
-_BUILD_TIMEOUT_SECONDS = 300
-
-
-@functools.cache
-def go_tool(name: str) -> Path:
-    """go-compat-tests/cmd/`name`, built into bin/ (once per session; Go's cache makes it quick)."""
-    go = shutil.which("go")
-    if go is None:
-        raise RuntimeError("the `go` toolchain is not on PATH: the fault suite builds its Go tools")
-    subprocess.run(
-        [go, "build", "-trimpath", "-o", f"{GO_BIN}/", f"./cmd/{name}"],
-        cwd=GO_MODULE,
-        env={**os.environ, "CGO_ENABLED": "0"},
-        check=True,
-        capture_output=True,
-        timeout=_BUILD_TIMEOUT_SECONDS,
-    )
-    return GO_BIN / name
 
 
 def run_go_tool(name: str, arguments: list[str], output: Path, **env: str) -> dict[str, Any]:
     """Run a Go tool that prints one JSON object; stderr goes to `output`."""
     with output.open("w") as stderr:
         done = subprocess.run(
-            [str(go_tool(name)), *arguments],
+            [str(go_tool(name, rebuild=True)), *arguments],
             env={**os.environ, **env},
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -78,9 +57,7 @@ def run_go_tool(name: str, arguments: list[str], output: Path, **env: str) -> di
 @contextlib.contextmanager
 def docker_engine() -> Iterator[docker.DockerClient]:
     """The Docker engine, for the Go peer's container."""
-    # The Ryuk reaper image cannot be pulled here; the scenarios remove their containers.
-    os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
-    testcontainers_config.ryuk_disabled = True
+    # The scenarios remove their containers.
     client = docker.from_env()
     try:
         yield client
@@ -128,7 +105,7 @@ class ServeBackend:
         output: Path,
         env: dict[str, str],
     ) -> None:
-        self.http_port = free_ports(1)[0]
+        self.http_port = free_port()
         self._folder = folder
         self._output = output
         self._env = {
@@ -178,18 +155,27 @@ class ServeBackend:
         self, condition: Callable[[PollerView], bool], *, limit: float, every: float = 0.1
     ) -> PollerView:
         """Poll /health until `condition` holds; AssertionError after `limit` s (a hang guard)."""
-        give_up = time.monotonic() + limit
-        last = None
-        while time.monotonic() < give_up:
+        last: PollerView | None = None
+
+        async def holds() -> bool:
+            nonlocal last
             view = await self.poller()
             if view is not None:
                 last = view
                 if condition(view):
-                    return view
+                    return True
             if self._process is not None and self._process.poll() is not None:
                 raise AssertionError(f"serve exited {self._process.returncode}; see {self._output}")
-            await asyncio.sleep(every)
-        raise AssertionError(f"condition not met within {limit:g} s; last poller state {last}")
+            return False
+
+        try:
+            await wait_until(holds, "the poller condition", limit=limit, every=every)
+        except NeverHappenedError:
+            raise AssertionError(
+                f"condition not met within {limit:g} s; last poller state {last}"
+            ) from None
+        assert last is not None
+        return last
 
     async def stop(self) -> int | None:
         """SIGTERM and wait for the exit (SIGKILL after a guard); the exit status."""

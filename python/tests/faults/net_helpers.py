@@ -9,19 +9,18 @@ import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.go_tools import go_tool
+from harness.waiting import NeverHappenedError, wait_until_sync
 from junjo_backend.api_keys import create_api_key
 from junjo_backend.database import close_engine, create_engine, init_schema
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-GO_DIR = Path(__file__).resolve().parents[3] / "go-compat-tests"
-AUTHLOAD = GO_DIR / "bin" / "authload"
 
 # The start-up banner names both ports, in text (`auth_grpc=127.0.0.1:PORT`) and JSON
 # (`"auth_grpc": "127.0.0.1:PORT"`) logs alike.
@@ -107,28 +106,19 @@ def running_backend(
 
 
 def _wait_for_banner(process: subprocess.Popen[bytes], output: Path, within: float) -> str:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        for line in output.read_text(errors="replace").splitlines():
-            if _READY in line:
-                return line
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    text = output.read_text(errors="replace")
-    raise AssertionError(f"serve did not become ready; it wrote:\n{text[-4000:]}")
+    banner: list[str] = []
 
+    def ready_or_gone() -> bool:
+        lines = output.read_text(errors="replace").splitlines()
+        banner.extend(line for line in lines if _READY in line)
+        return bool(banner) or process.poll() is not None
 
-def ensure_authload() -> Path:
-    """The Go load generator, built if `make peer` has not built it."""
-    if not AUTHLOAD.exists():
-        subprocess.run(
-            ["go", "build", "-o", "bin/", "./cmd/authload"],
-            cwd=GO_DIR,
-            env={**os.environ, "CGO_ENABLED": "0"},
-            check=True,
-        )
-    return AUTHLOAD
+    with contextlib.suppress(NeverHappenedError):
+        wait_until_sync(ready_or_gone, "serve's ready line", limit=within)
+    if not banner:
+        text = output.read_text(errors="replace")
+        raise AssertionError(f"serve did not become ready; it wrote:\n{text[-4000:]}")
+    return banner[0]
 
 
 def authload(
@@ -136,7 +126,7 @@ def authload(
 ) -> dict[str, Any]:
     """One authload run (grpc-go, one connection, like the ingestion-service); its report."""
     args = [
-        str(ensure_authload()),
+        str(go_tool("authload")),
         f"-addr={address}",
         f"-keys={keys_file}",
         f"-duration={seconds}s",

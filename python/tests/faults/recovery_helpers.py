@@ -15,7 +15,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from harness.waiting import wait_until
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
 from junjo_backend.api_keys import create_api_key, generate_api_key, revoke_api_key
 from junjo_backend.database import close_engine, create_engine, init_schema
@@ -95,10 +95,10 @@ class BackendProcess:
 
     async def wait_ready(self, limit: float = 60.0) -> None:
         """Return once the auth server answers a call (the peer's own readiness rule)."""
-        give_up = time.monotonic() + limit
         async with grpc.aio.insecure_channel(self.auth_address) as channel:
             stub = auth_pb2_grpc.InternalAuthServiceStub(channel)
-            while True:
+
+            async def answers() -> bool:
                 process = self._process
                 if process is None or process.poll() is not None:
                     raise AssertionError(f"{self._name} exited: {self.output()}")
@@ -107,11 +107,10 @@ class BackendProcess:
                         auth_pb2.ValidateApiKeyRequest(api_key=READINESS_PROBE_KEY), timeout=1
                     )
                 except grpc.aio.AioRpcError:
-                    if time.monotonic() > give_up:
-                        raise
-                    await asyncio.sleep(0.1)
-                else:
-                    return
+                    return False
+                return True
+
+            await wait_until(answers, f"{self._name} answers a call", limit=limit, every=0.1)
 
     def kill(self) -> None:
         """SIGKILL the current run and reap it."""
@@ -276,15 +275,6 @@ def delivered_spans(path: Path) -> int:
     if not path.exists():
         return 0
     return sum(int(line) for line in path.read_text(encoding="ascii").split())
-
-
-async def wait_for(check: Callable[[], bool], what: str, limit: float) -> None:
-    """Poll `check` until it holds; `limit` seconds is a hang guard, not a measurement."""
-    give_up = time.monotonic() + limit
-    while not check():
-        if time.monotonic() > give_up:
-            raise AssertionError(f"not within {limit:g} s (a hang guard): {what}")
-        await asyncio.sleep(0.05)
 
 
 async def validate_outcome(stub: auth_pb2_grpc.InternalAuthServiceAsyncStub, key: str) -> str:

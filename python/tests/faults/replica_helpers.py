@@ -7,17 +7,15 @@ tables live in that database, so a span committed by two replicas is two rows.
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import httpx
 from sqlalchemy import func, select, text
 
+from harness.waiting import free_ports
 from junjo_backend.database import close_engine, create_engine, init_schema, poller_state
 from junjo_backend.leadership import LOCK_CLASS, LOCK_OBJECT
-from tests.compat.peer import free_ports
 
 from .recording_backend import recorded_batches, recorded_keys
 from .recovery_helpers import (
@@ -29,7 +27,7 @@ from .recovery_helpers import (
 
 if TYPE_CHECKING:
     import signal
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Callable
     from pathlib import Path
 
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -213,13 +211,3 @@ class PostgresLedger:
             min_key=bytes(low) if low is not None else None,
             max_key=bytes(high) if high is not None else None,
         )
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], what: str, limit: float) -> float:
-    """Poll the async `check` until it holds; seconds it took (`limit` is a hang guard)."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > limit:
-            raise AssertionError(f"not within {limit:g} s (a hang guard): {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started

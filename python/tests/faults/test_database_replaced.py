@@ -8,7 +8,6 @@ with the revocation latency measured and the poller's checkpoint read from the n
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
 import time
@@ -18,6 +17,7 @@ import grpc
 import httpx
 import pytest
 
+from harness.waiting import NeverHappenedError, wait_until
 from tests.app.database_replacement import (
     AuthCalls,
     Cli,
@@ -30,7 +30,6 @@ from tests.ingestion.fake_ingestion import (
     FakeIngestionServer,
     FakeIngestionService,
     FakeWal,
-    wait_until,
 )
 
 if TYPE_CHECKING:
@@ -112,10 +111,14 @@ async def test_database_replaced_under_a_running_server(  # noqa: PLR0917 (fixtu
                 # Spans that arrive after the restore are drained and checkpointed into the
                 # restored file; every span is counted once.
                 wal.seed(SPANS_AFTER)
-                deadline = time.monotonic() + 30  # a hang guard; the assert below says if it hit
-                # Polling: the count lives in another process.
-                while await processed() < len(wal.keys) and time.monotonic() < deadline:  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
+
+                # Polling: the count lives in another process. The limit is a hang guard; the
+                # assert below says if it hit.
+                async def all_processed() -> bool:
+                    return await processed() >= len(wal.keys)
+
+                with contextlib.suppress(NeverHappenedError):
+                    await wait_until(all_processed, "every span processed", limit=30, every=0.05)
                 spans = await processed()
                 elapsed = time.monotonic() - started
         finally:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import subprocess
 import sys
 import time
@@ -27,16 +26,11 @@ from typing import TYPE_CHECKING
 import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import grpc
 import pytest
-from testcontainers.core.config import testcontainers_config
 
+from harness.peer import PeerImage, PeerPorts, ensure_image
+from harness.waiting import free_port, wait_until
 from junjo_backend._wire.ingestion import auth_pb2_grpc
-from tests.compat.peer import (
-    PeerFleet,
-    PeerImage,
-    PeerPorts,
-    ensure_image,
-    free_ports,
-)
+from tests.compat.peer import PeerFleet
 
 from .recovery_helpers import (
     AuthProbe,
@@ -48,7 +42,6 @@ from .recovery_helpers import (
     seed_wal,
     sqlite_busy_timeout,
     tally_text,
-    wait_for,
 )
 
 if TYPE_CHECKING:
@@ -76,8 +69,6 @@ DRAIN_LIMIT_SECONDS = 240.0
 @pytest.fixture(scope="module")
 def peer_image() -> Iterator[PeerImage]:
     """The Go peer's image (built once per source hash)."""
-    os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"  # no Ryuk image can be pulled here
-    testcontainers_config.ryuk_disabled = True
     client = docker.from_env()
     try:
         yield ensure_image(client)
@@ -109,7 +100,7 @@ def _backend(
     fault_log_env: Callable[[], dict[str, str]],
     name: str,
 ) -> BackendProcess:
-    (http_port,) = free_ports(1)
+    http_port = free_port()
     return BackendProcess(
         recording_backend_command(),
         {
@@ -167,10 +158,10 @@ async def test_backend_killed_and_peer_restarted_mid_drain(  # noqa: PLR0917 (fi
         ]
         for fault in faults:
             floor = ledger.committed() + PROGRESS_BEFORE_FAULT
-            await wait_for(
+            await wait_until(
                 functools.partial(ledger.reached, floor),
                 f"the drain reaches {floor:,}",
-                DRAIN_LIMIT_SECONDS,
+                limit=DRAIN_LIMIT_SECONDS,
             )
             backlog_at_fault.append(sum(s.count for s in seeded) - ledger.committed())
             if fault == "kill":
@@ -185,10 +176,10 @@ async def test_backend_killed_and_peer_restarted_mid_drain(  # noqa: PLR0917 (fi
                 await peer.wait_serving()
 
         last_key = seeded[-1].last_key
-        await wait_for(
+        await wait_until(
             lambda: ledger.checkpoint() == last_key,
             "the checkpoint reaches the last WAL key",
-            DRAIN_LIMIT_SECONDS,
+            limit=DRAIN_LIMIT_SECONDS,
         )
         elapsed = time.monotonic() - started
         assert backend.stop() == 0, backend.output()
@@ -253,10 +244,10 @@ async def _lock_mid_drain(
         assert await asyncio.to_thread(holder.stdout.readline) == "released\n"
         held = time.monotonic() - started
         released = time.monotonic()
-        await wait_for(
+        await wait_until(
             functools.partial(ledger.reached, before + during + 1),
             "a commit after the lock is released",
-            DRAIN_LIMIT_SECONDS,
+            limit=DRAIN_LIMIT_SECONDS,
         )
         return _Lock(before, held, during, time.monotonic() - released)
     finally:
@@ -315,10 +306,10 @@ async def test_database_locked_beyond_busy_timeout_mid_drain(  # noqa: PLR0917 (
         backend.start()
         await backend.wait_ready()
         await fleet.launch(ports, wal_dir=wal_dir)
-        await wait_for(
+        await wait_until(
             functools.partial(ledger.reached, LOCKED_AFTER),
             "the drain is under way",
-            DRAIN_LIMIT_SECONDS,
+            limit=DRAIN_LIMIT_SECONDS,
         )
         async with grpc.aio.insecure_channel(backend.auth_address) as channel:
             probe = AuthProbe(auth_pb2_grpc.InternalAuthServiceStub(channel), keys.kinds(), {})
@@ -327,10 +318,10 @@ async def test_database_locked_beyond_busy_timeout_mid_drain(  # noqa: PLR0917 (
                 lock = await _lock_mid_drain(
                     ledger, database, busy_timeout + LOCK_BEYOND_BUSY_TIMEOUT_SECONDS, fault_output
                 )
-                await wait_for(
+                await wait_until(
                     lambda: ledger.checkpoint() == seeded.last_key,
                     "the checkpoint reaches the last WAL key",
-                    DRAIN_LIMIT_SECONDS,
+                    limit=DRAIN_LIMIT_SECONDS,
                 )
             finally:
                 stop_probe.set()

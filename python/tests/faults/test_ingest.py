@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.compat.peer import PeerPorts, free_ports
+from harness.peer import PeerPorts
 
 from .ingest_helpers import (
     ServeBackend,
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
 
-    from tests.compat.peer import PeerImage
+    from harness.peer import PeerImage
 
     from .conftest import FaultTable, KeyRegistry, OutputFolder
     from .ingest_helpers import PollerView
@@ -72,7 +72,7 @@ def image() -> Iterator[PeerImage]:
 async def test_concurrent_ingest_loses_no_span(
     image: PeerImage, tmp_path: Path, kit: FaultKit
 ) -> None:
-    ports = PeerPorts(*free_ports(3))
+    ports = PeerPorts.pick()
     key = await create_key(tmp_path / "junjo.db", "faults: concurrent ingest")
     kit.keys.add(key)
     backend = ServeBackend(
@@ -186,7 +186,7 @@ async def test_corrupt_run_is_drained_past(image: PeerImage, tmp_path: Path, kit
         kit.output.path("walseed-corrupt-run"),
     )
     seeded_at = time.monotonic()
-    ports = PeerPorts(*free_ports(3))
+    ports = PeerPorts.pick()
     kit.keys.add(await create_key(tmp_path / "junjo.db", "faults: corrupt run"))
     settle = 0.2
     backend = ServeBackend(

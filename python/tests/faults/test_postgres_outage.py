@@ -17,17 +17,16 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 
+from harness.waiting import NeverHappenedError, free_ports, wait_until
 from junjo_backend._wire.ingestion import auth_pb2_grpc
 from junjo_backend.api_keys import create_api_key
 from junjo_backend.database import close_engine, create_engine
-from tests.compat.peer import free_ports
 from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 from .recovery_helpers import (
@@ -84,12 +83,18 @@ async def _until(
     stub: auth_pb2_grpc.InternalAuthServiceAsyncStub, key: str, outcome: str, what: str
 ) -> float:
     """Call until `key` gets `outcome`; seconds it took (the limit is a hang guard)."""
-    started = time.monotonic()
-    while (answer := await validate_outcome(stub, key)) != outcome:
-        if time.monotonic() - started > RECOVERY_LIMIT_SECONDS:
-            raise AssertionError(f"{what}: still {answer} after {RECOVERY_LIMIT_SECONDS:g} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
+    answers: list[str] = []
+
+    async def answered() -> bool:
+        answers.append(await validate_outcome(stub, key))
+        return answers[-1] == outcome
+
+    try:
+        return await wait_until(answered, what, limit=RECOVERY_LIMIT_SECONDS, every=0.02)
+    except NeverHappenedError:
+        raise AssertionError(
+            f"{what}: still {answers[-1]} after {RECOVERY_LIMIT_SECONDS:g} s"
+        ) from None
 
 
 async def test_postgresql_stopped_and_restarted_under_load(  # noqa: PLR0917 (fixtures)

@@ -16,7 +16,6 @@ from 101, so the ledger says who committed what. The WAL is filled with walseed.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from typing import TYPE_CHECKING
@@ -24,13 +23,14 @@ from typing import TYPE_CHECKING
 import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import httpx
 import pytest
-from testcontainers.core.config import testcontainers_config
 
-from tests.compat.peer import PeerFleet, PeerImage, PeerPorts, ensure_image
+from harness.peer import PeerImage, PeerPorts, ensure_image
+from harness.waiting import wait_until
+from tests.compat.peer import PeerFleet
 from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 from .recovery_helpers import seed_wal
-from .replica_helpers import PostgresLedger, Replica, fresh_database, wait_until
+from .replica_helpers import PostgresLedger, Replica, fresh_database
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -59,8 +59,6 @@ def postgres() -> Iterator[PostgresCluster]:
 @pytest.fixture(scope="module")
 def peer_image() -> Iterator[PeerImage]:
     """The Go peer's image (built once per source hash)."""
-    os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"  # no Ryuk image can be pulled here
-    testcontainers_config.ryuk_disabled = True
     client = docker.from_env()
     try:
         yield ensure_image(client)
@@ -146,15 +144,15 @@ async def setup(  # noqa: PLR0917 (fixtures)
     try:
         a.start()
         await a.wait_ready()
-        await wait_until(lambda: _has_role(a, "leader"), "A leads", LIMIT_SECONDS)
+        await wait_until(lambda: _has_role(a, "leader"), "A leads", limit=LIMIT_SECONDS)
         b.start()
         await b.wait_ready()
-        await wait_until(lambda: _has_role(b, "standby"), "B stands by", LIMIT_SECONDS)
+        await wait_until(lambda: _has_role(b, "standby"), "B stands by", limit=LIMIT_SECONDS)
         await fleet.launch(ports, wal_dir=wal_dir)
         await wait_until(
             lambda: _committed_at_least(ledger, FAULT_AFTER),
             "the drain is under way",
-            LIMIT_SECONDS,
+            limit=LIMIT_SECONDS,
         )
         yield Setup(a, b, ledger, seeded)
     finally:
@@ -176,7 +174,7 @@ async def _finished(setup: Setup) -> None:
     async def at_last_key() -> bool:
         return await setup.ledger.checkpoint() == last_key
 
-    await wait_until(at_last_key, "the checkpoint reaches the last WAL key", LIMIT_SECONDS)
+    await wait_until(at_last_key, "the checkpoint reaches the last WAL key", limit=LIMIT_SECONDS)
 
 
 async def _assert_exactly_once(setup: Setup) -> int:
@@ -208,7 +206,7 @@ async def test_leader_sigkilled_mid_drain_the_standby_finishes(
     async def b_committed() -> bool:
         return (await setup.committed_by())[1] > 0
 
-    failover = await wait_until(b_committed, "B commits its first batch", LIMIT_SECONDS)
+    failover = await wait_until(b_committed, "B commits its first batch", limit=LIMIT_SECONDS)
     await _finished(setup)
     elapsed = time.monotonic() - started
     by_a, by_b = await setup.committed_by()
@@ -249,7 +247,7 @@ async def test_leader_sigstopped_then_its_lock_connection_terminated(
     async def a_goes_on() -> bool:
         return (await setup.committed_by())[0] > during[0]
 
-    await wait_until(a_goes_on, "A drains again after SIGCONT", LIMIT_SECONDS)
+    await wait_until(a_goes_on, "A drains again after SIGCONT", limit=LIMIT_SECONDS)
     pid = await ledger.lock_holder_pid()
     assert pid is not None
     assert await ledger.terminate(pid)
@@ -258,7 +256,7 @@ async def test_leader_sigstopped_then_its_lock_connection_terminated(
     async def b_committed() -> bool:
         return (await setup.committed_by())[1] > 0
 
-    failover = await wait_until(b_committed, "B commits its first batch", LIMIT_SECONDS)
+    failover = await wait_until(b_committed, "B commits its first batch", limit=LIMIT_SECONDS)
     a_after_failover = (await setup.committed_by())[0]
     await _finished(setup)
     by_a, by_b = await setup.committed_by()

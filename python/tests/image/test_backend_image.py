@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 import uuid
 from typing import TYPE_CHECKING
 
 import pytest
 
+from harness.waiting import free_port, wait_until_sync
 from junjo_backend import __version__
 from tests.image.image_helpers import BACKEND_IMAGE, docker, missing
 
@@ -52,13 +51,6 @@ def remove_left_containers() -> Iterator[None]:
     listed = docker("ps", "-aq", "--filter", f"label={LABEL}")
     for container in listed.stdout.split():
         docker("rm", "-f", "-v", container)
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_the_image_runs_the_cli_of_this_version(image_config: dict[str, object]) -> None:
@@ -117,12 +109,15 @@ def test_the_healthcheck_passes_once_the_backend_serves_and_fails_when_nothing_a
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     try:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while (check := docker("exec", name, *command)).returncode != 0:
+
+        def healthy() -> bool:
+            if docker("exec", name, *command).returncode == 0:
+                return True
             running = docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip()
             assert running == "true", docker("logs", name).stderr
-            assert time.monotonic() < deadline, f"never healthy: {check.stderr}"
-            time.sleep(0.2)
+            return False
+
+        wait_until_sync(healthy, "the image's health check passes", limit=START_TIMEOUT_SECONDS)
         # The non-root user wrote the SQLite file on the /data volume.
         assert docker("exec", name, "test", "-s", "/data/junjo.db").returncode == 0
         # The same check against a port nothing listens on fails.

@@ -6,11 +6,11 @@ port, see fake_ingestion.py) and a real SQLite file under tmp_path.
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING
 
 import pytest
 
+from harness.waiting import free_port
 from junjo_backend.database import close_engine, create_engine, init_schema
 from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.settings import Settings
@@ -98,10 +98,7 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
         await close_engine(database)
 
 
-@pytest.fixture
-def free_port() -> int:
+@pytest.fixture(name="free_port")
+def free_port_fixture() -> int:
     """A loopback port with nothing listening on it (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+    return free_port()

@@ -34,7 +34,7 @@ from junjo_backend._wire.ingestion import ingestion_pb2, ingestion_pb2_grpc
 from junjo_backend._wire.span_data_container import span_data_container_pb2
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Iterator
 
 
 class UlidGenerator:
@@ -261,11 +261,3 @@ class FakeIngestionServer:
     async def __aexit__(self, *_exc_info: object) -> None:
         """Stop serving at once, however the block ended."""
         await self.stop()
-
-
-async def wait_until(condition: Callable[[], bool], *, limit: float = 60.0) -> None:
-    """Poll `condition` until it holds; fail after `limit` seconds (a hang guard, not a timing)."""
-    async with asyncio.timeout(limit):
-        # Polling, because the state lives in worker threads, other processes or files.
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)

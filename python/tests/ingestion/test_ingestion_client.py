@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from harness.waiting import wait_until
 from junjo_backend.grpc_errors import (
     IngestionClosedError,
     IngestionDeadlineError,
@@ -26,7 +27,6 @@ from .fake_ingestion import (
     FakeIngestionService,
     FakeWal,
     make_span,
-    wait_until,
 )
 
 if TYPE_CHECKING:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy import Column, LargeBinary, MetaData, Table, insert, select, text
 
+from harness.waiting import wait_until
 from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
 from junjo_backend.poller import (
     PollerStatus,
@@ -26,7 +27,6 @@ from .fake_ingestion import (
     FakeWal,
     make_resource,
     make_span,
-    wait_until,
 )
 
 if TYPE_CHECKING:

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness.waiting import wait_until
 from junjo_backend.database import close_engine, create_engine
 from junjo_backend.poller import load_checkpoint
-
-from .fake_ingestion import wait_until
 
 if TYPE_CHECKING:
     from .fake_ingestion import FakeIngestionServer, FakeWal

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy import Column, LargeBinary, MetaData, Table, func, insert, select, text, update
 
+from harness.waiting import wait_until
 from junjo_backend.database import close_engine, create_engine, init_schema, poller_leadership
 from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.leadership import (
@@ -29,8 +30,6 @@ from junjo_backend.leadership import (
 from junjo_backend.poller import SpanPoller, load_checkpoint
 from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
-from .fake_ingestion import FakeIngestionServer, FakeWal, wait_until
-
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator, Sequence
     from pathlib import Path
@@ -39,6 +38,8 @@ if TYPE_CHECKING:
 
     from junjo_backend.settings import Settings
     from junjo_backend.spans import SpanRecord
+
+    from .fake_ingestion import FakeIngestionServer, FakeWal
 
 # The sink's own table, no unique key: a span committed twice shows as two rows.
 ledger_metadata = MetaData()

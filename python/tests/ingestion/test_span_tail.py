@@ -17,6 +17,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 from sqlalchemy.engine import make_url
 
+from harness.waiting import wait_until
 from junjo_backend.poller import load_checkpoint, save_checkpoint
 from junjo_backend.span_tail import run_tail
 
@@ -27,7 +28,6 @@ from .fake_ingestion import (
     UlidGenerator,
     make_resource,
     make_span,
-    wait_until,
 )
 
 if TYPE_CHECKING:

@@ -24,7 +24,6 @@ from junjo_backend.spans import (
     NO_SERVICE_NAME,
     ResourceCatalog,
     SpanRecord,
-    SpanWithResource,
     service_name_of,
     ulid_millis,
     ulid_time,
@@ -55,11 +54,11 @@ def test_record_time_comes_from_the_ulid_key() -> None:
     assert record().ingested_at == ulid_time(KEY)
 
 
-def test_record_is_an_immutable_value_with_the_plans_alias() -> None:
+def test_record_is_an_immutable_value() -> None:
     value = record(b"s", b"r")
     with pytest.raises(dataclasses.FrozenInstanceError):
         value.key = b""  # type: ignore[misc]
-    assert value == SpanWithResource(KEY, b"s", b"r")
+    assert value == SpanRecord(KEY, b"s", b"r")
 
 
 def test_service_name_falls_back_like_the_go_backend() -> None:
