@@ -25,10 +25,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import pytest
 
+from harness.peer import PeerImage, ensure_image
+from tests.compat.peer import PeerContainer, PeerFleet
+
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
 
     from _pytest.terminal import TerminalReporter
 
@@ -169,6 +173,33 @@ def fault_log_env(request: pytest.FixtureRequest) -> Callable[[], dict[str, str]
         return {"LOG_LEVEL": "DEBUG", "LOG_FORMAT": next(run.formats)}
 
     return env
+
+
+@pytest.fixture(scope="module")
+def peer_image() -> Iterator[PeerImage]:
+    """The Go peer's image (built once per source hash)."""
+    client = docker.from_env()
+    try:
+        yield ensure_image(client)
+    finally:
+        # Each test's fleet removes its own containers; a session-wide sweep here could
+        # remove another fault module's peers.
+        client.close()
+
+
+@pytest.fixture
+async def fleet(
+    peer_image: PeerImage, tmp_path: Path, fault_output: OutputFolder
+) -> AsyncIterator[PeerFleet]:
+    """Go peer containers for one test; their logs go to the output folder at the end."""
+    registry: list[PeerContainer] = []
+    fleet = PeerFleet(peer_image, tmp_path, registry)
+    try:
+        yield fleet
+    finally:
+        await fleet.close()
+        for peer in registry:
+            fault_output.path(f"{peer.name}-container").write_text(peer.logs())
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

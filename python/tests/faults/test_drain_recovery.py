@@ -23,14 +23,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import grpc
-import pytest
 
-from harness.peer import PeerImage, PeerPorts, ensure_image
+from harness.peer import PeerImage, PeerPorts
 from harness.waiting import free_port, wait_until
 from junjo_backend._wire.ingestion import auth_pb2_grpc
-from tests.compat.peer import PeerFleet
 
 from .recovery_helpers import (
     AuthProbe,
@@ -45,8 +42,10 @@ from .recovery_helpers import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
+
+    from tests.compat.peer import PeerFleet
 
     from .conftest import FaultTable, KeyRegistry, OutputFolder
 
@@ -64,33 +63,6 @@ LOCKED_AFTER = 20_000
 LOCK_BEYOND_BUSY_TIMEOUT_SECONDS = 4.0
 # Hang guards only (generous): figures go to the fault table.
 DRAIN_LIMIT_SECONDS = 240.0
-
-
-@pytest.fixture(scope="module")
-def peer_image() -> Iterator[PeerImage]:
-    """The Go peer's image (built once per source hash)."""
-    client = docker.from_env()
-    try:
-        yield ensure_image(client)
-    finally:
-        # Each test's fleet removes its own containers; a session-wide sweep here could
-        # remove another fault module's peers.
-        client.close()
-
-
-@pytest.fixture
-async def fleet(
-    peer_image: PeerImage, tmp_path: Path, fault_output: OutputFolder
-) -> AsyncIterator[PeerFleet]:
-    """Peer containers for one test; their logs go to the output folder at the end."""
-    registry: list = []  # type: ignore[type-arg]  # PeerContainer, kept for the logs
-    fleet = PeerFleet(peer_image, tmp_path, registry)
-    try:
-        yield fleet
-    finally:
-        await fleet.close()
-        for peer in registry:
-            fault_output.path(f"{peer.name}-container").write_text(peer.logs())
 
 
 def _backend(

@@ -20,13 +20,11 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import httpx
 import pytest
 
-from harness.peer import PeerImage, PeerPorts, ensure_image
+from harness.peer import PeerImage, PeerPorts
 from harness.waiting import wait_until
-from tests.compat.peer import PeerFleet
 from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 from .recovery_helpers import seed_wal
@@ -35,6 +33,8 @@ from .replica_helpers import PostgresLedger, Replica, fresh_database
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
     from pathlib import Path
+
+    from tests.compat.peer import PeerFleet
 
     from .conftest import FaultTable, OutputFolder
     from .recovery_helpers import Seeded
@@ -54,31 +54,6 @@ def postgres() -> Iterator[PostgresCluster]:
     """A throwaway cluster for this module (a missing PostgreSQL fails under CI=true)."""
     with throwaway_cluster("junjo-faults-replicas-pg-") as cluster:
         yield cluster
-
-
-@pytest.fixture(scope="module")
-def peer_image() -> Iterator[PeerImage]:
-    """The Go peer's image (built once per source hash)."""
-    client = docker.from_env()
-    try:
-        yield ensure_image(client)
-    finally:
-        client.close()
-
-
-@pytest.fixture
-async def fleet(
-    peer_image: PeerImage, tmp_path: Path, fault_output: OutputFolder
-) -> AsyncIterator[PeerFleet]:
-    """Peer containers for one test; their logs go to the output folder at the end."""
-    registry: list = []  # type: ignore[type-arg]  # PeerContainer, kept for the logs
-    fleet = PeerFleet(peer_image, tmp_path, registry)
-    try:
-        yield fleet
-    finally:
-        await fleet.close()
-        for peer in registry:
-            fault_output.path(f"{peer.name}-container").write_text(peer.logs())
 
 
 class Setup:
