@@ -99,6 +99,8 @@ class KnownKeys:
         self._latest: KeySnapshot | None = None
         self._reading: asyncio.Task[KeySnapshot] | None = None
         self._reading_since = -math.inf
+        # Every read under way: a late caller may start one while an older one still runs.
+        self._under_way: set[asyncio.Task[KeySnapshot]] = set()
         self._available: bool | None = None
         self._reads = 0
         self._failures = 0
@@ -151,14 +153,12 @@ class KnownKeys:
         return (await self._outcome_since(time.monotonic())).keys is not None
 
     async def close(self) -> None:
-        """Cancel a read under way; later calls still work (they start new reads)."""
-        reading = self._reading
-        if reading is not None and not reading.done():
+        """Cancel every read under way; later calls still work (they start new reads)."""
+        for reading in list(self._under_way):
             reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reading
-        if self._reading is reading:
-            self._reading = None
+        self._reading = None
 
     async def _keys_since(self, not_before: float) -> frozenset[str]:
         """The keys of a read that started at `not_before` or later; raises if it failed."""
@@ -177,6 +177,8 @@ class KnownKeys:
             self._reading_since = time.monotonic()
             reading = asyncio.create_task(self._read(self._reading_since), name="api-keys-read")
             self._reading = reading
+            self._under_way.add(reading)
+            reading.add_done_callback(self._under_way.discard)
         # Shielded: a caller that gives up (deadline, cancel) must not cancel the read
         # that other callers are waiting on.
         return await asyncio.shield(reading)
