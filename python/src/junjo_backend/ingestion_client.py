@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -34,7 +33,8 @@ from typing import TYPE_CHECKING, Protocol, Self
 import grpc
 
 from junjo_backend._wire.ingestion import ingestion_pb2, ingestion_pb2_grpc
-from junjo_backend.grpc_errors import (
+from junjo_backend.backoff import backoff_delay
+from junjo_backend.ingestion_errors import (
     IngestionClosedError,
     IngestionError,
     IngestionUnavailableError,
@@ -182,10 +182,11 @@ class _RetryClock:
         remaining = self._first_failure + self._deadline_seconds - now
         if remaining <= 0:
             return None
-        ceiling = min(_RETRY_MAX_SECONDS, _RETRY_INITIAL_SECONDS * 2**self._attempt)
         self._attempt += 1
-        # Full jitter: clients that lost the same server do not come back in step.
-        return min(random.uniform(0, ceiling), remaining)  # noqa: S311 (jitter, not crypto)
+        delay = backoff_delay(
+            self._attempt, initial=_RETRY_INITIAL_SECONDS, ceiling=_RETRY_MAX_SECONDS
+        )
+        return min(delay, remaining)
 
 
 def _finish(call: _ResponseStream, *, cancel: bool) -> None:

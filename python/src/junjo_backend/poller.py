@@ -58,7 +58,6 @@ import asyncio
 import bisect
 import contextlib
 import logging
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select, update
 
+from junjo_backend.backoff import backoff_delay
 from junjo_backend.database import describe_database_error, poller_state
 from junjo_backend.ingestion_client import MAX_BATCH_SIZE
 from junjo_backend.leadership import LeadershipLost, PollerLeadership, leadership_for
@@ -605,12 +605,12 @@ class SpanPoller:
             raise _Stopping
 
     def _backoff(self, failures: int) -> float:
-        """Jittered exponential delay before retry number `failures`."""
-        ceiling = min(
-            self._settings.poller_max_backoff_seconds,
-            _BACKOFF_INITIAL_SECONDS * 2 ** min(failures - 1, 30),
+        """Delay before retry number `failures`."""
+        return backoff_delay(
+            failures,
+            initial=_BACKOFF_INITIAL_SECONDS,
+            ceiling=self._settings.poller_max_backoff_seconds,
         )
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not crypto)
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but return as soon as stop() is asked for or held leadership is lost."""

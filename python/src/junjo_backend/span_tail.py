@@ -22,8 +22,8 @@ from junjo_backend.database import (
     describe_database_error,
     sqlite_file,
 )
-from junjo_backend.grpc_errors import IngestionError, IngestionUnavailableError
 from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
+from junjo_backend.ingestion_errors import IngestionError, IngestionUnavailableError
 from junjo_backend.poller import load_checkpoint
 from junjo_backend.spans import ResourceCatalog, SpanRecord, ulid_millis, ulid_time
 

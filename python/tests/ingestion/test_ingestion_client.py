@@ -12,14 +12,14 @@ import grpc
 import pytest
 
 from harness.waiting import wait_until
-from junjo_backend.grpc_errors import (
+from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
+from junjo_backend.ingestion_errors import (
     IngestionClosedError,
     IngestionDeadlineError,
     IngestionError,
     IngestionMessageTooLargeError,
     IngestionUnavailableError,
 )
-from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
 from tests.app.backend_under_test import established_connections_to
 
 from .fake_ingestion import (

@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 
-from junjo_backend.grpc_errors import (
+from junjo_backend.ingestion_errors import (
     IngestionDeadlineError,
     IngestionError,
     IngestionMessageTooLargeError,

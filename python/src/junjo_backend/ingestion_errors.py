@@ -1,4 +1,4 @@
-"""The one place that turns gRPC failures into typed errors, and decides which to retry.
+"""The ingestion client's errors: gRPC failures of ReadSpans as typed errors, and which to retry.
 
 Callers of the ingestion client never see a raw `grpc.RpcError`: they get an
 `IngestionError` (or a subclass) that carries the status code and details.
