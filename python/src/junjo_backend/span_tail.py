@@ -15,6 +15,7 @@ from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 from sqlalchemy.exc import SQLAlchemyError
 
+from junjo_backend.checkpoint import load_checkpoint
 from junjo_backend.database import (
     close_engine,
     create_engine,
@@ -24,7 +25,6 @@ from junjo_backend.database import (
 )
 from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
 from junjo_backend.ingestion_errors import IngestionError, IngestionUnavailableError
-from junjo_backend.poller import load_checkpoint
 from junjo_backend.spans import ResourceCatalog, SpanRecord, ulid_millis, ulid_time
 
 if TYPE_CHECKING:

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
     from junjo_backend.ingestion_client import IngestionClient
     from junjo_backend.leadership import PollerLeadership
-    from junjo_backend.poller import SpanSink
     from junjo_backend.settings import Settings
+    from junjo_backend.sinks import SpanSink
     from junjo_backend.spans import SpanRecord
 
 _ledger = MetaData()

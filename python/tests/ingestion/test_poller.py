@@ -11,14 +11,10 @@ import pytest
 from sqlalchemy import Column, LargeBinary, MetaData, Table, insert, select, text
 
 from harness.waiting import wait_until
+from junjo_backend.checkpoint import load_checkpoint, save_checkpoint
 from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
-from junjo_backend.poller import (
-    PollerStatus,
-    ServiceTally,
-    SpanPoller,
-    load_checkpoint,
-    save_checkpoint,
-)
+from junjo_backend.poller import PollerStatus, SpanPoller
+from junjo_backend.sinks import ServiceTally
 from junjo_backend.spans import ulid_millis
 
 from .fake_ingestion import (
@@ -437,7 +433,7 @@ async def test_default_sink_counts_spans_per_service_and_logs_totals(
     assert isinstance(tally, ServiceTally)
     tally._summary_interval = 0  # log after every batch
 
-    with caplog.at_level(logging.INFO, logger="junjo_backend.poller"):
+    with caplog.at_level(logging.INFO, logger="junjo_backend.sinks"):
         await poller.start()
         await caught_up_at(poller, last)
         await poller.stop()

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import Column, LargeBinary, MetaData, Table, func, insert, select, text, update
 
 from harness.waiting import wait_until
+from junjo_backend.checkpoint import load_checkpoint
 from junjo_backend.database import close_engine, create_engine, init_schema, poller_leadership
 from junjo_backend.ingestion_client import IngestionClient
 from junjo_backend.leadership import (
@@ -27,7 +28,7 @@ from junjo_backend.leadership import (
     leadership_for,
     lock_file_for,
 )
-from junjo_backend.poller import SpanPoller, load_checkpoint
+from junjo_backend.poller import SpanPoller
 from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from sqlalchemy.engine import make_url
 
 from harness.waiting import wait_until
-from junjo_backend.poller import load_checkpoint, save_checkpoint
+from junjo_backend.checkpoint import load_checkpoint, save_checkpoint
 from junjo_backend.span_tail import run_tail
 
 from .fake_ingestion import (
