@@ -17,12 +17,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from sqlalchemy import text
 
 from harness.waiting import NeverHappenedError, free_port, wait_until_sync
+from junjo_backend.database import close_engine, create_engine
 from tests.auth.postgres_binaries import find_pg_tool, missing_postgres
 
 if TYPE_CHECKING:
@@ -75,6 +78,18 @@ class PostgresCluster:
 
     def _ready_since(self, offset: int) -> bool:
         return _PG_READY in self._log.read_bytes()[offset:].decode(errors="replace")
+
+    async def new_database(self) -> str:
+        """The URL of a database created just now on this cluster (empty: no tables)."""
+        name = f"junjo_{uuid.uuid4().hex[:12]}"
+        admin = create_engine(self.url)
+        try:
+            async with admin.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            await close_engine(admin)
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def stop(self) -> None:
         """Fast shutdown (open connections are closed), and wait for the server to exit."""

@@ -7,7 +7,6 @@ tables live in that database, so a span committed by two replicas is two rows.
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -39,15 +38,7 @@ if TYPE_CHECKING:
 
 async def fresh_database(cluster: PostgresCluster) -> str:
     """A new database on the cluster, with the backend's schema and the ledger's tables."""
-    name = f"replicas_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(cluster.url)
-    try:
-        async with admin.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        await close_engine(admin)
-    url = cluster.url.rsplit("/", 1)[0] + f"/{name}"
+    url = await cluster.new_database()
     engine = create_engine(url)
     try:
         await init_schema(engine)

@@ -11,7 +11,6 @@ import fnmatch
 import subprocess
 import sys
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 import pytest
@@ -97,15 +96,7 @@ def postgres() -> Iterator[PostgresCluster]:
 @pytest.fixture
 async def postgres_url(postgres: PostgresCluster) -> str:
     """A fresh database on the cluster for one test."""
-    name = f"replicas_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres.url)
-    try:
-        async with admin.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        await close_engine(admin)
-    return postgres.url.rsplit("/", 1)[0] + f"/{name}"
+    return await postgres.new_database()
 
 
 class Replicas:
