@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from typing import TYPE_CHECKING
 
@@ -27,24 +26,17 @@ PUBLISHED_INGESTION_IMAGE = "mdrideout/junjo-server-ingestion:latest"
 LOCAL_PEER_IMAGE = "junjo-ingestion-peer:demo"
 
 
-@pytest.fixture(scope="module")
-def compose_cli() -> list[str]:
-    """Debian's docker-compose: the implementation this file is checked with."""
-    standalone = shutil.which("docker-compose")
-    if standalone is None:
-        missing("docker-compose is not on PATH", "apt-get install -y docker-compose")
-    return [standalone]
-
-
 def compose_config(
     cli: list[str],
-    compose_file: Path,
+    compose_file: Path | list[Path],
     project_dir: Path,
     tmp_path: Path,
     variables: dict[str, str] | None = None,
     *extra: str,
 ) -> subprocess.CompletedProcess[str]:
-    """`config` of `compose_file`, relative paths resolved from `project_dir`."""
+    """`config` of `compose_file` (several: each on top of the one before), relative paths
+    resolved from `project_dir`, with no variables but `variables`."""
+    files = compose_file if isinstance(compose_file, list) else [compose_file]
     env_file = tmp_path / "empty.env"
     env_file.write_text("")
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **(variables or {})}
@@ -55,8 +47,7 @@ def compose_config(
             str(env_file),
             "--project-directory",
             str(project_dir),
-            "-f",
-            str(compose_file),
+            *(argument for path in files for argument in ("-f", str(path))),
             "config",
             *extra,
         ],

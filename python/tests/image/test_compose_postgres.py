@@ -6,55 +6,21 @@ reads and normalises the two files together; nothing is pulled or started.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from typing import TYPE_CHECKING
 
-import pytest
-
-from tests.image.image_helpers import DOCKER_TIMEOUT_SECONDS, missing
-from tests.image.test_compose import service_block
+from tests.image.test_compose import compose_config, service_block
 
 if TYPE_CHECKING:
+    import subprocess
     from pathlib import Path
-
-
-@pytest.fixture(scope="module")
-def compose_cli() -> list[str]:
-    """Debian's docker-compose, as for compose.yaml."""
-    standalone = shutil.which("docker-compose")
-    if standalone is None:
-        missing("docker-compose is not on PATH", "apt-get install -y docker-compose")
-    return [standalone]
 
 
 def _config(
     cli: list[str], repo_root: Path, tmp_path: Path, variables: dict[str, str], *extra: str
 ) -> subprocess.CompletedProcess[str]:
-    """`config` of compose.yaml with compose.postgres.yaml on top; variables from the test only."""
-    env_file = tmp_path / "empty.env"
-    env_file.write_text("")
-    return subprocess.run(
-        [
-            *cli,
-            "--env-file",
-            str(env_file),
-            "--project-directory",
-            str(repo_root),
-            "-f",
-            str(repo_root / "compose.yaml"),
-            "-f",
-            str(repo_root / "compose.postgres.yaml"),
-            "config",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=DOCKER_TIMEOUT_SECONDS,
-        check=False,
-        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **variables},
-    )
+    """`config` of compose.yaml with compose.postgres.yaml on top."""
+    files = [repo_root / "compose.yaml", repo_root / "compose.postgres.yaml"]
+    return compose_config(cli, files, repo_root, tmp_path, variables, *extra)
 
 
 def test_the_postgres_variant_puts_every_replica_on_one_postgresql(
