@@ -37,8 +37,8 @@ from typing import Any
 import grpc
 
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
-from junjo_backend.api_keys import create_api_key, revoke_api_key
-from junjo_backend.auth_service import AuthServer
+from junjo_backend.auth.key_store import create_api_key, revoke_api_key
+from junjo_backend.auth.server import AuthServer
 from junjo_backend.database import close_engine, create_engine, init_schema
 from junjo_backend.settings import Settings
 

@@ -44,13 +44,13 @@ from typing import Any, Self
 import grpc
 
 from junjo_backend._wire.ingestion import ingestion_pb2, ingestion_pb2_grpc
-from junjo_backend.auth_service import AuthServer
+from junjo_backend.auth.server import AuthServer
 from junjo_backend.database import close_engine, create_engine, init_schema
-from junjo_backend.ingestion_client import IngestionClient
-from junjo_backend.poller import SpanPoller
+from junjo_backend.ingestion.client import IngestionClient
+from junjo_backend.ingestion.spans import ResourceCatalog
+from junjo_backend.poller.loop import SpanPoller
+from junjo_backend.poller.sinks import ServiceTally
 from junjo_backend.settings import Settings
-from junjo_backend.sinks import ServiceTally
-from junjo_backend.spans import ResourceCatalog
 
 # Run as a file (`python python/benchmarks/drain_bench.py`): the shared harness is in python/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

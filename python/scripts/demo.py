@@ -215,7 +215,7 @@ def create_api_key(backend: Child, env: dict[str, str], workdir: Path) -> str:
         result = backend.exec("junjo-backend", "api-keys", "create", "demo")
     else:
         result = subprocess.run(
-            [sys.executable, "-m", "junjo_backend.cli", "api-keys", "create", "demo"],
+            [sys.executable, "-m", "junjo_backend.cli.main", "api-keys", "create", "demo"],
             env={**os.environ, **env},
             cwd=workdir,
             capture_output=True,
@@ -369,7 +369,7 @@ def start_backend(
     }
     if backend_image is None:
         env["DATABASE_URL"] = f"sqlite+aiosqlite:///{workdir / 'junjo.db'}"
-        argv = [sys.executable, "-m", "junjo_backend.cli", "serve"]
+        argv = [sys.executable, "-m", "junjo_backend.cli.main", "serve"]
         return ChildProcess("backend", argv, env, workdir / "backend.log", workdir), env
     data_dir = workdir / "data"
     data_dir.mkdir()

@@ -2,6 +2,6 @@
 
 import sys
 
-from junjo_backend.cli import main
+from junjo_backend.cli.main import main
 
 sys.exit(main())

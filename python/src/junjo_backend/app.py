@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from junjo_backend import __version__
-from junjo_backend.auth_service import AuthServer, listen_problem
+from junjo_backend.auth.server import AuthServer, listen_problem
 from junjo_backend.database import (
     close_engine,
     database_label,
@@ -43,9 +43,9 @@ from junjo_backend.database import (
     open_database,
 )
 from junjo_backend.http_protocol import bounded_h11_protocol
-from junjo_backend.ingestion_client import IngestionClient
+from junjo_backend.ingestion.client import IngestionClient
 from junjo_backend.metrics import CONTENT_TYPE, BackendMetrics
-from junjo_backend.poller import PollerStatus, SpanPoller
+from junjo_backend.poller.loop import PollerStatus, SpanPoller
 from junjo_backend.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

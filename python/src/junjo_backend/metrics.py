@@ -18,84 +18,26 @@ No metric carries key material, and no label is derived from a key.
 from __future__ import annotations
 
 import platform
-import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
+from prometheus_client import CollectorRegistry, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from junjo_backend import __version__
+from junjo_backend.auth.metrics import AuthCallMetrics
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from prometheus_client.metrics_core import Metric
 
-    from junjo_backend.ingestion_client import IngestionClient
-    from junjo_backend.known_keys import KnownKeys
-    from junjo_backend.poller import SpanPoller
+    from junjo_backend.auth.known_keys import KnownKeys
+    from junjo_backend.ingestion.client import IngestionClient
+    from junjo_backend.poller.loop import SpanPoller
 
 # The text format every Prometheus version scrapes.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
-
-# A snapshot answer takes tens of microseconds in the handler; a call that waits for a
-# database read takes milliseconds, up to the read timeout (2 s).
-_AUTH_LATENCY_BUCKETS = (
-    0.000_05,
-    0.000_1,
-    0.000_25,
-    0.000_5,
-    0.001,
-    0.002_5,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    """The counter and histogram children of one ValidateApiKey outcome, bound once."""
-
-    calls: Counter
-    latency: Histogram
-
-    def observe(self, started: float) -> None:
-        """Count one call that started at `started` (`time.perf_counter()`) and ends now."""
-        self.calls.inc()
-        self.latency.observe(time.perf_counter() - started)
-
-
-class AuthCallMetrics:
-    """ValidateApiKey calls by outcome, with their latency in the handler."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        calls = Counter(
-            "junjo_auth_validate_calls",
-            "ValidateApiKey calls answered, by outcome: valid, invalid (is_valid=false), "
-            "error (a status other than OK)",
-            ["outcome"],
-            registry=registry,
-        )
-        latency = Histogram(
-            "junjo_auth_validate_duration_seconds",
-            "Time ValidateApiKey spent in the handler, by outcome",
-            ["outcome"],
-            buckets=_AUTH_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.valid = _Outcome(calls.labels("valid"), latency.labels("valid"))
-        self.invalid = _Outcome(calls.labels("invalid"), latency.labels("invalid"))
-        self.error = _Outcome(calls.labels("error"), latency.labels("error"))
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

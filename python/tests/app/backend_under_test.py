@@ -63,7 +63,7 @@ class ServeProcess:
         self.lines: list[str] = []
         self._new: queue.Queue[dict[str, object] | None] = queue.Queue()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "junjo_backend.cli", "serve"],
+            [sys.executable, "-m", "junjo_backend.cli.main", "serve"],
             env={**os.environ, **env, "LOG_FORMAT": "json"},
             cwd=cwd,
             stdin=subprocess.DEVNULL,

@@ -83,7 +83,7 @@ class Cli:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "junjo_backend.cli",
+            "junjo_backend.cli.main",
             *args,
             env=self._env,
             cwd=self._cwd,
@@ -128,7 +128,7 @@ class ServeUnderTest:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "junjo_backend.cli",
+                "junjo_backend.cli.main",
                 "serve",
                 env=self._env,
                 cwd=self._cwd,

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from junjo_backend import __version__
-from junjo_backend.api_keys import create_api_key
-from junjo_backend.spans import ulid_millis
+from junjo_backend.auth.key_store import create_api_key
+from junjo_backend.ingestion.spans import ulid_millis
 from tests.auth.auth_calls import KeyRegistry
 from tests.ingestion.fake_ingestion import FakeIngestionServer, FakeIngestionService, FakeWal
 
@@ -224,7 +224,7 @@ async def test_an_outage_sets_last_error_at_once_and_the_way_back_is_logged_and_
     ingestion: FakeIngestionServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="junjo_backend.ingestion_client")
+    caplog.set_level(logging.INFO, logger="junjo_backend.ingestion.client")
     # A retry deadline far beyond the test: last_error must not wait for it.
     settings = make_settings(
         ingestion_grpc_address=ingestion.address, ingestion_retry_deadline_seconds=3600

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
-from junjo_backend.api_keys import generate_api_key
-from junjo_backend.known_keys import DEFAULT_MISS_REFRESH_AFTER_SECONDS
+from junjo_backend.auth.key_store import generate_api_key
+from junjo_backend.auth.known_keys import DEFAULT_MISS_REFRESH_AFTER_SECONDS
 
 if TYPE_CHECKING:
     import grpc

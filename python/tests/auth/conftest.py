@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from junjo_backend.api_keys import create_api_key
-from junjo_backend.auth_service import AuthServer
+from junjo_backend.auth.key_store import create_api_key
+from junjo_backend.auth.server import AuthServer
 from junjo_backend.database import close_engine, create_engine, init_schema
 from junjo_backend.logs import JsonFormatter
 from junjo_backend.settings import Settings
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from junjo_backend._wire.ingestion import auth_pb2_grpc
-    from junjo_backend.api_keys import NewApiKey
+    from junjo_backend.auth.key_store import NewApiKey
 
 
 class RecordingHandler(logging.Handler):

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from junjo_backend.api_keys import (
+from junjo_backend.auth.key_store import (
     KEY_LENGTH,
     ApiKeyStoreError,
     create_api_key,
@@ -27,7 +27,7 @@ from junjo_backend.api_keys import (
     new_key_id,
     revoke_api_key,
 )
-from junjo_backend.auth_service import AuthServer
+from junjo_backend.auth.server import AuthServer
 from junjo_backend.database import close_engine, create_engine, describe_database_error, init_schema
 
 from .auth_calls import auth_stub, validate
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from junjo_backend.api_keys import NewApiKey
+    from junjo_backend.auth.key_store import NewApiKey
     from junjo_backend.settings import Settings
 
     from .auth_calls import KeyRegistry
@@ -234,7 +234,7 @@ async def test_an_unreadable_created_at_is_logged_without_the_row(
             text("INSERT INTO api_keys (id, key, name, created_at) VALUES ('y', :k, 'm', 0)"),
             {"k": used_keys.add(generate_api_key())},
         )
-    with caplog.at_level(logging.WARNING, logger="junjo_backend.api_keys"):
+    with caplog.at_level(logging.WARNING, logger="junjo_backend.auth.key_store"):
         listed = await list_api_keys(engine)
     assert [k.created_at for k in listed] == [datetime(1970, 1, 1, tzinfo=UTC)] * 2
     assert any("created_at" in r.getMessage() for r in caplog.records)

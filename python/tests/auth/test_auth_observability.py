@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-from junjo_backend.auth_service import READINESS_PROBE_KEY, SERVICE_NAME, AuthServer
-from junjo_backend.metrics import AuthCallMetrics
+from junjo_backend.auth.metrics import AuthCallMetrics
+from junjo_backend.auth.server import READINESS_PROBE_KEY, SERVICE_NAME, AuthServer
 
 from .auth_calls import SERVING, KeyRegistry, auth_stub, validate
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from junjo_backend.api_keys import NewApiKey
+    from junjo_backend.auth.key_store import NewApiKey
     from junjo_backend.settings import Settings
 
     from .conftest import RecordingHandler
@@ -111,7 +111,7 @@ async def test_refused_keys_are_summed_up_in_one_info_line_without_key_material(
                 records.append(record)
 
     keep = Keep()
-    logging.getLogger("junjo_backend.auth_service").addHandler(keep)
+    logging.getLogger("junjo_backend.auth.server").addHandler(keep)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = auth_stub(channel)
@@ -125,7 +125,7 @@ async def test_refused_keys_are_summed_up_in_one_info_line_without_key_material(
             # Nothing refused since: no further line.
             await asyncio.sleep(0.5)
     finally:
-        logging.getLogger("junjo_backend.auth_service").removeHandler(keep)
+        logging.getLogger("junjo_backend.auth.server").removeHandler(keep)
 
     assert len(records) == 1
     assert records[0].levelno == logging.INFO

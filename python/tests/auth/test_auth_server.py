@@ -23,8 +23,8 @@ from sqlalchemy import delete, text
 from sqlalchemy.engine import make_url
 
 from harness.waiting import wait_until
-from junjo_backend.api_keys import create_api_key, revoke_api_key
-from junjo_backend.auth_service import (
+from junjo_backend.auth.key_store import create_api_key, revoke_api_key
+from junjo_backend.auth.server import (
     MAX_KEY_BYTES,
     READINESS_PROBE_KEY,
     SERVICE_NAME,
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from junjo_backend._wire.ingestion import auth_pb2_grpc
-    from junjo_backend.api_keys import NewApiKey
+    from junjo_backend.auth.key_store import NewApiKey
     from tests.postgres_cluster import PostgresCluster
 
     from .conftest import RecordingHandler
@@ -524,7 +524,7 @@ async def test_the_call_log_names_method_and_code_but_never_the_key(
     stub: Stub, make_key: MakeKey, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = await make_key()
-    caplog.set_level("DEBUG", logger="junjo_backend.auth_service")
+    caplog.set_level("DEBUG", logger="junjo_backend.auth.server")
     assert await validate(stub, key.key) is True
     calls = [r for r in caplog.records if r.getMessage() == "grpc call"]
     assert calls
@@ -545,7 +545,7 @@ async def test_failed_calls_are_logged_at_a_bounded_rate_and_all_accounted_for(
     async with engine.begin() as conn:
         await conn.execute(text("ALTER TABLE api_keys RENAME TO api_keys_away"))
     await asyncio.sleep(settings.api_key_cache_max_age_seconds * 1.2)
-    caplog.set_level("WARNING", logger="junjo_backend.auth_service")
+    caplog.set_level("WARNING", logger="junjo_backend.auth.server")
 
     async def fails() -> bool:
         try:

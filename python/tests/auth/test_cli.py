@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from junjo_backend import cli
-from junjo_backend.api_keys import API_KEY_HEADER, key_fingerprint
+from junjo_backend.auth.key_store import API_KEY_HEADER, key_fingerprint
+from junjo_backend.cli import main as cli
 from junjo_backend.settings import get_settings
 
 if TYPE_CHECKING:

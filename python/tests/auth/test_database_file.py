@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy import text
 
-from junjo_backend.api_keys import create_api_key
+from junjo_backend.auth.key_store import create_api_key
+from junjo_backend.auth.known_keys import KeyStoreUnavailable, KnownKeys
 from junjo_backend.database import close_engine, create_engine, open_database
-from junjo_backend.known_keys import KeyStoreUnavailable, KnownKeys
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from junjo_backend._wire.ingestion import auth_pb2_grpc
-    from junjo_backend.api_keys import NewApiKey
+    from junjo_backend.auth.key_store import NewApiKey
 
     from .auth_calls import KeyRegistry
 

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy import text
 
-from junjo_backend.known_keys import KeyStoreUnavailable, KnownKeys
+from junjo_backend.auth.known_keys import KeyStoreUnavailable, KnownKeys
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from junjo_backend.api_keys import NewApiKey
+    from junjo_backend.auth.key_store import NewApiKey
 
     from .auth_calls import KeyRegistry
 

@@ -12,15 +12,15 @@ import pytest
 from sqlalchemy import delete
 
 from harness.waiting import wait_until
-from junjo_backend.api_keys import (
+from junjo_backend.auth.key_store import (
     create_api_key,
     list_api_keys,
     revoke_api_key,
 )
-from junjo_backend.auth_service import AuthServer
-from junjo_backend.console import Console
+from junjo_backend.auth.server import AuthServer
+from junjo_backend.cli.console import Console
+from junjo_backend.cli.key_commands import run_api_keys_command
 from junjo_backend.database import api_keys, close_engine, create_engine, init_schema
-from junjo_backend.key_commands import run_api_keys_command
 from junjo_backend.settings import Settings
 
 from .auth_calls import NOT_SERVING, SERVING, auth_stub, health, validate

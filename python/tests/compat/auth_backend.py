@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from junjo_backend.api_keys import create_api_key
-from junjo_backend.auth_service import AuthServer
+from junjo_backend.auth.key_store import create_api_key
+from junjo_backend.auth.server import AuthServer
 from junjo_backend.database import close_engine, create_engine, init_schema
 from junjo_backend.settings import Settings
 

@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace.export import SpanExportResult
 
-from junjo_backend.ingestion_client import IngestionClient
+from junjo_backend.ingestion.client import IngestionClient
 
 from .otlp_spans import as_sent, export, make_spans
 from .wire import export_metrics_and_logs, export_traces, list_services

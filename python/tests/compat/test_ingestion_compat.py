@@ -16,8 +16,8 @@ import pytest_asyncio
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from harness.peer import PeerImage, PeerPorts
-from junjo_backend.ingestion_client import IngestionClient
-from junjo_backend.spans import ULID_BYTES, SpanRecord, ulid_millis
+from junjo_backend.ingestion.client import IngestionClient
+from junjo_backend.ingestion.spans import ULID_BYTES, SpanRecord, ulid_millis
 
 from .auth_backend import AuthBackend
 from .otlp_spans import SentSpan, as_sent, export, make_spans

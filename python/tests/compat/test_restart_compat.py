@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from harness.waiting import wait_until
 from junjo_backend.database import poller_state
-from junjo_backend.ingestion_client import IngestionClient
-from junjo_backend.poller import SpanPoller
+from junjo_backend.ingestion.client import IngestionClient
+from junjo_backend.poller.loop import SpanPoller
 from junjo_backend.settings import Settings
 
 from .otlp_spans import bulk_request
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from harness.peer import PeerPorts
-    from junjo_backend.spans import SpanRecord
+    from junjo_backend.ingestion.spans import SpanRecord
 
     from .auth_backend import AuthBackend
     from .peer import PeerFleet

@@ -25,7 +25,7 @@ import httpx
 from harness.go_tools import go_tool
 from harness.peer import PeerImage, PeerPorts, ensure_image
 from harness.waiting import NeverHappenedError, free_port, wait_until
-from junjo_backend.api_keys import create_api_key
+from junjo_backend.auth.key_store import create_api_key
 from junjo_backend.database import close_engine, create_engine, init_schema
 from tests.compat.peer import PeerContainer
 
@@ -124,7 +124,7 @@ class ServeBackend:
         """Start serving (the Go peer's start-up waits for the auth server)."""
         with self._output.open("ab") as output:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "junjo_backend.cli", "serve"],
+                [sys.executable, "-m", "junjo_backend.cli.main", "serve"],
                 env=self._env,
                 cwd=self._folder,
                 stdin=subprocess.DEVNULL,

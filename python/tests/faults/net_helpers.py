@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.go_tools import go_tool
 from harness.waiting import NeverHappenedError, wait_until_sync
-from junjo_backend.api_keys import create_api_key
+from junjo_backend.auth.key_store import create_api_key
 from junjo_backend.database import close_engine, create_engine, init_schema
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def running_backend(
     }
     with output.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "junjo_backend.cli", "serve"],
+            [sys.executable, "-m", "junjo_backend.cli.main", "serve"],
             env={**os.environ, **settings},
             cwd=folder,
             stdin=subprocess.DEVNULL,

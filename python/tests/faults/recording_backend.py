@@ -24,19 +24,20 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Column, Integer, LargeBinary, MetaData, Table
 from sqlalchemy.engine import make_url
 
-from junjo_backend import app, cli
-from junjo_backend.poller import SpanPoller
+from junjo_backend import app
+from junjo_backend.cli import main as cli
+from junjo_backend.poller.loop import SpanPoller
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-    from junjo_backend.ingestion_client import IngestionClient
-    from junjo_backend.leadership import PollerLeadership
+    from junjo_backend.ingestion.client import IngestionClient
+    from junjo_backend.ingestion.spans import SpanRecord
+    from junjo_backend.poller.leadership import PollerLeadership
+    from junjo_backend.poller.sinks import SpanSink
     from junjo_backend.settings import Settings
-    from junjo_backend.sinks import SpanSink
-    from junjo_backend.spans import SpanRecord
 
 _ledger = MetaData()
 recorded_batches = Table(

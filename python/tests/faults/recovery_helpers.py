@@ -24,13 +24,13 @@ import grpc
 
 from harness.waiting import wait_until
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
-from junjo_backend.api_keys import create_api_key, generate_api_key, revoke_api_key
+from junjo_backend.auth.key_store import create_api_key, generate_api_key, revoke_api_key
 from junjo_backend.database import close_engine, create_engine, init_schema
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from junjo_backend.api_keys import NewApiKey
+    from junjo_backend.auth.key_store import NewApiKey
 
     from .conftest import KeyRegistry, OutputFolder
 
@@ -160,7 +160,7 @@ def recording_backend_command() -> list[str]:
 
 def serve_command() -> list[str]:
     """Plain `junjo-backend serve`."""
-    return [sys.executable, "-m", "junjo_backend.cli", "serve"]
+    return [sys.executable, "-m", "junjo_backend.cli.main", "serve"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, text
 
 from harness.waiting import free_ports
 from junjo_backend.database import close_engine, create_engine, init_schema, poller_state
-from junjo_backend.leadership import LOCK_CLASS, LOCK_OBJECT
+from junjo_backend.poller.leadership import LOCK_CLASS, LOCK_OBJECT
 
 from .recording_backend import recorded_batches, recorded_keys
 from .recovery_helpers import (

@@ -22,7 +22,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from junjo_backend.api_keys import generate_api_key
+from junjo_backend.auth.key_store import generate_api_key
 
 from .net_helpers import authload, running_backend, store_keys
 

@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from junjo_backend._wire.ingestion import auth_pb2
-from junjo_backend.auth_service import VALIDATE_METHOD
+from junjo_backend.auth.server import VALIDATE_METHOD
 
 from .net_helpers import running_backend, store_keys
 

@@ -25,7 +25,7 @@ import pytest
 
 from harness.waiting import NeverHappenedError, free_ports, wait_until
 from junjo_backend._wire.ingestion import auth_pb2_grpc
-from junjo_backend.api_keys import create_api_key
+from junjo_backend.auth.key_store import create_api_key
 from junjo_backend.database import close_engine, create_engine
 from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
@@ -70,7 +70,7 @@ def _revoke_with_cli(
     """`junjo-backend api-keys revoke ID`, its output to the suite's folder."""
     with output.path("cli-revoke").open("wb") as out:
         subprocess.run(
-            [sys.executable, "-m", "junjo_backend.cli", "api-keys", "revoke", key_id],
+            [sys.executable, "-m", "junjo_backend.cli.main", "api-keys", "revoke", key_id],
             env={**os.environ, **log_env(), "DATABASE_URL": database_url},
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -12,7 +12,7 @@ import pytest
 
 from harness.waiting import free_port
 from junjo_backend.database import close_engine, create_engine, init_schema
-from junjo_backend.ingestion_client import IngestionClient
+from junjo_backend.ingestion.client import IngestionClient
 from junjo_backend.settings import Settings
 
 from .fake_ingestion import FakeIngestionServer, FakeIngestionService, FakeWal

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from junjo_backend.database import close_engine, create_engine, init_schema
-from junjo_backend.ingestion_client import IngestionClient
+from junjo_backend.ingestion.client import IngestionClient
 from junjo_backend.logs import configure_logging
-from junjo_backend.poller import SpanPoller
+from junjo_backend.poller.loop import SpanPoller
 from junjo_backend.settings import Settings
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-    from junjo_backend.spans import SpanRecord
+    from junjo_backend.ingestion.spans import SpanRecord
 
 
 class KeyFileSink:

@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from harness.waiting import wait_until
-from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
-from junjo_backend.ingestion_errors import (
+from junjo_backend.ingestion.client import MAX_BATCH_SIZE, IngestionClient
+from junjo_backend.ingestion.errors import (
     IngestionClosedError,
     IngestionDeadlineError,
     IngestionError,
@@ -32,8 +32,8 @@ from .fake_ingestion import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from junjo_backend.ingestion.spans import SpanRecord
     from junjo_backend.settings import Settings
-    from junjo_backend.spans import SpanRecord
 
 
 def stream_threads() -> list[threading.Thread]:
@@ -226,7 +226,7 @@ async def test_unavailable_is_retried_until_the_retry_deadline(
     settings = make_settings(
         ingestion_grpc_address=f"127.0.0.1:{free_port}", ingestion_retry_deadline_seconds=1.0
     )
-    caplog.set_level(logging.DEBUG, logger="junjo_backend.ingestion_client")
+    caplog.set_level(logging.DEBUG, logger="junjo_backend.ingestion.client")
     async with IngestionClient(settings=settings) as client:
         with pytest.raises(IngestionUnavailableError) as raised:
             await client.read_spans(None, 10)

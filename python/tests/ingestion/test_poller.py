@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import Column, LargeBinary, MetaData, Table, insert, select, text
 
 from harness.waiting import wait_until
-from junjo_backend.checkpoint import load_checkpoint, save_checkpoint
-from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
-from junjo_backend.poller import PollerStatus, SpanPoller
-from junjo_backend.sinks import ServiceTally
-from junjo_backend.spans import ulid_millis
+from junjo_backend.ingestion.client import MAX_BATCH_SIZE, IngestionClient
+from junjo_backend.ingestion.spans import ulid_millis
+from junjo_backend.poller.checkpoint import load_checkpoint, save_checkpoint
+from junjo_backend.poller.loop import PollerStatus, SpanPoller
+from junjo_backend.poller.sinks import ServiceTally
 
 from .fake_ingestion import (
     FakeIngestionServer,
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+    from junjo_backend.ingestion.spans import SpanRecord
     from junjo_backend.settings import Settings
-    from junjo_backend.spans import SpanRecord
 
 # A table of the sink's own, to show that its writes share the checkpoint's transaction.
 sink_metadata = MetaData()
@@ -433,7 +433,7 @@ async def test_default_sink_counts_spans_per_service_and_logs_totals(
     assert isinstance(tally, ServiceTally)
     tally._summary_interval = 0  # log after every batch
 
-    with caplog.at_level(logging.INFO, logger="junjo_backend.sinks"):
+    with caplog.at_level(logging.INFO, logger="junjo_backend.poller.sinks"):
         await poller.start()
         await caught_up_at(poller, last)
         await poller.stop()

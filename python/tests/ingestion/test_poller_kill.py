@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.waiting import wait_until
-from junjo_backend.checkpoint import load_checkpoint
 from junjo_backend.database import close_engine, create_engine
+from junjo_backend.poller.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
     from .fake_ingestion import FakeIngestionServer, FakeWal

@@ -17,17 +17,17 @@ import pytest
 from sqlalchemy import Column, LargeBinary, MetaData, Table, func, insert, select, text, update
 
 from harness.waiting import wait_until
-from junjo_backend.checkpoint import load_checkpoint
 from junjo_backend.database import close_engine, create_engine, init_schema, poller_leadership
-from junjo_backend.ingestion_client import IngestionClient
-from junjo_backend.leadership import (
+from junjo_backend.ingestion.client import IngestionClient
+from junjo_backend.poller.checkpoint import load_checkpoint
+from junjo_backend.poller.leadership import (
     FileLockLeadership,
     LeadershipLost,
     PostgresLeadership,
     leadership_for,
     lock_file_for,
 )
-from junjo_backend.poller import SpanPoller
+from junjo_backend.poller.loop import SpanPoller
 from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 if TYPE_CHECKING:
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+    from junjo_backend.ingestion.spans import SpanRecord
     from junjo_backend.settings import Settings
-    from junjo_backend.spans import SpanRecord
 
     from .fake_ingestion import FakeIngestionServer, FakeWal
 

@@ -18,8 +18,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from sqlalchemy.engine import make_url
 
 from harness.waiting import wait_until
-from junjo_backend.checkpoint import load_checkpoint, save_checkpoint
-from junjo_backend.span_tail import run_tail
+from junjo_backend.cli.span_tail import run_tail
+from junjo_backend.poller.checkpoint import load_checkpoint, save_checkpoint
 
 from .fake_ingestion import (
     FakeIngestionServer,
@@ -335,7 +335,7 @@ async def test_the_cli_command_and_ctrl_c(
         "DATABASE_URL": database_url,
         "POLLER_IDLE_WAIT_SECONDS": "0.05",
     }
-    cli = [sys.executable, "-m", "junjo_backend.cli", "spans", "tail"]
+    cli = [sys.executable, "-m", "junjo_backend.cli.main", "spans", "tail"]
 
     finished = await asyncio.create_subprocess_exec(
         *cli, "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env

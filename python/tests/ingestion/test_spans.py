@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 
-from junjo_backend.ingestion_errors import (
+from junjo_backend.ingestion.errors import (
     IngestionDeadlineError,
     IngestionError,
     IngestionMessageTooLargeError,
@@ -20,7 +20,7 @@ from junjo_backend.ingestion_errors import (
     is_connection_loss,
     rpc_status,
 )
-from junjo_backend.spans import (
+from junjo_backend.ingestion.spans import (
     NO_SERVICE_NAME,
     ResourceCatalog,
     SpanRecord,

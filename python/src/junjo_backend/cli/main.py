@@ -15,7 +15,7 @@ import traceback
 from typing import TYPE_CHECKING
 
 from junjo_backend import __version__
-from junjo_backend.console import CommandError, Console
+from junjo_backend.cli.console import CommandError, Console
 from junjo_backend.logs import configure_logging
 from junjo_backend.settings import Settings, SettingsError, get_settings, parse_address
 
@@ -147,10 +147,10 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
                 console.note(note)
             raise CommandError(str(exc)) from exc
     if args.command == "api-keys":
-        from junjo_backend.key_commands import run_api_keys_command  # noqa: PLC0415
+        from junjo_backend.cli.key_commands import run_api_keys_command  # noqa: PLC0415
 
         return asyncio.run(run_api_keys_command(settings, args, console))
-    from junjo_backend.span_tail import run_tail  # noqa: PLC0415
+    from junjo_backend.cli.span_tail import run_tail  # noqa: PLC0415
 
     return asyncio.run(
         run_tail(

@@ -27,8 +27,8 @@ from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
 
 from junjo_backend._wire.ingestion import auth_pb2
-from junjo_backend.known_keys import KeyStoreUnavailable, KnownKeys
-from junjo_backend.metrics import AuthCallMetrics
+from junjo_backend.auth.known_keys import KeyStoreUnavailable, KnownKeys
+from junjo_backend.auth.metrics import AuthCallMetrics
 from junjo_backend.settings import parse_address
 
 if TYPE_CHECKING:

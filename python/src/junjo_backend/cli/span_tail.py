@@ -15,7 +15,6 @@ from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 from sqlalchemy.exc import SQLAlchemyError
 
-from junjo_backend.checkpoint import load_checkpoint
 from junjo_backend.database import (
     close_engine,
     create_engine,
@@ -23,9 +22,10 @@ from junjo_backend.database import (
     describe_database_error,
     sqlite_file,
 )
-from junjo_backend.ingestion_client import MAX_BATCH_SIZE, IngestionClient
-from junjo_backend.ingestion_errors import IngestionError, IngestionUnavailableError
-from junjo_backend.spans import ResourceCatalog, SpanRecord, ulid_millis, ulid_time
+from junjo_backend.ingestion.client import MAX_BATCH_SIZE, IngestionClient
+from junjo_backend.ingestion.errors import IngestionError, IngestionUnavailableError
+from junjo_backend.ingestion.spans import ResourceCatalog, SpanRecord, ulid_millis, ulid_time
+from junjo_backend.poller.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable

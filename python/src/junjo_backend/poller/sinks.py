@@ -8,14 +8,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from junjo_backend.spans import ResourceCatalog, ulid_millis
+from junjo_backend.ingestion.spans import ResourceCatalog, ulid_millis
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-    from junjo_backend.spans import SpanRecord
+    from junjo_backend.ingestion.spans import SpanRecord
 
 log = logging.getLogger(__name__)
 

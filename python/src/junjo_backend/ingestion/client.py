@@ -34,7 +34,7 @@ import grpc
 
 from junjo_backend._wire.ingestion import ingestion_pb2, ingestion_pb2_grpc
 from junjo_backend.backoff import backoff_delay
-from junjo_backend.ingestion_errors import (
+from junjo_backend.ingestion.errors import (
     IngestionClosedError,
     IngestionError,
     IngestionUnavailableError,
@@ -42,8 +42,8 @@ from junjo_backend.ingestion_errors import (
     is_connection_loss,
     rpc_status,
 )
+from junjo_backend.ingestion.spans import SpanRecord
 from junjo_backend.settings import Settings, get_settings
-from junjo_backend.spans import SpanRecord
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable, Iterator

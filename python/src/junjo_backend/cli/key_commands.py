@@ -10,7 +10,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from junjo_backend.api_keys import (
+from junjo_backend.auth.key_store import (
     API_KEY_HEADER,
     ApiKeyInfo,
     ApiKeyStoreError,
@@ -19,7 +19,7 @@ from junjo_backend.api_keys import (
     list_api_keys,
     revoke_api_key,
 )
-from junjo_backend.console import CommandError, open_command_database
+from junjo_backend.cli.console import CommandError, open_command_database
 from junjo_backend.database import close_engine
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from junjo_backend.console import Console
+    from junjo_backend.cli.console import Console
     from junjo_backend.settings import Settings
 
 # Commands that only read: they never create the database or its folder.

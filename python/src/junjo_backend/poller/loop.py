@@ -66,21 +66,21 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from junjo_backend.backoff import backoff_delay
-from junjo_backend.checkpoint import load_checkpoint, save_checkpoint
 from junjo_backend.database import describe_database_error
-from junjo_backend.ingestion_client import MAX_BATCH_SIZE
-from junjo_backend.leadership import LeadershipLost, PollerLeadership, leadership_for
-from junjo_backend.sinks import ServiceTally, SpanSink
-from junjo_backend.spans import ulid_millis
+from junjo_backend.ingestion.client import MAX_BATCH_SIZE
+from junjo_backend.ingestion.spans import ulid_millis
+from junjo_backend.poller.checkpoint import load_checkpoint, save_checkpoint
+from junjo_backend.poller.leadership import LeadershipLost, PollerLeadership, leadership_for
+from junjo_backend.poller.sinks import ServiceTally, SpanSink
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from junjo_backend.ingestion_client import IngestionClient
+    from junjo_backend.ingestion.client import IngestionClient
+    from junjo_backend.ingestion.spans import SpanRecord
     from junjo_backend.settings import Settings
-    from junjo_backend.spans import SpanRecord
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The auth gRPC server: `ValidateApiKey` answered from the API keys in the database."""

@@ -1,0 +1,1 @@
+"""The `junjo-backend` command line: `serve`, `api-keys`, `spans tail`."""

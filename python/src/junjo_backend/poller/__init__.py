@@ -1,0 +1,1 @@
+"""The span poller: one leader drains the WAL into a sink behind a fenced checkpoint."""
