@@ -21,7 +21,7 @@ import signal
 import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Annotated, Literal, TypedDict
 
@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from junjo_backend import __version__
-from junjo_backend.auth.server import AuthServer, listen_problem
+from junjo_backend.auth.server import AuthServer
 from junjo_backend.database import (
     close_engine,
     database_label,
@@ -44,6 +44,7 @@ from junjo_backend.database import (
 )
 from junjo_backend.http_protocol import bounded_h11_protocol
 from junjo_backend.ingestion.client import IngestionClient
+from junjo_backend.listening import bound_socket, listen_problem
 from junjo_backend.metrics import CONTENT_TYPE, BackendMetrics
 from junjo_backend.poller.loop import PollerStatus, SpanPoller
 from junjo_backend.settings import Settings, get_settings
@@ -123,66 +124,88 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
 
     A step that fails raises `StartupError`; the steps before it are stopped first.
     """
-    started = asyncio.Event()
     metrics = BackendMetrics()
     async with contextlib.AsyncExitStack() as stack:
-        with _startup_step("database", "DATABASE_URL"):
-            # Creates the schema (and a SQLite file) only now: after start-up a missing
-            # SQLite file is an error, never a new empty database.
-            engine = await open_database(
-                settings.database_url,
-                connect_timeout_seconds=settings.database_connect_timeout_seconds,
-            )
-            stack.push_async_callback(
-                _stop_step, "database", functools.partial(close_engine, engine), started
-            )
-        log.info(
-            "database ready",
-            extra={"database": database_label(settings.database_url)},
-        )
-
-        with _startup_step("auth server", "AUTH_GRPC_LISTEN_ADDRESS"):
-            auth_server = AuthServer(settings, engine, metrics=metrics.auth)
-            stack.push_async_callback(
-                _stop_step,
-                "auth server",
-                functools.partial(auth_server.stop, settings.grpc_shutdown_grace_seconds),
-                started,
-            )
-            await auth_server.start()
-
+        steps = _Steps(stack)
+        engine = await _start_database(settings, steps)
+        auth_server = await _start_auth_server(settings, engine, metrics, steps)
         ingestion: IngestionClient | None = None
         poller: SpanPoller | None = None
         if settings.poller_enabled:
-            with _startup_step("ingestion client", "INGESTION_GRPC_ADDRESS"):
-                ingestion = IngestionClient(settings=settings)
-                stack.push_async_callback(_stop_step, "ingestion client", ingestion.close, started)
-                await ingestion.connect()
-            if await ingestion.check_connection(settings.health_probe_timeout_seconds):
-                log.info(
-                    "ingestion-service reachable",
-                    extra={"address": settings.ingestion_grpc_address},
-                )
-            else:
-                log.warning(
-                    "ingestion-service not reachable yet; auth is served and the poller keeps "
-                    "retrying",
-                    extra={"address": settings.ingestion_grpc_address},
-                )
-            with _startup_step("span poller", "DATABASE_URL"):
-                poller = SpanPoller(ingestion, engine, settings=settings)
-                stack.push_async_callback(_stop_step, "span poller", poller.stop, started)
-                await poller.start()
+            ingestion = await _start_ingestion_client(settings, steps)
+            poller = await _start_poller(settings, ingestion, engine, steps)
         else:
             log.info(
                 "span poller disabled (POLLER_ENABLED=false); the ingestion-service is not dialled"
             )
         metrics.watch(auth_server.known_keys, poller, ingestion)
 
-        started.set()
+        steps.started.set()
         yield Backend(settings, engine, auth_server, ingestion, poller, metrics)
         log.info("shutting down")
     log.info("shut down")
+
+
+@dataclass(frozen=True, slots=True)
+class _Steps:
+    """The started steps, each stopped (in reverse) when the stack closes."""
+
+    stack: contextlib.AsyncExitStack
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # the whole backend is up
+
+    def stop_later(self, step: str, stop: Callable[[], Awaitable[object]]) -> None:
+        self.stack.push_async_callback(_stop_step, step, stop, self.started)
+
+
+async def _start_database(settings: Settings, steps: _Steps) -> AsyncEngine:
+    with _startup_step("database", "DATABASE_URL"):
+        # Creates the schema (and a SQLite file) only now: after start-up a missing
+        # SQLite file is an error, never a new empty database.
+        engine = await open_database(
+            settings.database_url,
+            connect_timeout_seconds=settings.database_connect_timeout_seconds,
+        )
+        steps.stop_later("database", functools.partial(close_engine, engine))
+    log.info("database ready", extra={"database": database_label(settings.database_url)})
+    return engine
+
+
+async def _start_auth_server(
+    settings: Settings, engine: AsyncEngine, metrics: BackendMetrics, steps: _Steps
+) -> AuthServer:
+    with _startup_step("auth server", "AUTH_GRPC_LISTEN_ADDRESS"):
+        auth_server = AuthServer(settings, engine, metrics=metrics.auth)
+        steps.stop_later(
+            "auth server", functools.partial(auth_server.stop, settings.grpc_shutdown_grace_seconds)
+        )
+        await auth_server.start()
+    return auth_server
+
+
+async def _start_ingestion_client(settings: Settings, steps: _Steps) -> IngestionClient:
+    """The ReadSpans client; an unreachable ingestion-service is a warning, not a failure."""
+    with _startup_step("ingestion client", "INGESTION_GRPC_ADDRESS"):
+        ingestion = IngestionClient(settings=settings)
+        steps.stop_later("ingestion client", ingestion.close)
+        await ingestion.connect()
+    if await ingestion.check_connection(settings.health_probe_timeout_seconds):
+        log.info("ingestion-service reachable", extra={"address": settings.ingestion_grpc_address})
+    else:
+        log.warning(
+            "ingestion-service not reachable yet; auth is served and the poller keeps retrying",
+            extra={"address": settings.ingestion_grpc_address},
+        )
+    return ingestion
+
+
+async def _start_poller(
+    settings: Settings, ingestion: IngestionClient, engine: AsyncEngine, steps: _Steps
+) -> SpanPoller:
+    with _startup_step("span poller", "DATABASE_URL"):
+        poller = SpanPoller(ingestion, engine, settings=settings)
+        steps.stop_later("span poller", poller.stop)
+        await poller.start()
+    return poller
 
 
 class _Frozen(BaseModel):
@@ -393,20 +416,11 @@ class _BackendServer(uvicorn.Server):
 def _bind_http(settings: Settings) -> socket.socket:
     """The HTTP API's listening socket, bound before anything starts; errors name the setting."""
     try:
-        infos = socket.getaddrinfo(
-            settings.http_host, settings.http_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        sock = bound_socket(settings.http_host, settings.http_port, backlog=2048)
     except socket.gaierror as exc:
         reason = exc.strerror
         raise ServeError(f"HTTP_HOST: cannot resolve {settings.http_host!r}: {reason}") from None
-    family, kind, proto, _name, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(2048)
     except OSError as exc:
-        sock.close()
         raise ServeError(
             f"HTTP_HOST/HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port}: "
             f"{exc.strerror or exc}"

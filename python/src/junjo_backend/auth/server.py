@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from junjo_backend._wire.ingestion import auth_pb2
 from junjo_backend.auth.known_keys import KeyStoreUnavailable, KnownKeys
 from junjo_backend.auth.metrics import AuthCallMetrics
-from junjo_backend.settings import parse_address
+from junjo_backend.listening import listen_problem
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -272,26 +271,6 @@ def _split_address(address: str) -> tuple[str, str]:
     if not sep or not host:
         raise ValueError(f"not a host:port address: {address!r}")
     return host, port
-
-
-def listen_problem(address: str) -> str | None:
-    """Why `address` cannot be listened on (the OS's words), or None when it can.
-
-    grpc's own bind error says only "Failed to bind"; a plain socket bound and released
-    names the cause (address in use, not an address of this host). Port 0 always can.
-    """
-    host, port = parse_address(address)
-    if port == 0:
-        return None
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _name, sockaddr = infos[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(sockaddr)
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
 
 
 class BoundedHealthServicer(health_aio.HealthServicer):  # type: ignore[misc]

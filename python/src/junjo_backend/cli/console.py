@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 
     from junjo_backend.settings import Settings
 
+# The exit statuses every command shares (a command's own outcomes, such as `api-keys check`
+# finding no key, are 0 and 1 as well).
+EXIT_FAILED = 1
+EXIT_BAD_SETTINGS = 2
+# 128 + SIGINT, as a shell reports a command ended by Ctrl-C.
+EXIT_INTERRUPTED = 130
+
 
 class CommandError(Exception):
     """A command failed for a reason the operator can act on; the message is one line."""

@@ -83,7 +83,7 @@ async def _list(engine: AsyncEngine, args: argparse.Namespace, console: Console)
 
 
 async def _check(engine: AsyncEngine, args: argparse.Namespace, console: Console) -> int:
-    key = sys.stdin.readline().strip() if args.key_file == "-" else ""
+    key = sys.stdin.readline().strip()
     if not key:
         raise CommandError("api-keys check reads the key on stdin, and it was empty")
     info = await find_api_key(engine, key)

@@ -15,16 +15,19 @@ import traceback
 from typing import TYPE_CHECKING
 
 from junjo_backend import __version__
-from junjo_backend.cli.console import CommandError, Console
+from junjo_backend.cli.console import (
+    EXIT_BAD_SETTINGS,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    CommandError,
+    Console,
+)
 from junjo_backend.logs import configure_logging
 from junjo_backend.settings import Settings, SettingsError, get_settings, parse_address
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-_EXIT_FAILED = 1
-_EXIT_BAD_SETTINGS = 2
-_EXIT_INTERRUPTED = 130
+    from typing import TypeAlias
 
 
 def _settings_help() -> str:
@@ -65,7 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     quiet.add_argument(
         "-q", "--quiet", action="store_true", help="no informational lines on stderr"
     )
+    _add_serve(commands)
+    _add_api_keys(commands, quiet)
+    _add_spans(commands, quiet)
+    return parser
 
+
+# argparse has no public name for what add_subparsers returns.
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # noqa: SLF001
+
+
+def _add_serve(commands: _Commands) -> None:
     commands.add_parser(
         "serve",
         help="run the backend until SIGINT or SIGTERM",
@@ -74,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
+
+def _add_api_keys(commands: _Commands, quiet: argparse.ArgumentParser) -> None:
     keys = commands.add_parser("api-keys", help="create, list, check and revoke API keys")
     key_commands = keys.add_subparsers(dest="api_keys_command", required=True, metavar="ACTION")
     create = key_commands.add_parser(
@@ -93,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="read a key on stdin and print its id and name, or exit 1 when it is not stored",
     )
     check.add_argument("--json", action="store_true", help="print the match as a JSON object")
-    check.set_defaults(key_file="-")
     revoke = key_commands.add_parser("revoke", parents=[quiet], help="delete a key by its id")
     revoke.add_argument("id", help="the key's id, as `list` shows it")
 
+
+def _add_spans(commands: _Commands, quiet: argparse.ArgumentParser) -> None:
     spans = commands.add_parser("spans", help="look at spans in the ingestion-service's WAL")
     span_commands = spans.add_subparsers(dest="spans_command", required=True, metavar="ACTION")
     tail = span_commands.add_parser(
@@ -104,14 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[quiet],
         help="print decoded spans as they arrive, without moving the poller's checkpoint",
     )
-    start = tail.add_mutually_exclusive_group()
-    start.add_argument(
-        "--from-start", action="store_true", help="start at the oldest entry in the WAL"
-    )
-    start.add_argument(
-        "--from-checkpoint",
+    tail.add_argument(
+        "--from-start",
         action="store_true",
-        help="start after the poller's checkpoint (the default)",
+        help="start at the oldest entry in the WAL (default: after the poller's checkpoint)",
     )
     tail.add_argument(
         "--follow",
@@ -132,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="without --follow, give up when nothing answers for this long (default: 10)",
     )
     tail.add_argument("--json", action="store_true", help="one JSON object per span")
-    return parser
 
 
 def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
@@ -187,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = get_settings()
     except SettingsError as exc:
         console.finish(str(exc))
-        return _EXIT_BAD_SETTINGS
+        return EXIT_BAD_SETTINGS
     if args.command != "serve":
         for note in settings.notes:
             console.note(note)
@@ -198,10 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.finish(str(exc))
         if debug:
             traceback.print_exc(file=console.err)
-        return _EXIT_FAILED
+        return EXIT_FAILED
     except KeyboardInterrupt:
         console.finish("interrupted")
-        return _EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 (the last resort: one line, the traceback at DEBUG)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         console.finish(
@@ -210,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if debug:
             traceback.print_exc(file=console.err)
-        return _EXIT_FAILED
+        return EXIT_FAILED
     console.finish()
     return status
 

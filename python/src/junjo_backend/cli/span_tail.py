@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 from sqlalchemy.exc import SQLAlchemyError
 
+from junjo_backend.cli.console import EXIT_FAILED, EXIT_INTERRUPTED
 from junjo_backend.database import (
     close_engine,
     create_engine,
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 # lines then go to stderr at most this often.
 _PROGRESS_LAG_SECONDS = 5.0
 _PROGRESS_EVERY_SECONDS = 2.0
-_EXIT_INTERRUPTED = 130
 # How long one reachability probe may take, and the pause between probes while waiting.
 _PROBE_SECONDS = 1.0
 _PROBE_INTERVAL_SECONDS = 0.5
@@ -232,7 +233,87 @@ async def _wait_for_service(
             return
 
 
-async def run_tail(  # noqa: C901, PLR0912 (one loop with its exits, read top to bottom)
+@dataclass(slots=True)
+class _Tail:
+    """One `spans tail` run: where it reads from, what it prints, what it notes at the end."""
+
+    address: str
+    timeout: float
+    follow: bool
+    from_start: bool
+    idle_wait: float
+    out: TextIO
+    err: TextIO
+    printer: _SpanPrinter
+    progress: _CatchUpProgress
+    notes: list[str] = field(default_factory=list)
+    after: bytes | None = None  # the key of the last span printed (or the checkpoint)
+
+    async def run(self, client: IngestionClient) -> None:
+        """Read to the end of the WAL; with `follow`, again and again, through outages."""
+        await self._wait_for_service(client, follow=self.follow)
+        first_read = True
+        while True:
+            delivered = await self._read_to_end(client)
+            if delivered is None:  # an outage, waited out: read on from where it broke
+                continue
+            if first_read and delivered == 0 and not self.from_start:
+                at = "the start" if self.after is None else ulid_time(self.after).isoformat()
+                self.notes.append(
+                    f"no spans after the poller's checkpoint ({at}); "
+                    "--from-start shows the whole WAL"
+                )
+            first_read = False
+            self.progress.caught_up()
+            if not self.follow:
+                return
+            await asyncio.sleep(self.idle_wait)
+
+    async def _read_to_end(self, client: IngestionClient) -> int | None:
+        """Print every span after `after`; how many, or None when an outage was waited out."""
+        delivered = 0
+        try:
+            # The largest read: its end is the end of the WAL (ingestion/client.py).
+            chunks = client.stream_chunks(self.after, MAX_BATCH_SIZE)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    for record in chunk:
+                        self.printer.print(record)
+                    self.out.flush()
+                    delivered += len(chunk)
+                    self.after = chunk[-1].key
+                    self.progress.advanced(len(chunk), self.after)
+        except IngestionUnavailableError:
+            if not self.follow:
+                raise
+            await self._wait_for_service(client, follow=True)
+            return None
+        return delivered
+
+    async def _wait_for_service(self, client: IngestionClient, *, follow: bool) -> None:
+        await _wait_for_service(
+            client, self.address, follow=follow, timeout=self.timeout, err=self.err
+        )
+
+
+def _tail_settings(settings: Settings, address: str, timeout: float) -> Settings:
+    # A stream that breaks is resumed for `timeout` seconds at most; past that, without
+    # --follow the tail gives up, and with it waits (one line per outage) and goes on.
+    return settings.model_copy(
+        update={"ingestion_grpc_address": address, "ingestion_retry_deadline_seconds": timeout}
+    )
+
+
+def _failure(error: Exception, address: str, timeout: float) -> str:
+    if isinstance(error, _ServiceUnreachable):
+        return (
+            f"nothing answered at {address} within {timeout:g} s "
+            "(--address, --timeout; --follow waits)"
+        )
+    return f"the ingestion-service at {address}: {error}"
+
+
+async def run_tail(
     settings: Settings,
     *,
     from_start: bool,
@@ -250,63 +331,34 @@ async def run_tail(  # noqa: C901, PLR0912 (one loop with its exits, read top to
     """
     err = err or sys.stderr
     address = address or settings.ingestion_grpc_address
-    # A stream that breaks is resumed for `timeout` seconds at most; past that, without
-    # --follow the tail gives up, and with it waits (one line per outage) and goes on.
-    settings = settings.model_copy(
-        update={"ingestion_grpc_address": address, "ingestion_retry_deadline_seconds": timeout}
+    settings = _tail_settings(settings, address, timeout)
+    tail = _Tail(
+        address=address,
+        timeout=timeout,
+        follow=follow,
+        from_start=from_start,
+        idle_wait=settings.poller_idle_wait_seconds,
+        out=out,
+        err=err,
+        printer=_SpanPrinter(out, as_json=as_json),
+        progress=_CatchUpProgress(err),
     )
-    notes: list[str] = []
-    printer = _SpanPrinter(out, as_json=as_json)
-    progress = _CatchUpProgress(err)
     try:
-        after = None if from_start else await _checkpoint_of(settings, notes.append)
+        tail.after = None if from_start else await _checkpoint_of(settings, tail.notes.append)
         async with IngestionClient(settings=settings) as client:
-            await _wait_for_service(client, address, follow=follow, timeout=timeout, err=err)
-            first_read = True
-            while True:
-                delivered = 0
-                try:
-                    # The largest read: its end is the end of the WAL (ingestion_client.py).
-                    chunks = client.stream_chunks(after, MAX_BATCH_SIZE)
-                    async with contextlib.aclosing(chunks):
-                        async for chunk in chunks:
-                            for record in chunk:
-                                printer.print(record)
-                            out.flush()
-                            delivered += len(chunk)
-                            after = chunk[-1].key
-                            progress.advanced(len(chunk), after)
-                except IngestionUnavailableError:
-                    if not follow:
-                        raise
-                    await _wait_for_service(client, address, follow=True, timeout=timeout, err=err)
-                    continue
-                if first_read and delivered == 0 and not from_start:
-                    at = "the start" if after is None else ulid_time(after).isoformat()
-                    notes.append(
-                        f"no spans after the poller's checkpoint ({at}); "
-                        "--from-start shows the whole WAL"
-                    )
-                first_read = False
-                progress.caught_up()
-                if not follow:
-                    return 0
-                await asyncio.sleep(settings.poller_idle_wait_seconds)
-    except _ServiceUnreachable:
-        err.write(
-            f"error: INGESTION_GRPC_ADDRESS: nothing answered at {address} within {timeout:g} s "
-            "(--address, --timeout; --follow waits)\n"
-        )
-        return 1
-    except IngestionError as error:
-        err.write(f"error: INGESTION_GRPC_ADDRESS: the ingestion-service at {address}: {error}\n")
-        return 1
+            await tail.run(client)
+    except (_ServiceUnreachable, IngestionError) as error:
+        err.write(f"error: INGESTION_GRPC_ADDRESS: {_failure(error, address, timeout)}\n")
+        return EXIT_FAILED
     except BrokenPipeError:  # `| head` closed the pipe: the reader has what it wanted
         return 0
     except (asyncio.CancelledError, KeyboardInterrupt):
-        # Ctrl-C: asyncio.run cancels this task; the client has been closed on the way out.
-        return _EXIT_INTERRUPTED
+        # Ctrl-C: asyncio.run cancels this task, the command's only one, so no caller is
+        # left waiting on the cancellation, and the client was closed on the way out.
+        log.debug("spans tail interrupted", extra={"exit_status": EXIT_INTERRUPTED})
+        return EXIT_INTERRUPTED
     finally:
         if not quiet:
-            for line in notes:
+            for line in tail.notes:
                 err.write(line + "\n")
+    return 0
