@@ -1,4 +1,9 @@
-"""The one logging set-up for the app, the gRPC servers and the poller."""
+"""The one logging set-up for the app, the gRPC servers and the poller.
+
+Both formats carry the same fields, named as Go's `log/slog` names them (`time`, `level`
+as `DEBUG`/`INFO`/`WARN`/`ERROR`, `msg`), then `logger` and the record's own fields: a
+Go operator's queries work on either backend's logs.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,24 @@ _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 }
 
 
+# slog's level names; CRITICAL is never used here, slog would call it ERROR+4.
+_SLOG_LEVELS = {"WARNING": "WARN", "CRITICAL": "ERROR+4"}
+
+
+def _fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, object]:
+    """The record's fields, in the order both formats write them."""
+    fields: dict[str, object] = {
+        "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+        "level": _SLOG_LEVELS.get(record.levelname, record.levelname),
+        "msg": record.getMessage(),
+        "logger": record.name,
+    }
+    fields.update(_extras(record))
+    if record.exc_info:
+        fields["exc_info"] = formatter.formatException(record.exc_info)
+    return fields
+
+
 def _extras(record: logging.LogRecord) -> dict[str, object]:
     """The fields a caller attached with `extra=`."""
     return {
@@ -26,20 +49,11 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and any `extra` fields."""
+    """One JSON object per line: time, level, msg, logger, and any `extra` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         """Render `record` as a JSON line."""
-        payload: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        payload.update(_extras(record))
-        if record.exc_info:
-            payload["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
+        return json.dumps(_fields(record, self), default=str)
 
 
 def _logfmt_value(value: object) -> str:
@@ -53,19 +67,11 @@ def _logfmt_value(value: object) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """logfmt: `time=... level=... logger=... msg="..."` then each `extra` field as key=value."""
+    """logfmt: `time=... level=... msg="..." logger=...` then each `extra` field as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
         """Render `record` as one logfmt line."""
-        fields: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields.update(_extras(record))
-        if record.exc_info:
-            fields["exc_info"] = self.formatException(record.exc_info)
+        fields = _fields(record, self)
         return " ".join(f"{name}={_logfmt_value(value)}" for name, value in fields.items())
 
 

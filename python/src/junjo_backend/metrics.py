@@ -20,7 +20,7 @@ from __future__ import annotations
 import platform
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Info, ProcessCollector
+from prometheus_client import CollectorRegistry, Info, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
@@ -164,10 +164,13 @@ class BackendMetrics:
     """The registry of one backend: build info, process figures, auth calls, the rest at scrape."""
 
     def __init__(self) -> None:
+        # No `*_created` series (a timestamp per counter and histogram that no dashboard
+        # reads). prometheus-client has this switch only process-wide: every registry.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
         self.registry = CollectorRegistry()
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds (read from /proc).
         ProcessCollector(registry=self.registry)
-        Info("junjo_backend_build", "The running backend", registry=self.registry).info(
+        Info("junjo_build", "The running backend", registry=self.registry).info(
             {"version": __version__, "python_version": platform.python_version()}
         )
         self.auth = AuthCallMetrics(self.registry)

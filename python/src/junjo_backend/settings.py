@@ -59,6 +59,12 @@ def _upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
 
 
+def _log_level(value: object) -> object:
+    """Any case; `WARN` (Go's slog, the OpenTelemetry Collector) is read as WARNING."""
+    level = _upper(value)
+    return "WARNING" if level == "WARN" else level
+
+
 def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
@@ -213,9 +219,9 @@ class Settings(BaseSettings):
             "how long /health waits for its database probe (start-up: for the ingestion-service)"
         ),
     )
-    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = (
-        Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR (any case)")
-    )
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_log_level)
+    ] = Field(default="INFO", description="DEBUG, INFO, WARN (or WARNING) or ERROR (any case)")
     log_format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = Field(
         default="text", description="text (logfmt) or json (one object per line)"
     )

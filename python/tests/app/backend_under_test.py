@@ -92,7 +92,7 @@ class ServeProcess:
         """The first record whose message starts with `message` and that carries `fields`."""
 
         def matches(record: dict[str, object]) -> bool:
-            return str(record.get("message", "")).startswith(message) and all(
+            return str(record.get("msg", "")).startswith(message) and all(
                 record.get(name) == value for name, value in fields.items()
             )
 
@@ -115,7 +115,7 @@ class ServeProcess:
 
     def messages(self) -> list[str]:
         """Every record's message, in order."""
-        return [str(record.get("message")) for record in self.records]
+        return [str(record.get("msg")) for record in self.records]
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         """Send `signum` to the server."""

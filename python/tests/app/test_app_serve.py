@@ -28,13 +28,13 @@ SHUTDOWN_STEPS = ["span poller", "ingestion client", "auth server", "database"]
 
 
 def stopped_steps(process: ServeProcess) -> list[str]:
-    return [str(r["step"]) for r in process.records if r.get("message") == "stopped"]
+    return [str(r["step"]) for r in process.records if r.get("msg") == "stopped"]
 
 
 def ready_ports(process: ServeProcess) -> tuple[int, int]:
     """The HTTP and auth ports the server logged when it was ready."""
     ready = process.wait_for("junjo-backend ready")
-    assert "api-keys create NAME" in str(ready["message"])
+    assert "api-keys create NAME" in str(ready["msg"])
     http_port = ready["http_port"]
     auth = str(ready["auth_grpc"])
     assert isinstance(http_port, int)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 _LOGFMT_PAIR = r'[A-Za-z_][A-Za-z0-9_.]*=(?:"(?:[^"\\]|\\.)*"|[^\s"=]+)'
 LOGFMT_LINE = re.compile(rf"^{_LOGFMT_PAIR}(?: {_LOGFMT_PAIR})*$")
 READY = "junjo-backend ready"
+_SLOG_LEVELS = {"DEBUG", "INFO", "WARN", "ERROR"}
 
 
 def serve_once(tmp_path: Path, log_format: str) -> list[str]:
@@ -83,7 +85,10 @@ def test_json_mode_writes_only_json_objects_under_our_logger_names(tmp_path: Pat
     records = [json.loads(line) for line in lines]  # a non-JSON line fails here
     loggers = {str(record["logger"]) for record in records}
     assert all(name.startswith(("junjo_backend", "asyncio")) for name in loggers), loggers
-    messages = [str(record["message"]) for record in records]
+    # Go's log/slog field names, in the order slog writes them, then ours.
+    assert all(list(record)[:4] == ["time", "level", "msg", "logger"] for record in records)
+    assert {str(record["level"]) for record in records} <= _SLOG_LEVELS
+    messages = [str(record["msg"]) for record in records]
     assert "DATABASE_URL: sqlite:// rewritten to sqlite+aiosqlite://" in messages
     # Probes are logged at DEBUG only, so at INFO none of them shows.
     assert not [m for m in messages if "/ping" in m or "/health" in m]
@@ -94,7 +99,8 @@ def test_text_mode_is_logfmt(tmp_path: Path) -> None:
     assert lines
     bad = [line for line in lines if not LOGFMT_LINE.match(line)]
     assert not bad
-    assert any("logger=junjo_backend.http " in line for line in lines)
+    assert any("logger=junjo_backend.http" in line for line in lines)
+    assert all(re.match(r"^time=\S+ level=(DEBUG|INFO|WARN|ERROR) msg=", line) for line in lines)
     assert not any("uvicorn" in line.split(" msg=")[0] for line in lines)
 
 
@@ -105,6 +111,34 @@ def test_logfmt_quotes_what_needs_quoting(value: str) -> None:
     rendered = f"key={_logfmt_value(value)}"
     assert LOGFMT_LINE.match(rendered), rendered
     assert "\n" not in rendered
+
+
+@pytest.mark.parametrize(
+    ("level", "shown"),
+    [
+        (logging.DEBUG, "DEBUG"),
+        (logging.INFO, "INFO"),
+        (logging.WARNING, "WARN"),
+        (logging.ERROR, "ERROR"),
+    ],
+)
+def test_both_formats_carry_the_same_slog_fields(level: int, shown: str) -> None:
+    from junjo_backend.logs import JsonFormatter, TextFormatter  # noqa: PLC0415
+
+    record = logging.LogRecord("junjo_backend.x", level, "f.py", 1, "said %s", ("hi",), None)
+    record.key_id = "abc"
+    as_json = json.loads(JsonFormatter().format(record))
+    text = TextFormatter().format(record)
+    pairs = dict(pair.split("=", 1) for pair in re.findall(_LOGFMT_PAIR, text))
+    assert list(as_json) == list(pairs) == ["time", "level", "msg", "logger", "key_id"]
+    assert as_json["level"] == pairs["level"] == shown
+    assert as_json["msg"] == "said hi"
+    assert pairs["msg"] == '"said hi"'
+
+
+@pytest.mark.parametrize("value", ["warn", "WARN", "Warning", "warning"])
+def test_warn_is_a_log_level(value: str) -> None:
+    assert Settings(_env_file=None, log_level=value).log_level == "WARNING"
 
 
 def test_env_example_holds_the_embedded_defaults(repo_root: Path) -> None:

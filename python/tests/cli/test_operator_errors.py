@@ -136,8 +136,9 @@ def test_a_bad_database_url_is_never_echoed(tmp_path: Path) -> None:
     assert "hunter2" not in result.stderr
 
 
-def test_log_levels_are_case_insensitive(tmp_path: Path) -> None:
-    result = run_cli(tmp_path, "api-keys", "create", "k", "-q", env={"LOG_LEVEL": "debug"})
+@pytest.mark.parametrize("level", ["debug", "warn", "Warning"])
+def test_log_levels_are_case_insensitive(tmp_path: Path, level: str) -> None:
+    result = run_cli(tmp_path, "api-keys", "create", "k", "-q", env={"LOG_LEVEL": level})
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip()) == 64
 
