@@ -11,6 +11,7 @@ the settings cannot drift apart.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Annotated, Literal
 
@@ -71,6 +72,15 @@ def _lower(value: object) -> object:
 
 Address = Annotated[str, AfterValidator(_check_address)]
 
+# DuckDB's memory_limit syntax: a number and a unit (it reads 1000- and 1024-based units).
+_MEMORY_LIMIT = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)", re.IGNORECASE)
+
+
+def _check_memory_limit(value: str) -> str:
+    if not _MEMORY_LIMIT.fullmatch(value.strip()):
+        raise ValueError("expected a size such as 256MB or 1GB")
+    return value.strip()
+
 
 def async_database_url(value: str) -> str:
     """`value` with an async driver.
@@ -94,6 +104,13 @@ def async_database_url(value: str) -> str:
     raise ValueError(
         f"driver {driver!r} is not supported (use sqlite+aiosqlite:// or postgresql+asyncpg://)"
     )
+
+
+SpanStoreChoice = Literal["auto", "duckdb", "database", "none"]
+
+# What SPAN_STORE=auto means with PostgreSQL: the PostgreSQL store (issue 19) once it is in
+# this build, "none" until then. The one place to change when it lands.
+AUTO_STORE_WITH_POSTGRESQL: Literal["database", "none"] = "none"
 
 
 class Settings(BaseSettings):
@@ -196,6 +213,32 @@ class Settings(BaseSettings):
         "replica that drains (and how often the leader checks its lock connection)",
     )
 
+    # Span store (where drained spans go; README "Span store").
+    span_store: Annotated[SpanStoreChoice, BeforeValidator(_lower)] = Field(
+        default="auto",
+        description="where drained spans are kept: auto (DuckDB with a SQLite DATABASE_URL; "
+        "with PostgreSQL, the PostgreSQL store once it exists, until then none), duckdb, "
+        "database (PostgreSQL only) or none (count only: keeps nothing)",
+    )
+    span_store_duckdb_path: str = Field(
+        default="otel_data.db",
+        min_length=1,
+        description="the DuckDB file (the Go backend's name); a relative path is relative to "
+        "the SQLite database's folder; the image sets /data/otel_data.db",
+    )
+    span_store_duckdb_memory_limit: Annotated[str, AfterValidator(_check_memory_limit)] = Field(
+        default="256MB", description="DuckDB's memory_limit for the span store, e.g. 256MB, 1GB"
+    )
+    # Test-only: the fault suite's "SIGKILL between commits" row needs the process to die
+    # exactly between the store's commit and the checkpoint's, which no outside signal can
+    # aim at. Never set it in a deployment.
+    test_only_sigkill_after_store_commits: int = Field(
+        default=0,
+        ge=0,
+        description="TEST ONLY (fault suite): SIGKILL this process after this many span store "
+        "commits, before their checkpoint commits; 0: off",
+    )
+
     # HTTP API and process.
     http_host: str = Field(
         default="127.0.0.1", description="where the HTTP API listens (containers: 0.0.0.0)"
@@ -243,6 +286,33 @@ class Settings(BaseSettings):
                 settings._notes = [f"DATABASE_URL: {before}:// rewritten to {after}://"]  # noqa: SLF001 (its own class)
         return settings
 
+    @model_validator(mode="after")
+    def _check_span_store(self) -> Settings:
+        """Refuse a span store the database cannot go with (one line naming SPAN_STORE)."""
+        postgres = make_url(self.database_url).get_backend_name() == "postgresql"
+        if self.span_store == "duckdb" and postgres:
+            raise ValueError(
+                "SPAN_STORE: duckdb cannot go with a PostgreSQL DATABASE_URL: replicas fail "
+                "over between hosts and a DuckDB file cannot follow them (use auto or database)"
+            )
+        if self.span_store == "database" and not postgres:
+            raise ValueError(
+                "SPAN_STORE: database needs a PostgreSQL DATABASE_URL (with SQLite use auto "
+                "or duckdb)"
+            )
+        return self
+
+    @property
+    def span_store_kind(self) -> Literal["duckdb", "database", "none"]:
+        """What SPAN_STORE resolves to for this DATABASE_URL (auto decided)."""
+        if self.span_store == "duckdb" or self.span_store == "database":  # noqa: PLR1714 (narrows)
+            return self.span_store
+        if self.span_store == "none":
+            return "none"
+        if make_url(self.database_url).get_backend_name() == "postgresql":
+            return AUTO_STORE_WITH_POSTGRESQL
+        return "duckdb"
+
     @property
     def notes(self) -> list[str]:
         """Informational lines about how the settings were read (e.g. a rewritten URL)."""
@@ -257,8 +327,12 @@ def describe_validation_error(error: ValidationError) -> str:
     """One line naming each bad setting (as its environment variable) and why."""
     parts = []
     for problem in error.errors(include_url=False):
-        name = ".".join(str(part) for part in problem["loc"]).upper() or "settings"
+        name = ".".join(str(part) for part in problem["loc"]).upper()
         message = str(problem["msg"]).removeprefix("Value error, ")
+        if not name:
+            # A check across settings (a model validator): its message names them itself.
+            parts.append(message)
+            continue
         value = problem.get("input")
         # A database URL can carry a password: never echo it.
         echo = isinstance(value, str | int | float) and name != "DATABASE_URL"
