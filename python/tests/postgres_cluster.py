@@ -20,6 +20,7 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import text
@@ -54,6 +55,8 @@ class PostgresCluster:
 
     def __init__(self, postgres: str, folder: Path, port: int, user: str | None) -> None:
         self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+        self._port = port
+        self._hba = folder / "data" / "pg_hba.conf"
         self._command = [*as_user(user), postgres, "-D", str(folder / "data"), "-p", str(port)]
         self._command += ["-h", "127.0.0.1", "-k", str(folder), "-F"]
         self._log = folder / "postgres.log"
@@ -90,6 +93,29 @@ class PostgresCluster:
         finally:
             await close_engine(admin)
         return self.url.rsplit("/", 1)[0] + f"/{name}"
+
+    async def new_password_database(self, role: str, password: str) -> str:
+        """A new database owned by a new `role` that must sign in with `password`.
+
+        The cluster trusts every other connection; this role alone is asked for its password
+        (scram-sha-256 over TCP). The URL carries the password percent-encoded.
+        """
+        name = f"junjo_{uuid.uuid4().hex[:12]}"
+        secret = password.replace("'", "''")
+        admin = create_engine(self.url)
+        try:
+            async with admin.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await conn.execute(text(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{secret}'"))
+                await conn.execute(text(f'CREATE DATABASE "{name}" OWNER "{role}"'))
+                # The first matching line wins: this one goes before the trust lines.
+                rule = f"host all {role} 127.0.0.1/32 scram-sha-256\n"
+                self._hba.write_text(rule + self._hba.read_text())
+                await conn.execute(text("SELECT pg_reload_conf()"))
+        finally:
+            await close_engine(admin)
+        encoded = quote(password, safe="")
+        return f"postgresql+asyncpg://{role}:{encoded}@127.0.0.1:{self._port}/{name}"
 
     def stop(self) -> None:
         """Fast shutdown (open connections are closed), and wait for the server to exit."""

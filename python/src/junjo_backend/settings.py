@@ -82,6 +82,22 @@ def _check_memory_limit(value: str) -> str:
     return value.strip()
 
 
+def _refuse_ambiguous_credentials(value: str) -> None:
+    """Refuse a URL whose password a parser could split in the wrong place.
+
+    With `p@ss/word` as the password, SQLAlchemy reads `user:p@ss/word@host/db` as password
+    `p` and host `ss`, and a masked URL would then show the rest of the password. More than
+    one `@` after `scheme://` (where a host follows, so not a `sqlite:///file`) is taken as
+    such a URL; the message echoes none of it.
+    """
+    _scheme, sep, rest = value.partition("://")
+    if sep and not rest.startswith("/") and rest.count("@") > 1:
+        raise ValueError(
+            "cannot be parsed: it holds more than one '@' (a user name or password with "
+            "@, /, :, ? or # must be percent-encoded: @ as %40, / as %2F, : as %3A)"
+        )
+
+
 def async_database_url(value: str) -> str:
     """`value` with an async driver.
 
@@ -89,6 +105,7 @@ def async_database_url(value: str) -> str:
     `postgresql+asyncpg://`, `sqlite://` becomes `sqlite+aiosqlite://`; a driver we cannot
     run is a ValueError naming it.
     """
+    _refuse_ambiguous_credentials(value.strip())
     try:
         url = make_url(value.strip())
     except ArgumentError:

@@ -136,6 +136,43 @@ def test_a_bad_database_url_is_never_echoed(tmp_path: Path) -> None:
     assert "hunter2" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [("serve",), ("api-keys", "list")])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://junjo:p@ss/w0rd@127.0.0.1:5432/junjo",  # SQLAlchemy: password p, host ss
+        "postgres://junjo:p@ss@127.0.0.1/junjo",
+        "postgresql+asyncpg://:secret@part@127.0.0.1/junjo",
+    ],
+)
+def test_a_password_with_a_raw_at_sign_is_refused_unechoed(
+    tmp_path: Path, url: str, command: tuple[str, ...]
+) -> None:
+    result = run_cli(tmp_path, *command, env={"DATABASE_URL": url})
+    assert result.returncode == 2
+    assert first_error_line(result).startswith(
+        "error: DATABASE_URL: cannot be parsed: it holds more than one '@'"
+    )
+    assert "percent-encoded" in first_error_line(result)
+    password = url.split("://", 1)[1].rsplit("@", 1)[0].split(":", 1)[1]
+    pieces = [password] + [p for p in password.replace("/", "@").split("@") if len(p) >= 4]
+    for piece in pieces:  # shorter pieces ("ss") are in ordinary words
+        assert piece not in result.stderr, piece
+    assert "127.0.0.1" not in result.stderr  # nothing of the URL, not even its host
+
+
+def test_a_percent_encoded_password_is_masked_whole() -> None:
+    from junjo_backend.database import database_label  # noqa: PLC0415
+    from junjo_backend.settings import async_database_url  # noqa: PLC0415
+
+    for url in (
+        "postgresql://junjo:p%40ss%2Fword@127.0.0.1:5432/junjo",
+        "postgresql://junjo:pa/ss:w?rd@127.0.0.1:5432/junjo",  # one '@': parsed as written
+    ):
+        label = database_label(async_database_url(url))
+        assert label == "postgresql+asyncpg://junjo:***@127.0.0.1:5432/junjo"
+
+
 @pytest.mark.parametrize("level", ["debug", "warn", "Warning"])
 def test_log_levels_are_case_insensitive(tmp_path: Path, level: str) -> None:
     result = run_cli(tmp_path, "api-keys", "create", "k", "-q", env={"LOG_LEVEL": level})

@@ -12,7 +12,8 @@ under `fault_output.folder` (`fault_output.path(name)` gives a fresh file), ever
 creates or sends is registered with `fault_keys.add`, and `fault_log_env()` gives the
 environment of a server or CLI run: `LOG_LEVEL=DEBUG`, alternating text and JSON logs from
 one call to the next. When the run ends, every file is scanned for every 12-character
-substring of every key; a hit is a row in the table and fails the run.
+substring of every key; a hit is a row in the table and fails the run. Database passwords
+are watched the same way (`fault_keys.add_password`: as written and percent-encoded).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import pytest
@@ -84,6 +86,16 @@ class KeyRegistry:
         text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
         if len(text) >= _LEAK_WINDOW:
             self.keys.add(text)
+
+    def add_password(self, password: str) -> None:
+        """Watch for a database password, as written and as a URL carries it (percent-encoded).
+
+        It must be long enough to be watched: a shorter one would escape the scan unseen.
+        """
+        if len(password) < _LEAK_WINDOW:
+            raise ValueError(f"a watched password needs {_LEAK_WINDOW} characters or more")
+        self.add(password)
+        self.add(quote(password, safe=""))
 
     def windows(self) -> set[str]:
         """Every 12-character substring of every key."""

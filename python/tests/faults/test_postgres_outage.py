@@ -1,5 +1,8 @@
 """PostgreSQL stopped and restarted on the same port while `serve` answers ValidateApiKey.
 
+The backend signs in with a password holding `@` and `/`, percent-encoded in its URL; the
+suite's output scan holds that no piece of it is ever written.
+
 During the outage every answer is `true` only for the valid key (from a snapshot still
 within its max age), `false` or INTERNAL otherwise: never `true` for an unknown or revoked
 key, and never a timeout. After the restart the server recovers on its own: a key created
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 from collections import Counter
@@ -61,6 +65,18 @@ def postgres() -> Iterator[PostgresCluster]:
         yield cluster
 
 
+@pytest.fixture
+async def database_url(postgres: PostgresCluster, fault_keys: KeyRegistry) -> str:
+    """A database the backend signs in to with a password that holds '@' and '/'.
+
+    Every log line and error that names the database must mask the password whole: the
+    suite's output scan watches for it.
+    """
+    password = f"p@ss/{secrets.token_urlsafe(12)}"
+    fault_keys.add_password(password)
+    return await postgres.new_password_database("junjo_app", password)
+
+
 def _revoke_with_cli(
     database_url: str,
     key_id: str,
@@ -100,18 +116,19 @@ async def _until(
 async def test_postgresql_stopped_and_restarted_under_load(  # noqa: PLR0917 (fixtures)
     tmp_path: Path,
     postgres: PostgresCluster,
+    database_url: str,
     fault_table: FaultTable,
     fault_keys: KeyRegistry,
     fault_output: OutputFolder,
     fault_log_env: Callable[[], dict[str, str]],
 ) -> None:
-    keys = await make_probe_keys(postgres.url, fault_keys)
+    keys = await make_probe_keys(database_url, fault_keys)
     valid = keys.valid
     auth_port, http_port, ingestion_port = free_ports(3)
     backend = BackendProcess(
         serve_command(),
         {
-            "DATABASE_URL": postgres.url,
+            "DATABASE_URL": database_url,
             "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{auth_port}",
             # Nothing listens there; the poller is off, so nothing dials it but /health.
             "INGESTION_GRPC_ADDRESS": f"127.0.0.1:{ingestion_port}",
@@ -148,14 +165,14 @@ async def test_postgresql_stopped_and_restarted_under_load(  # noqa: PLR0917 (fi
                     await asyncio.sleep(1.0)
 
                 # Recovered for writes made after the restart too.
-                engine = create_engine(postgres.url)
+                engine = create_engine(database_url)
                 try:
                     created = await create_api_key(engine, "after the outages")
                 finally:
                     await close_engine(engine)
                 fault_keys.add(created.key)
                 created_after = await _until(stub, created.key, "true", "key created after")
-                _revoke_with_cli(postgres.url, valid.id, fault_output, fault_log_env)
+                _revoke_with_cli(database_url, valid.id, fault_output, fault_log_env)
                 revoked_after = await _until(stub, valid.key, "false", "key revoked after")
             finally:
                 stop_probe.set()
