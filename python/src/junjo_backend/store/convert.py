@@ -1,8 +1,8 @@
 """WAL records to the Go backend's rows: every column derived as Go derives it.
 
-Shared by the DuckDB and PostgreSQL stores. The rules (and the deliberate changes) are in
-`docs/design/span-store.md`; the golden test in `tests/store/` holds them to what the Go
-backend stored.
+Shared by the DuckDB and PostgreSQL stores. The rules, the deliberate changes and the
+bad-input policy are in `docs/design/span-store.md`; the golden test in `tests/store/`
+holds them to what the Go backend stored.
 """
 
 from __future__ import annotations
@@ -11,16 +11,68 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
+import pyarrow as pa
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.resource.v1 import resource_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
 
-    import pyarrow as pa
+from junjo_backend.ingestion.spans import NO_SERVICE_NAME, SERVICE_NAME_ATTRIBUTE
+from junjo_backend.store.gojson import (
+    GoJsonError,
+    JsonValue,
+    duckdb_json_valid,
+    encode_string,
+    go_json,
+    html_escape,
+)
+from junjo_backend.store.schema import PATCHES_ARROW, SPANS_ARROW
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+
+    from opentelemetry.proto.common.v1 import common_pb2
 
     from junjo_backend.ingestion.spans import SpanRecord
 
 # Our own fixed namespace for patch ids: never change it, or redelivered patches of a
 # stored span would get new ids and be stored twice.
 PATCH_ID_NAMESPACE: Final = uuid.UUID("246e7d0b-1c76-4ad8-a646-a393d6b3ae79")
+
+# Go's table, shifted against OTLP's (where 1 is INTERNAL): the Go frontend reads these.
+KINDS: Final = {1: "CLIENT", 2: "SERVER", 3: "INTERNAL", 4: "PRODUCER", 5: "CONSUMER"}
+STATUS_CODES: Final = {0: "STATUS_CODE_UNSET", 1: "STATUS_CODE_OK", 2: "STATUS_CODE_ERROR"}
+INT32_MAX: Final = 2**31 - 1
+
+# Left out of attributes_json for every span: they have columns (or had, in Go's past).
+DROPPED_KEYS: Final = frozenset(
+    {
+        "junjo.workflow_id",
+        "node.id",
+        "junjo.id",
+        "junjo.parent_id",
+        "junjo.span_type",
+        "junjo.workflow.state.start",
+        "junjo.workflow.state.end",
+        "junjo.workflow.graph_structure",
+        "junjo.workflow.store.id",
+    }
+)
+WORKFLOW_JSON_KEYS: Final = (
+    "junjo.workflow.state.start",
+    "junjo.workflow.state.end",
+    "junjo.workflow.graph_structure",
+)
+PATCH_KEYS: Final = frozenset({"junjo.state_json_patch", "junjo.store.id"})
+# A set-aside patch's reason starts so (its span is stored); a set-aside span's never does.
+PATCH_REASON_PREFIX: Final = "patch of event "
+_NO_KEYS: Final = frozenset[str]()
+_WORKFLOW_TYPES: Final = frozenset({"workflow", "subflow"})
+_PRIMITIVES: Final = frozenset({"string_value", "int_value", "double_value", "bool_value"})
+_SIGN_BIT: Final = 2**63
+_WRAP: Final = 2**64
+
+_decode_span = trace_pb2.Span.FromString
+_decode_resource = resource_pb2.Resource.FromString
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +107,306 @@ def patch_id(trace_id: str, span_id: str, event_index: int) -> str:
     return str(uuid.uuid5(PATCH_ID_NAMESPACE, f"{trace_id}/{span_id}/{event_index}"))
 
 
-def convert_batch(records: Sequence[SpanRecord]) -> ConvertedBatch:
-    """Convert `records` (in key order) to rows; a span Go could not store is set aside.
+class _Unstorable(Exception):  # noqa: N818 (not an error of ours: a span Go could not store)
+    """The span cannot be stored as Go stores it; the message is the set-aside reason."""
 
-    Within one batch the first (trace_id, span_id) is kept and its patches once.
+
+def cut_at_nul(text: str) -> str:
+    """`text` up to its first NUL: go-duckdb binds strings through C, which stops there."""
+    if "\0" in text:
+        return text[: text.index("\0")]
+    return text
+
+
+def micros(nanos: int) -> int:
+    """A uint64 nanosecond time as Go stores it: floor(int64(ns) / 1000) microseconds."""
+    return (nanos - _WRAP if nanos >= _SIGN_BIT else nanos) // 1000
+
+
+def service_name(resource_bytes: bytes) -> str:
+    """The resource's first string `service.name`; `NO_SERVICE_NAME` when empty or absent."""
+    try:
+        resource = _decode_resource(resource_bytes)
+    except DecodeError:
+        return NO_SERVICE_NAME
+    for attribute in resource.attributes:
+        value = attribute.value
+        if attribute.key == SERVICE_NAME_ATTRIBUTE and value.WhichOneof("value") == "string_value":
+            name = value.string_value
+            return cut_at_nul(name) if name else NO_SERVICE_NAME
+    return NO_SERVICE_NAME
+
+
+def _array(values: Iterable[common_pb2.AnyValue]) -> tuple[list[JsonValue] | None, bool]:
+    """An array's string, int, double and bool elements; None (JSON null) when none is left."""
+    kept: list[JsonValue] = []
+    floats = False
+    for item in values:
+        kind = item.WhichOneof("value")
+        if kind in _PRIMITIVES:
+            kept.append(getattr(item, kind))
+            floats = floats or kind == "double_value"
+    return kept or None, floats
+
+
+def _kvlist(values: Iterable[common_pb2.KeyValue]) -> tuple[dict[str, JsonValue], bool]:
+    """A kvlist's primitive values (last key wins); `{}` when none is left."""
+    kept: dict[str, JsonValue] = {}
+    floats = False
+    for pair in values:
+        value = pair.value
+        kind = value.WhichOneof("value")
+        if kind in _PRIMITIVES:
+            kept[pair.key] = getattr(value, kind)
+            floats = floats or kind == "double_value"
+    return kept, floats
+
+
+def _attributes(
+    attributes: Iterable[common_pb2.KeyValue], drop: frozenset[str], pick: dict[str, str]
+) -> tuple[dict[str, JsonValue], bool]:
+    """Go's attribute map (last key wins, unset values left out) and whether it has floats.
+
+    The first string value of each key in `drop` goes into `pick` (Go's dedicated columns).
     """
-    raise NotImplementedError("the conversion lands next (issue 18 item 2)")
+    out: dict[str, JsonValue] = {}
+    floats = False
+    for attribute in attributes:
+        key = attribute.key
+        value = attribute.value
+        kind = value.WhichOneof("value")
+        if key in drop:
+            if kind == "string_value" and key not in pick:
+                pick[key] = value.string_value
+        elif kind == "string_value":
+            out[key] = value.string_value
+        elif kind == "int_value" or kind == "bool_value":  # noqa: PLR1714 (fastest test)
+            out[key] = getattr(value, kind)
+        elif kind == "double_value":
+            out[key] = value.double_value
+            floats = True
+        elif kind == "bytes_value":  # hex only at the top level; filtered out below it
+            out[key] = value.bytes_value.hex()
+        elif kind == "array_value":
+            out[key], nested = _array(value.array_value.values)
+            floats = floats or nested
+        elif kind == "kvlist_value":
+            out[key], nested = _kvlist(value.kvlist_value.values)
+            floats = floats or nested
+    return out, floats
+
+
+def _first_strings(
+    attributes: Iterable[common_pb2.KeyValue], keys: frozenset[str]
+) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for attribute in attributes:
+        key = attribute.key
+        if (
+            key in keys
+            and key not in found
+            and attribute.value.WhichOneof("value") == "string_value"
+        ):
+            found[key] = attribute.value.string_value
+    return found
+
+
+def _events_json(events: Sequence[trace_pb2.Span.Event]) -> str:
+    """Go's events_json: one object per event, keys in Go's (sorted) order; `[]` for none."""
+    if not events:
+        return "[]"
+    parts = []
+    for index, event in enumerate(events):
+        attributes, floats = _attributes(event.attributes, _NO_KEYS, {})
+        try:
+            text = go_json(attributes, has_floats=floats)
+        except GoJsonError as error:
+            raise _Unstorable(
+                f"event {index}'s attributes are not JSON-encodable ({error})"
+            ) from None
+        name = html_escape(encode_string(event.name))
+        parts.append(
+            f'{{"attributes":{text},"droppedAttributesCount":{event.dropped_attributes_count},'
+            f'"name":{name},"timeUnixNano":{event.time_unix_nano}}}'
+        )
+    return "[" + ",".join(parts) + "]"
+
+
+def _workflow_columns(span_type: str, picked: dict[str, str]) -> tuple[str, str, str, str]:
+    """junjo_wf_state_start/_end/_graph_structure/_store_id: set only for workflows, subflows."""
+    if span_type not in _WORKFLOW_TYPES:
+        return "{}", "{}", "{}", ""
+    start, end, graph = (cut_at_nul(picked.get(key, "{}")) for key in WORKFLOW_JSON_KEYS)
+    for key, text in zip(WORKFLOW_JSON_KEYS, (start, end, graph), strict=True):
+        if text != "{}" and not duckdb_json_valid(text):
+            raise _Unstorable(f"{key} is not valid JSON")
+    # Go's default for the store id is "{}" too (it shares the JSON columns' helper).
+    return start, end, graph, cut_at_nul(picked.get("junjo.workflow.store.id", "{}"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Ids:
+    key: bytes
+    trace_id: str
+    span_id: str
+    service: str
+    workflow_id: str
+    node_id: str
+
+
+def _patches(
+    record: SpanRecord, ids: _Ids, events: Sequence[trace_pb2.Span.Event]
+) -> tuple[list[tuple[object, ...]], list[SetAside]]:
+    """One row per `set_state` event; a patch that is not valid JSON is set aside alone."""
+    rows: list[tuple[object, ...]] = []
+    aside: list[SetAside] = []
+    for index, event in enumerate(events):
+        if event.name != "set_state":
+            continue
+        found = _first_strings(event.attributes, PATCH_KEYS)
+        patch = cut_at_nul(found.get("junjo.state_json_patch", "{}"))
+        if patch != "{}" and not duckdb_json_valid(patch):
+            reason = f"{PATCH_REASON_PREFIX}{index}: junjo.state_json_patch is not valid JSON"
+            aside.append(_set_aside(record, ids.trace_id, ids.span_id, reason))
+            continue
+        rows.append(
+            (
+                patch_id(ids.trace_id, ids.span_id, index),
+                ids.service,
+                ids.trace_id,
+                ids.span_id,
+                ids.workflow_id,
+                ids.node_id,
+                micros(event.time_unix_nano),
+                patch,
+                cut_at_nul(found.get("junjo.store.id", "")),
+            )
+        )
+    return rows, aside
+
+
+def _status(span: trace_pb2.Span) -> tuple[str, str]:
+    if not span.HasField("status"):
+        return "", ""
+    code = span.status.code
+    return STATUS_CODES.get(code, str(code)), cut_at_nul(span.status.message)
+
+
+def is_patch_set_aside(row: SetAside) -> bool:
+    """Whether `row` is one patch of a stored span, rather than a whole span."""
+    return row.reason.startswith(PATCH_REASON_PREFIX)
+
+
+def _convert_span(
+    record: SpanRecord, span: trace_pb2.Span, ids: _Ids
+) -> tuple[tuple[object, ...], list[tuple[object, ...]], list[SetAside]]:
+    """The span's row, its patch rows and its set-aside patches; raises `_Unstorable`."""
+    flags = span.flags
+    if flags > INT32_MAX:
+        raise _Unstorable(f"flags {flags} exceed int32")
+    picked: dict[str, str] = {}
+    attributes, floats = _attributes(span.attributes, DROPPED_KEYS, picked)
+    try:
+        attributes_json = go_json(attributes, has_floats=floats)
+    except GoJsonError as error:
+        raise _Unstorable(f"attributes are not JSON-encodable ({error})") from None
+    span_type = picked.get("junjo.span_type", "")
+    junjo_id = picked.get("junjo.id", "")
+    workflow = _workflow_columns(span_type, picked)
+    events_json = _events_json(span.events)
+    workflow_id = cut_at_nul(junjo_id) if span_type == "workflow" else ""
+    node_id = cut_at_nul(junjo_id) if span_type == "node" else ""
+    ids = _Ids(ids.key, ids.trace_id, ids.span_id, ids.service, workflow_id, node_id)
+    patches, aside = _patches(record, ids, span.events)
+    trace_state = span.trace_state
+    row = (
+        ids.trace_id,
+        ids.span_id,
+        span.parent_span_id.hex() or None,
+        ids.service,
+        cut_at_nul(span.name),
+        KINDS.get(span.kind, "UNSPECIFIED"),
+        micros(span.start_time_unix_nano),
+        micros(span.end_time_unix_nano),
+        *_status(span),
+        attributes_json,
+        events_json,
+        "[]",
+        flags,
+        cut_at_nul(trace_state) if trace_state else None,
+        cut_at_nul(junjo_id),
+        cut_at_nul(picked.get("junjo.parent_id", "")),
+        cut_at_nul(span_type),
+        *workflow,
+    )
+    return row, patches, aside
+
+
+def _set_aside(record: SpanRecord, trace_id: str, span_id: str, reason: str) -> SetAside:
+    return SetAside(record.key, trace_id, span_id, reason, record.span_bytes, record.resource_bytes)
+
+
+def _table(rows: list[tuple[object, ...]], schema: pa.Schema) -> pa.Table:
+    columns: list[Sequence[object]] = (
+        list(zip(*rows, strict=True)) if rows else [() for _ in range(len(schema))]
+    )
+    arrays = [
+        pa.array(column, type=field.type) for column, field in zip(columns, schema, strict=True)
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class _Batch:
+    """Rows collected from a batch's records, in order; the first of each span id is kept."""
+
+    def __init__(self, service_of: Callable[[bytes], str]) -> None:
+        self.spans: list[tuple[object, ...]] = []
+        self.patches: list[tuple[object, ...]] = []
+        self.set_aside: list[SetAside] = []
+        self._seen: set[tuple[str, str]] = set()
+        self._service_of = service_of
+
+    def add(self, record: SpanRecord) -> None:
+        try:
+            span = _decode_span(record.span_bytes)
+        except DecodeError:
+            self.set_aside.append(_set_aside(record, "", "", "span does not decode"))
+            return
+        trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
+        if (trace_id, span_id) in self._seen:
+            return
+        ids = _Ids(record.key, trace_id, span_id, self._service_of(record.resource_bytes), "", "")
+        try:
+            row, patches, aside = _convert_span(record, span, ids)
+        except _Unstorable as error:
+            self.set_aside.append(_set_aside(record, trace_id, span_id, str(error)))
+            return
+        self._seen.add((trace_id, span_id))
+        self.spans.append(row)
+        self.patches.extend(patches)
+        self.set_aside.extend(aside)
+
+
+def convert_batch(records: Sequence[SpanRecord]) -> ConvertedBatch:
+    """Convert `records` (in key order) to rows; what Go could not store is set aside.
+
+    Within one batch the first stored (trace_id, span_id) is kept, with its patches once.
+    """
+    services: dict[bytes, str] = {}
+
+    def service_of(resource_bytes: bytes) -> str:
+        name = services.get(resource_bytes)
+        if name is None:
+            name = services[resource_bytes] = service_name(resource_bytes)
+        return name
+
+    batch = _Batch(service_of)
+    for record in records:
+        batch.add(record)
+    return ConvertedBatch(
+        spans=_table(batch.spans, SPANS_ARROW),
+        patches=_table(batch.patches, PATCHES_ARROW),
+        set_aside=batch.set_aside,
+        last_key=records[-1].key if records else b"",
+        records=len(records),
+    )

@@ -1,0 +1,346 @@
+"""The DuckDB span store: the Go backend's `otel_data.db`, written exactly once per span.
+
+One DuckDB transaction holds a batch's spans, their patches and the store's watermark (the
+last WAL key it holds); the poller commits its checkpoint after it. On redelivery the
+records at or below the watermark are skipped, and a span already stored adds nothing.
+Only the poller's leader opens the file: DuckDB lets one process hold it. See
+`docs/design/span-store.md`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import duckdb
+import pyarrow as pa
+
+from junjo_backend.store.base import StoreStats, StoreUnavailable, StoreWrite
+from junjo_backend.store.convert import (
+    ConvertedBatch,
+    SetAside,
+    convert_batch,
+    is_patch_set_aside,
+)
+from junjo_backend.store.schema import (
+    DUCKDB_TABLES,
+    SET_ASIDE_TABLE,
+    SPANS_TABLE,
+    STATE_PATCHES_TABLE,
+    WATERMARK_TABLE,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from junjo_backend.ingestion.spans import SpanRecord
+
+    Converter = Callable[[Sequence[SpanRecord]], Awaitable[ConvertedBatch]]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_LIMIT: Final = "256MB"
+# New files in the storage format DuckDB 1.0 and 1.1 (the Go backend) read and write.
+STORAGE_COMPATIBILITY_VERSION: Final = "v1.0.0"
+
+# "Could not set lock on file "...": Conflicting lock is held in /usr/bin/x (PID 123) ..."
+_LOCK_HOLDER: Final = re.compile(
+    r"Conflicting lock is held in (?P<program>.*?) \(PID (?P<pid>\d+)\)"
+)
+
+_SET_ASIDE_ARROW: Final = pa.schema(
+    [
+        pa.field("wal_key", pa.binary(), nullable=False),
+        pa.field("trace_id", pa.string(), nullable=False),
+        pa.field("span_id", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("span_bytes", pa.binary(), nullable=False),
+        pa.field("resource_bytes", pa.binary(), nullable=False),
+    ]
+)
+
+
+# The write's statements. Only the spans actually added bring their patches: a span
+# already stored (a redelivery, or a Go row) keeps the patches it has.
+_INSERT_SPANS: Final = (
+    f"INSERT OR IGNORE INTO {SPANS_TABLE} SELECT * FROM junjo_new_spans RETURNING trace_id, span_id"  # noqa: S608
+)
+_INSERT_PATCHES: Final = (
+    f"INSERT OR IGNORE INTO {STATE_PATCHES_TABLE} SELECT * FROM junjo_new_patches"  # noqa: S608
+)
+_INSERT_SET_ASIDE: Final = (
+    f"INSERT OR IGNORE INTO {SET_ASIDE_TABLE}"  # noqa: S608
+    " (wal_key, trace_id, span_id, reason, span_bytes, resource_bytes)"
+    " SELECT * FROM junjo_new_set_aside"
+)
+_SET_WATERMARK: Final = f"INSERT OR REPLACE INTO {WATERMARK_TABLE} VALUES (1, ?)"  # noqa: S608
+_GET_WATERMARK: Final = f"SELECT last_key FROM {WATERMARK_TABLE} WHERE id = 1"  # noqa: S608
+
+
+class StoreWriteError(RuntimeError):
+    """A write did not commit (the poller retries the batch); the message is one line."""
+
+
+def open_failure(path: Path, error: duckdb.Error) -> StoreUnavailable:
+    """The one-line reason an operator reads when the file cannot be opened."""
+    message = str(error)
+    holder = _LOCK_HOLDER.search(message)
+    if holder is not None:
+        program = Path(holder["program"]).name
+        return StoreUnavailable(
+            f"{path} is held by another process (pid {holder['pid']}, {program})"
+        )
+    first_line = message.splitlines()[0] if message else type(error).__name__
+    return StoreUnavailable(f"{path} cannot be opened: {first_line}")
+
+
+async def convert_in_thread(records: Sequence[SpanRecord]) -> ConvertedBatch:
+    """Convert off the event loop, in a thread of this process (holds the GIL meanwhile)."""
+    return await asyncio.to_thread(convert_batch, records)
+
+
+def _set_aside_table(rows: list[SetAside]) -> pa.Table:
+    columns = {
+        "wal_key": [row.key for row in rows],
+        "trace_id": [row.trace_id for row in rows],
+        "span_id": [row.span_id for row in rows],
+        "reason": [row.reason for row in rows],
+        "span_bytes": [row.span_bytes for row in rows],
+        "resource_bytes": [row.resource_bytes for row in rows],
+    }
+    return pa.table(columns, schema=_SET_ASIDE_ARROW)
+
+
+def _count(db: duckdb.DuckDBPyConnection, sql: str, *params: object) -> int:
+    row = db.execute(sql, list(params)).fetchone()
+    return int(row[0]) if row else 0
+
+
+class DuckDBStore:
+    """A `SpanStore` in one DuckDB file; see the module docstring.
+
+    `converter` turns records into rows off the event loop (default: a thread; see
+    `process_pool.ProcessConverter` for a worker process).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        memory_limit: str = DEFAULT_MEMORY_LIMIT,
+        converter: Converter | None = None,
+    ) -> None:
+        self._path = path
+        self._memory_limit = memory_limit
+        self._convert = converter or convert_in_thread
+        self._db: duckdb.DuckDBPyConnection | None = None
+        self._lock = asyncio.Lock()
+        self._watermark: bytes | None = None
+        self._spans = 0
+        self._set_aside = 0
+        self._reopen = False
+
+    @property
+    def path(self) -> Path:
+        """The DuckDB file."""
+        return self._path
+
+    async def open(self) -> None:
+        """Open the file (creating it and the missing tables); raises `StoreUnavailable`."""
+        async with self._lock:
+            if self._db is None:
+                await asyncio.to_thread(self._open_sync)
+
+    async def close(self) -> None:
+        """Close the file, after any write in progress; closing twice is harmless."""
+        async with self._lock:
+            await asyncio.to_thread(self._close_sync)
+
+    async def watermark(self) -> bytes | None:
+        """The last WAL key the file holds; b"" for a file that holds none, None if unknown.
+
+        None is a file made by the Go backend (rows but no watermark): the poller then
+        resumes from its checkpoint, and the first write records the watermark.
+        """
+        async with self._lock:
+            self._require_open()
+            return self._watermark
+
+    def stats(self) -> StoreStats:
+        """Totals kept in memory since `open`, and the file's size on disk."""
+        return StoreStats(
+            spans_stored=self._spans,
+            set_aside=self._set_aside,
+            size_bytes=self._size(),
+            watermark=self._watermark,
+        )
+
+    async def write(self, batch: Sequence[SpanRecord], conn: AsyncConnection) -> StoreWrite:  # noqa: ARG002 (DuckDB commits on its own, before the checkpoint)
+        """Store the records above the watermark, committed before this returns.
+
+        Raises `StoreWriteError` (or `StoreUnavailable` when the file cannot be reopened)
+        if anything failed: nothing of the batch is then stored, and the batch is retried.
+        """
+        async with self._lock:
+            if self._reopen:
+                await asyncio.to_thread(self._reopen_sync)
+            self._require_open()
+            watermark = self._watermark or b""
+            fresh = [record for record in batch if record.key > watermark]
+            if not fresh:
+                return StoreWrite(stored=0, patches=0, set_aside=0, skipped=len(batch))
+            converted = await self._convert(fresh)
+            written = await asyncio.to_thread(self._insert_sync, converted)
+        spans_set_aside = sum(1 for row in converted.set_aside if not is_patch_set_aside(row))
+        skipped = len(batch) - written.stored - spans_set_aside
+        return StoreWrite(written.stored, written.patches, written.set_aside, skipped)
+
+    # -- below here: on a worker thread, one at a time (under self._lock) --
+
+    def _require_open(self) -> None:
+        if self._db is None:
+            raise StoreUnavailable(f"{self._path} is not open")
+
+    def _size(self) -> int | None:
+        try:
+            size = self._path.stat().st_size
+        except OSError:
+            return None
+        with contextlib.suppress(OSError):  # DuckDB's write-ahead log, while it has one
+            size += self._path.with_name(self._path.name + ".wal").stat().st_size
+        return size
+
+    def _open_sync(self) -> None:
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "memory_limit": self._memory_limit,
+            "storage_compatibility_version": STORAGE_COMPATIBILITY_VERSION,
+        }
+        try:
+            db = duckdb.connect(str(self._path), config=config)
+        except duckdb.Error as error:
+            raise open_failure(self._path, error) from None
+        try:
+            self._prepare(db)
+        except duckdb.Error as error:
+            db.close()
+            raise open_failure(self._path, error) from None
+        self._db = db
+        self._reopen = False
+
+    def _prepare(self, db: duckdb.DuckDBPyConnection) -> None:
+        """Create the missing tables (as Go does), then read the watermark and the counts."""
+        present = {
+            row[0]
+            for row in db.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+            ).fetchall()
+        }
+        db.execute("BEGIN TRANSACTION")
+        for table, statements in DUCKDB_TABLES.items():
+            if table not in present:
+                for statement in statements:
+                    db.execute(statement)
+        if WATERMARK_TABLE not in present and SPANS_TABLE not in present:
+            # A file of ours from the start: it holds nothing of the WAL yet.
+            db.execute(f"INSERT INTO {WATERMARK_TABLE} VALUES (1, ''::BLOB)")  # noqa: S608 (constant)
+        db.execute("COMMIT")
+        row = db.execute(_GET_WATERMARK).fetchone()
+        self._watermark = None if row is None else bytes(row[0])
+        self._spans = _count(db, f"SELECT count(*) FROM {SPANS_TABLE}")  # noqa: S608 (constant)
+        self._set_aside = _count(db, f"SELECT count(*) FROM {SET_ASIDE_TABLE}")  # noqa: S608
+        if WATERMARK_TABLE not in present and SPANS_TABLE in present:
+            log.info(
+                "span store adopted a file without a watermark (made by the Go backend?)",
+                extra={"path": str(self._path), "spans": self._spans},
+            )
+
+    def _close_sync(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    def _reopen_sync(self) -> None:
+        self._close_sync()
+        self._open_sync()
+
+    def _insert_sync(self, converted: ConvertedBatch) -> StoreWrite:
+        db = self._db
+        if db is None:  # pragma: no cover (write holds the lock and checked)
+            raise StoreUnavailable(f"{self._path} is not open")
+        try:
+            written = self._transaction(db, converted)
+        except Exception as error:
+            # A failed statement may have invalidated the database (a full disk does): the
+            # next write starts from a fresh connection.
+            self._reopen = True
+            _rollback(db)
+            text = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise StoreWriteError(f"{self._path}: the batch was not stored: {text}") from error
+        self._watermark = converted.last_key
+        self._spans += written.stored
+        self._set_aside += written.set_aside
+        return written
+
+    def _transaction(self, db: duckdb.DuckDBPyConnection, converted: ConvertedBatch) -> StoreWrite:
+        """Spans, the patches of the spans actually added, set-asides, the watermark."""
+        execute = self._execute
+        db.execute("BEGIN TRANSACTION")
+        db.register("junjo_new_spans", converted.spans)
+        db.register("junjo_new_set_aside", _set_aside_table(converted.set_aside))
+        inserted = execute(db, _INSERT_SPANS).fetchall()
+        patches = converted.patches
+        if len(inserted) < converted.spans.num_rows and patches.num_rows:
+            # Some spans were there already (a redelivery, or Go's rows): they keep the
+            # patches they have.
+            patches = _patches_of(patches, inserted)
+        db.register("junjo_new_patches", patches)
+        patch_rows = _count_of(execute(db, _INSERT_PATCHES))
+        set_aside = _count_of(execute(db, _INSERT_SET_ASIDE))
+        execute(db, _SET_WATERMARK, converted.last_key)
+        db.execute("COMMIT")
+        for name in ("junjo_new_spans", "junjo_new_patches", "junjo_new_set_aside"):
+            db.unregister(name)
+        # After an error inside a transaction DuckDB's COMMIT reports success and stores
+        # nothing: reading the watermark back keeps that from ever passing as a write.
+        row = db.execute(_GET_WATERMARK).fetchone()
+        if row is None or bytes(row[0]) != converted.last_key:
+            raise StoreWriteError("COMMIT reported success but stored nothing")
+        return StoreWrite(len(inserted), patch_rows, set_aside, 0)
+
+    @staticmethod
+    def _execute(
+        db: duckdb.DuckDBPyConnection, sql: str, *params: object
+    ) -> duckdb.DuckDBPyConnection:
+        """Each statement of a write's transaction (the seam the aborted-commit test breaks)."""
+        return db.execute(sql, list(params))
+
+
+_KEYS_ARROW: Final = pa.schema([("trace_id", pa.string()), ("span_id", pa.string())])
+
+
+def _patches_of(patches: pa.Table, spans: list[tuple[str, str]]) -> pa.Table:
+    """The rows of `patches` whose span is one of `spans` (trace_id, span_id)."""
+    if not spans:
+        return patches.slice(0, 0)
+    keys = pa.Table.from_pylist([{"trace_id": t, "span_id": s} for t, s in spans], _KEYS_ARROW)
+    return patches.join(keys, ["trace_id", "span_id"], join_type="left semi")
+
+
+def _count_of(result: duckdb.DuckDBPyConnection) -> int:
+    """The number of rows an INSERT added (its one result row)."""
+    row = result.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _rollback(db: duckdb.DuckDBPyConnection) -> None:
+    """Roll back whatever is open; a connection DuckDB invalidated refuses that too."""
+    try:
+        db.execute("ROLLBACK")
+    except duckdb.Error:
+        log.debug("rollback after a failed span-store write failed too", exc_info=True)
