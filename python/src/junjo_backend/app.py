@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
@@ -76,6 +77,7 @@ class Backend:
     ingestion: IngestionClient | None  # None when POLLER_ENABLED=false
     poller: SpanPoller | None
     metrics: BackendMetrics
+    started_at: float = field(default_factory=time.monotonic)  # for /health's uptime
 
 
 class LifespanState(TypedDict):
@@ -228,10 +230,10 @@ class AuthServerHealth(_Frozen):
 
 
 class IngestionHealth(_Frozen):
-    """Whether the ingestion-service was reachable at the poller's last call (no call of its own).
+    """Whether the ingestion-service answered the poller's last call or probe (none of its own).
 
-    `reachable` is null with `POLLER_ENABLED=false` (nothing dials it) and before anything
-    was seen.
+    `reachable` is null with `POLLER_ENABLED=false` (nothing dials it), before anything was
+    seen, and when what was seen is more than 5 s old.
     """
 
     address: str
@@ -243,10 +245,13 @@ class Health(_Frozen):
 
     `unavailable` (HTTP 503) when the database or the auth server is down: the
     ingestion-service cannot validate keys. `degraded` (HTTP 200) when only the ingestion
-    side is down or the poller is not running: auth still serves, spans wait in the WAL.
+    side is down or failing, or the poller is not running: auth still serves, spans wait in
+    the WAL.
     """
 
     status: Literal["ok", "degraded", "unavailable"]
+    version: str
+    uptime_seconds: float
     database: DatabaseHealth
     auth_server: AuthServerHealth
     ingestion: IngestionHealth
@@ -284,10 +289,12 @@ async def check_health(backend: Backend) -> Health:
     status: Literal["ok", "degraded", "unavailable"] = "ok"
     if not (database.ok and auth_health.running):
         status = "unavailable"
-    elif poller.enabled and not (reachable and poller.running):
+    elif poller.enabled and not (reachable and poller.running and poller.last_error is None):
         status = "degraded"
     return Health(
         status=status,
+        version=__version__,
+        uptime_seconds=round(time.monotonic() - backend.started_at, 3),
         database=database,
         auth_server=auth_health,
         ingestion=IngestionHealth(
@@ -341,7 +348,7 @@ def create_app(
         """Liveness, as the Go backend answered it (the compose health check)."""
         return "pong"
 
-    @app.get("/health", responses={503: {"model": Health}})
+    @app.api_route("/health", methods=["GET", "HEAD"], responses={503: {"model": Health}})
     async def health(backend: RunningBackend, response: Response) -> Health:
         """Each part's state; HTTP 503 when a part that auth needs is down."""
         body = await check_health(backend)

@@ -17,6 +17,7 @@ No metric carries key material, and no label is derived from a key.
 
 from __future__ import annotations
 
+import math
 import platform
 from typing import TYPE_CHECKING
 
@@ -114,13 +115,15 @@ class BackendCollector:
         if status.role_since is not None:
             yield _gauge(
                 "junjo_poller_role_changed_timestamp_seconds",
-                "When this replica last became leader or standby (Unix seconds)",
+                "When this replica became the leader (Unix seconds; absent on a standby)",
                 status.role_since.timestamp(),
             )
+        caught_up = status.caught_up
         yield _gauge(
             "junjo_poller_caught_up",
-            "1 when the poller's last read reached the end of the WAL (or the settle window)",
-            status.caught_up,
+            "1 when nothing older than the settle window is unread, 0 when behind, NaN while "
+            "not known (a standby; the ingestion-service unreachable or failing)",
+            math.nan if caught_up is None else float(caught_up),
         )
         if status.last_key_received_at is not None:
             yield _gauge(

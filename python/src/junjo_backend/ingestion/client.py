@@ -38,6 +38,7 @@ from junjo_backend.ingestion.errors import (
     IngestionClosedError,
     IngestionError,
     IngestionUnavailableError,
+    answered_with,
     ingestion_error,
     is_connection_loss,
     rpc_status,
@@ -69,6 +70,9 @@ _CHUNK_RECORDS = 256
 _CHUNK_MAX_AGE_SECONDS = 0.02
 # Chunks read ahead of the caller: 16 x 256 records of ~1 KB is a few MB at most.
 _CHUNKS_AHEAD = 16
+
+# What `reachable` reports is never older than this: older evidence reads as not known.
+REACHABLE_MAX_AGE_SECONDS = 5.0
 
 _RETRY_INITIAL_SECONDS = 0.05
 _RETRY_MAX_SECONDS = 5.0
@@ -287,6 +291,7 @@ class IngestionClient:
         # Written from the event loop; the lock keeps the transitions whole for any thread.
         self._state_lock = threading.Lock()
         self._reachable: bool | None = None
+        self._evidence_at: float | None = None  # monotonic: when a call last showed either
         self._unreachable_since: float | None = None
         self._last_error: str | None = None
         self._reconnects = 0
@@ -308,19 +313,28 @@ class IngestionClient:
 
     @property
     def reachable(self) -> bool | None:
-        """Whether the ingestion-service was reachable at the last call; None before any call.
+        """Whether the last call reached the ingestion-service; None when that is not known.
 
-        A message or an OK end says yes, a lost connection no. The poller calls at least every
-        `POLLER_IDLE_WAIT_SECONDS` while it is reachable, and at every retry while it is not,
-        so this is a probe result refreshed by the poller's own reads. Reading it starts
-        nothing. (The channel's connectivity subscription was tried: grpcio's polling thread
-        can outlive `unsubscribe` and raise "Channel closed" on its own thread at close.)
+        Any answer says yes, an error status included (`last_error` then names it); a lost
+        connection or a call that got nothing before its deadline says no. Not known: no
+        call yet, or the last evidence is older than `REACHABLE_MAX_AGE_SECONDS` (the
+        poller's own reads, or its probe when it does not read, keep it fresher). Reading
+        it starts nothing. (The channel's connectivity subscription was tried: grpcio's
+        polling thread can outlive `unsubscribe` and raise "Channel closed" at close.)
         """
+        seen_at = self._evidence_at
+        if seen_at is None or time.monotonic() - seen_at > REACHABLE_MAX_AGE_SECONDS:
+            return None
         return self._reachable
+
+    def evidence_age(self) -> float | None:
+        """Seconds since a call last showed whether the service is reachable; None: never."""
+        seen_at = self._evidence_at
+        return None if seen_at is None else time.monotonic() - seen_at
 
     @property
     def last_error(self) -> str | None:
-        """The failure that made the ingestion-service unreachable, from its first failed call."""
+        """The latest failure of a call (`CODE: details`); None once a call succeeds."""
         return self._last_error
 
     @property
@@ -334,26 +348,22 @@ class IngestionClient:
         return dict(self._stream_errors)
 
     def _seen(self, *, reachable: bool, error: str | None = None) -> None:
-        """Record what a call or the channel showed; log the way back from an outage.
+        """Record what a call showed (`error`: the status it failed with, if any).
 
-        During an outage `last_error` keeps the first failure: it is set at once, not only
-        when the retries give up.
+        `last_error` is always the latest failure; the way back from an outage is logged.
         """
         with self._state_lock:
             before = self._reachable
+            self._evidence_at = time.monotonic()
+            self._reachable = reachable
+            self._last_error = error
             if not reachable:
                 if before is not False:
-                    self._reachable = False
-                    self._last_error = error or "unreachable"
                     self._unreachable_since = time.monotonic()
                 return
-            if before is True:
+            if before is not False:
                 return
-            self._reachable = True
-            self._last_error = None
             since, self._unreachable_since = self._unreachable_since, None
-            if before is None:  # first sight: the lifespan says it at start-up
-                return
             self._reconnects += 1
         fields: dict[str, object] = {"address": self.address}
         if since is not None:
@@ -409,17 +419,18 @@ class IngestionClient:
     async def check_connection(self, timeout: float = 1.0) -> bool:  # noqa: ASYNC109 (the call's gRPC deadline)
         """Whether the ingestion-service answers ReadSpans (batch_size 0) within `timeout`.
 
-        A call of its own: for start-up and the CLI, never for `/health` (see `reachable`).
+        A call of its own: for start-up, the CLI and the poller's probe while it does not
+        read; never made by `/health` (see `reachable`).
         """
         stub = self._stub
         if stub is None:
             return False
         request = ingestion_pb2.ReadSpansRequest(batch_size=0)
         loop = asyncio.get_running_loop()
-        answered: asyncio.Future[str | None] = loop.create_future()
+        answered: asyncio.Future[tuple[bool, str | None]] = loop.create_future()
 
         def probe() -> None:
-            failure: str | None = None
+            outcome: tuple[bool, str | None] = (True, None)
             try:
                 for _ in stub.ReadSpans(request, timeout=timeout, wait_for_ready=False):
                     pass
@@ -428,15 +439,15 @@ class IngestionClient:
                 log.debug(
                     "ingestion-service probe failed", extra={"code": code.name, "details": details}
                 )
-                failure = f"{code.name}: {details}"
+                outcome = (answered_with(code, details), f"{code.name}: {details}")
             except ValueError:  # closed channel
-                failure = "the ingestion client was closed"
+                outcome = (False, "the ingestion client was closed")
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting
-                loop.call_soon_threadsafe(_settle, answered, failure)
+                loop.call_soon_threadsafe(_settle, answered, outcome)
 
         self._start_worker(probe)
-        failure = await answered
-        self._seen(reachable=failure is None, error=failure)
+        reachable, failure = await answered
+        self._seen(reachable=reachable, error=failure)
         return failure is None
 
     async def read_spans(self, start_key: bytes | None, batch_size: int = 100) -> list[SpanRecord]:
@@ -482,6 +493,8 @@ class IngestionClient:
                     if not progressed:
                         progressed = True
                         self._seen(reachable=True)
+                    else:
+                        self._evidence_at = time.monotonic()  # a long stream stays fresh
                     retry.progressed()
                     yield item
             finally:
@@ -509,10 +522,10 @@ class IngestionClient:
         resumable = is_connection_loss(code, details) or (
             progressed and code is grpc.StatusCode.DEADLINE_EXCEEDED
         )
+        if code is not grpc.StatusCode.DEADLINE_EXCEEDED or not progressed:
+            self._seen(reachable=answered_with(code, details), error=f"{code.name}: {details}")
         if not resumable:
             raise ingestion_error(code, details)
-        if code is not grpc.StatusCode.DEADLINE_EXCEEDED:
-            self._seen(reachable=False, error=f"{code.name}: {details}")
         delay = retry.next_delay()
         if delay is None:
             raise IngestionUnavailableError(
@@ -569,9 +582,11 @@ def _join_all(workers: list[threading.Thread], seconds: float) -> int:
     return sum(worker.is_alive() for worker in workers)
 
 
-def _settle(future: asyncio.Future[str | None], failure: str | None) -> None:
+def _settle(
+    future: asyncio.Future[tuple[bool, str | None]], outcome: tuple[bool, str | None]
+) -> None:
     if not future.done():
-        future.set_result(failure)
+        future.set_result(outcome)
 
 
 __all__ = [

@@ -71,6 +71,14 @@ def is_connection_loss(code: grpc.StatusCode, details: str) -> bool:
     return False
 
 
+def answered_with(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a failed call's status came from the ingestion-service (it is reachable).
+
+    A lost connection did not, and neither did a deadline that passed with nothing received.
+    """
+    return code is not grpc.StatusCode.DEADLINE_EXCEEDED and not is_connection_loss(code, details)
+
+
 def ingestion_error(code: grpc.StatusCode, details: str) -> IngestionError:
     """The typed error for a ReadSpans failure with this status."""
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -28,20 +28,25 @@ trailing window instead would add no latency, but the server decodes every entry
 and is the bottleneck of the drain, so re-reading W of entries on every pass would cost
 as much server work as the ingest itself.
 
-Caught up (defined here, once): the last read either asked for the largest batch the wire
-allows and its stream ended OK (`ingestion_client.MAX_BATCH_SIZE`: the only proof of the
-end of the WAL, since the server counts undecodable entries toward `batch_size` and sends
-nothing for them), or it stopped at an entry still inside the settle window (nothing older
-is left). The poller reads in bounded windows; a window that comes back short is followed
-at once by a read of the largest size, which passes any run of undecodable entries. When
-that read finds an entry that had settled before the short read was requested, the short
-window was exhausted by entries the server skipped: `entries_skipped` counts them (a lower
-bound, as skips inside the largest read are invisible on the wire).
+Caught up (defined here, once): nothing older than the settle window is unread. A read
+proves it when it either asked for the largest batch the wire allows and its stream ended
+OK (`ingestion_client.MAX_BATCH_SIZE`: the only proof of the end of the WAL, since the
+server counts undecodable entries toward `batch_size` and sends nothing for them), or it
+stopped at an entry still inside the settle window; the proof holds for max(W, idle wait)
++ 1 s from the read's start (the longest a poller that keeps up goes between two such
+reads), and then lapses: a read that streams for seconds under load is behind. Not known
+(None) on a standby and while the ingestion-service is unreachable or answers with errors.
+The poller reads in bounded windows; a window that comes back short is followed at once by
+a read of the largest size, which passes any run of undecodable entries. When that read
+finds an entry that had settled before the short read was requested, the short window was
+exhausted by entries the server skipped: `entries_skipped` counts them (a lower bound, as
+skips inside the largest read are invisible on the wire).
 
 Backlog age (what `/health` and `/metrics` report as lag): 0 when caught up; while behind,
 the age of the oldest entry the poller has read but not yet processed (between two batches
-of one drain, the age of the last processed one, which bounds it); not known (None) while
-behind with nothing read since start, e.g. while the ingestion-service is unreachable.
+of one drain, the age of the last processed one, which bounds it); with nothing read since
+the last proof, the oldest an unread entry can be (time since the proof's read, plus W);
+not known (None) on a standby and before anything was read.
 
 Replicas. Several backends on one database run a poller each, but only the leader drains
 (leadership.py): a standby tries for leadership every `POLLER_LEADER_RETRY_SECONDS` and
@@ -92,6 +97,14 @@ _BACKOFF_INITIAL_SECONDS = 0.1
 # least this share of the window: re-reading the head every few milliseconds would mostly
 # re-send entries that cannot be consumed yet.
 _SETTLE_PAUSE_SHARE = 0.25
+# While no read of its own shows whether the ingestion-service is reachable (a standby, a
+# leader backing off), the poller probes it this often: `reachable` is never older than
+# REACHABLE_MAX_AGE_SECONDS (5 s).
+_PROBE_EVERY_SECONDS = 2.0
+# Caught up stays true this long after the read that proved it, beyond the longest pause
+# between two reads of a poller that keeps up (the settle window's or the idle wait):
+# the time one such read takes.
+_CAUGHT_UP_READ_SECONDS = 1.0
 
 
 class PollerStatus(BaseModel):
@@ -102,10 +115,13 @@ class PollerStatus(BaseModel):
 
     enabled: bool = Field(description="POLLER_ENABLED")
     running: bool
-    caught_up: bool = Field(description="the last read reached the end of the WAL (module doc)")
+    caught_up: bool | None = Field(
+        description="nothing older than the settle window is unread (module doc); null while "
+        "not known: a standby, or the ingestion-service unreachable or failing"
+    )
     backlog_age_seconds: float | None = Field(
         description="0 when caught up; while behind, the age of the oldest unprocessed span "
-        "read so far; null while not known"
+        "(or, with none read yet, of the oldest an unread one can have); null while not known"
     )
     last_key: bytes | None = Field(description="the checkpoint: the last processed WAL key")
     last_key_received_at: datetime | None = Field(
@@ -117,14 +133,14 @@ class PollerStatus(BaseModel):
         description="WAL entries the ingestion-service skipped (undecodable), a lower bound"
     )
     last_error: str | None = Field(
-        description="why the last read failed, from the first failure of an outage"
+        description="the latest failure: of the ingestion-service's last call, else the poller's"
     )
     role: Literal["leader", "standby"] | None = Field(
         default=None,
         description="replicas: only the leader drains; a standby is healthy (null: disabled)",
     )
     role_since: datetime | None = Field(
-        default=None, description="when the role last changed (UTC); null: never"
+        default=None, description="when this replica became the leader (UTC); null: a standby"
     )
 
     @classmethod
@@ -149,6 +165,7 @@ class _Read:
     """One ReadSpans call of the poller, and what it showed."""
 
     asked: int  # batch_size
+    requested_at: float  # time.monotonic() just before the call
     cutoff_ms: int | None  # consume only keys stamped at or before this (None: no window)
     delivered: int = 0  # records the server sent
     first_key_ms: int | None = None  # key time of the first record sent
@@ -200,6 +217,9 @@ class SpanPoller:
         self._oldest_unprocessed_ms: int | None = None
         self._last_error: str | None = None
         self._caught_up = False
+        # When the read that proved the poller caught up was requested (monotonic).
+        self._caught_up_at: float | None = None
+        self._probe: asyncio.Task[None] | None = None
         self._read_size = min(settings.poller_batch_size * _BATCHES_PER_READ, MAX_BATCH_SIZE)
         self._settle_ms = round(settings.poller_settle_seconds * 1000)
         self._leadership = leadership or leadership_for(engine, settings)
@@ -220,16 +240,12 @@ class SpanPoller:
     def status(self) -> PollerStatus:
         """A snapshot of the poller's state; computing it changes nothing and calls nothing."""
         checkpoint = self._checkpoint
-        oldest = self._oldest_unprocessed_ms
-        backlog: float | None = None
-        if self._caught_up:
-            backlog = 0.0
-        elif oldest is not None:
-            backlog = max(0.0, time.time() - oldest / 1000)
+        leads = self._role == "leader"
+        caught_up, backlog = self._progress() if leads else (None, None)
         return PollerStatus(
             enabled=True,
             running=self._task is not None and not self._task.done(),
-            caught_up=self._caught_up and self._role == "leader",
+            caught_up=caught_up,
             backlog_age_seconds=backlog,
             last_key=checkpoint,
             last_key_received_at=None
@@ -238,13 +254,32 @@ class SpanPoller:
             spans_processed=self._spans_processed,
             batches_committed=self._batches_committed,
             entries_skipped=self._entries_skipped,
-            # The client knows of an outage at once; the poller only once its retries end.
             last_error=self._client.last_error or self._last_error,
             role=self._role,
-            role_since=None
-            if self._role_since is None
-            else datetime.fromtimestamp(self._role_since, UTC),
+            role_since=datetime.fromtimestamp(self._role_since, UTC)
+            if leads and self._role_since is not None
+            else None,
         )
+
+    def _progress(self) -> tuple[bool | None, float | None]:
+        """The leader's caught-up answer and backlog age (module docstring)."""
+        now = time.monotonic()
+        proved = self._caught_up_at
+        window = self._settle_ms / 1000
+        # The longest a poller that keeps up goes between two reads, and one read's time.
+        fresh = max(window, self._settings.poller_idle_wait_seconds) + _CAUGHT_UP_READ_SECONDS
+        caught_up: bool | None = self._caught_up and proved is not None and now - proved <= fresh
+        if self._client.reachable is not True or self._last_error or self._client.last_error:
+            caught_up = None  # an outage or failing reads: not known
+        oldest = self._oldest_unprocessed_ms
+        if caught_up:
+            return caught_up, 0.0
+        if oldest is not None:
+            return caught_up, max(0.0, time.time() - oldest / 1000)
+        if proved is not None:
+            # Nothing unprocessed read: an unread span is at most this old.
+            return caught_up, now - proved + window
+        return caught_up, None
 
     async def start(self) -> None:
         """Load the checkpoint and start draining in a background task; idempotent."""
@@ -255,6 +290,7 @@ class SpanPoller:
         await self._client.connect()
         self._stop_requested = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="span-poller")
+        self._probe = asyncio.create_task(self._keep_reachability_fresh(), name="poller-probe")
         log.info(
             "span poller started",
             extra={"checkpoint": self._checkpoint.hex() if self._checkpoint else None},
@@ -266,6 +302,10 @@ class SpanPoller:
         if task is None:
             return
         self._stop_requested.set()
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            await asyncio.wait({probe})
         if not self._in_transaction:
             # Waiting on the network or a timer: nothing is lost by cancelling there.
             task.cancel()
@@ -313,6 +353,20 @@ class SpanPoller:
             failures = 0
             short = await self._after_read(read, short)
 
+    async def _keep_reachability_fresh(self) -> None:
+        """Probe the ingestion-service (a ReadSpans of size 0) when no read has shown it lately.
+
+        A standby reads nothing and a leader backing off reads seldom: without this their
+        `reachable` would go stale (it then reads as not known) rather than follow the service.
+        """
+        timeout = min(self._settings.health_probe_timeout_seconds, _PROBE_EVERY_SECONDS)
+        while True:
+            age = self._client.evidence_age()
+            if age is None or age >= _PROBE_EVERY_SECONDS:
+                await self._client.check_connection(timeout)
+                age = 0.0
+            await asyncio.sleep(_PROBE_EVERY_SECONDS - age)
+
     async def _back_off(self, error: Exception, failures: int) -> None:
         """Report a failed drain and wait before retrying from the checkpoint."""
         self._caught_up = False
@@ -336,6 +390,7 @@ class SpanPoller:
         if read.delivered or not read.short:
             self._caught_up = read.caught_up
         if read.caught_up:
+            self._caught_up_at = read.requested_at
             self._oldest_unprocessed_ms = None
         if read.unsettled_ms is not None:
             await self._pause(self._until_settled(read.unsettled_ms))
@@ -409,7 +464,7 @@ class SpanPoller:
             # The server's read snapshot is taken after this moment, so every key stamped
             # before the cutoff whose commit came within W is in it.
             cutoff = int(time.time() * 1000) - self._settle_ms
-        return _Read(asked=asked, cutoff_ms=cutoff)
+        return _Read(asked=asked, requested_at=time.monotonic(), cutoff_ms=cutoff)
 
     def _until_settled(self, key_ms: int) -> float:
         """Seconds until an entry stamped `key_ms` is out of the settle window."""
