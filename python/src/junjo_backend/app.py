@@ -36,6 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from junjo_backend import __version__
+from junjo_backend.access_log import AccessLog
 from junjo_backend.auth.server import AuthServer
 from junjo_backend.database import (
     close_engine,
@@ -453,9 +454,12 @@ class ServeError(RuntimeError):
 async def _serve(settings: Settings, http_socket: socket.socket) -> None:
     started = StartedBackend()
     config = uvicorn.Config(
-        create_app(settings, started=started),
+        AccessLog(create_app(settings, started=started)),
         # Our logging set-up (logs.configure_logging) formats uvicorn's records too.
         log_config=None,
+        # uvicorn's access log writes paths and query strings as sent (a key a client put
+        # in a URL with them); ours names routes (access_log.py).
+        access_log=False,
         # A failing lifespan must stop the process, not be taken for "unsupported".
         lifespan="on",
         # grpc.aio needs the standard asyncio loop.

@@ -75,15 +75,13 @@ class TextFormatter(logging.Formatter):
         return " ".join(f"{name}={_logfmt_value(value)}" for name, value in fields.items())
 
 
-# uvicorn's loggers, renamed so that every line carries one of ours.
+# uvicorn's loggers, renamed so that every line carries one of ours. (uvicorn's access log
+# is off: access_log.py writes ours.)
 _RENAMED_LOGGERS = {
     "uvicorn": "junjo_backend.http",
     "uvicorn.error": "junjo_backend.http",
     "uvicorn.access": "junjo_backend.http.access",
 }
-# Probes and scrapes: their access lines go to DEBUG, or every probe would log at INFO.
-_QUIET_PATHS = frozenset({"/ping", "/health", "/metrics"})
-_ACCESS_PATH_ARG = 2  # uvicorn's access record args: client, method, path, version, status
 
 
 class _RenameLogger(logging.Filter):
@@ -94,25 +92,8 @@ class _RenameLogger(logging.Filter):
         return True
 
 
-class _QuietProbes(logging.Filter):
-    """Demote access lines of `/ping`, `/health` and `/metrics` to DEBUG."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if not isinstance(args, tuple) or len(args) <= _ACCESS_PATH_ARG:
-            return True
-        path = str(args[_ACCESS_PATH_ARG]).split("?", 1)[0]
-        if path not in _QUIET_PATHS:
-            return True
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return logging.getLogger().isEnabledFor(logging.DEBUG)
-
-
 class _BackendHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler this module installed, so a second call replaces it."""
-
-
-_QUIET_PROBES = _QuietProbes()
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
@@ -125,6 +106,3 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    access = logging.getLogger("uvicorn.access")
-    if _QUIET_PROBES not in access.filters:
-        access.addFilter(_QUIET_PROBES)

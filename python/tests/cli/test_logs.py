@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from junjo_backend.auth.key_store import generate_api_key
 from junjo_backend.settings import Settings
 
 from .test_operator_errors import _SETTING_NAMES
@@ -30,8 +31,16 @@ READY = "junjo-backend ready"
 _SLOG_LEVELS = {"DEBUG", "INFO", "WARN", "ERROR"}
 
 
-def serve_once(tmp_path: Path, log_format: str) -> list[str]:
-    """Start `serve`, probe /ping and /health, stop it with SIGINT; its stderr lines."""
+_PROBES = (("GET", "/ping"), ("GET", "/health"), ("GET", "/ping"))
+
+
+def serve_once(
+    tmp_path: Path,
+    log_format: str,
+    requests: tuple[tuple[str, str], ...] = _PROBES,
+    env: dict[str, str] | None = None,
+) -> list[str]:
+    """Start `serve`, send `requests` (method, path), stop it with SIGINT; its stderr lines."""
     base = {k: v for k, v in os.environ.items() if k not in _SETTING_NAMES}
     env = {
         **base,
@@ -40,6 +49,7 @@ def serve_once(tmp_path: Path, log_format: str) -> list[str]:
         "HTTP_PORT": "0",
         "INGESTION_GRPC_ADDRESS": "127.0.0.1:1",  # nothing there: the poller retries
         "DATABASE_URL": "sqlite:///data/junjo.db",  # rewritten, with a note
+        **(env or {}),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "junjo_backend", "serve"],
@@ -65,10 +75,11 @@ def serve_once(tmp_path: Path, log_format: str) -> list[str]:
                 assert found is not None, line
                 port = int(found.group(1))
         assert port is not None, "\n".join(lines)
-        for path in ("/ping", "/health", "/ping"):
-            # /health may answer 503 (no ingestion-service): still a request.
+        for method, path in requests:
+            # /health may answer 503 (no ingestion-service), others 404 or 405: still requests.
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
             with contextlib.suppress(urllib.error.HTTPError):
-                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).close()
+                urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 (http, above)
         process.send_signal(signal.SIGINT)
         _, rest = process.communicate(timeout=60)
         lines.extend(rest.splitlines())
@@ -102,6 +113,37 @@ def test_text_mode_is_logfmt(tmp_path: Path) -> None:
     assert any("logger=junjo_backend.http" in line for line in lines)
     assert all(re.match(r"^time=\S+ level=(DEBUG|INFO|WARN|ERROR) msg=", line) for line in lines)
     assert not any("uvicorn" in line.split(" msg=")[0] for line in lines)
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_the_access_log_names_routes_never_paths_or_query_strings(
+    tmp_path: Path, level: str
+) -> None:
+    key = generate_api_key()
+    requests = (
+        ("GET", f"/health?api_key={key}"),
+        ("GET", f"/{key}"),
+        ("GET", f"/metrics/{key}?x=1"),
+        ("POST", f"/ping?{key}"),
+        (key, "/ping"),  # a method is a token: a key can be one
+    )
+    lines = serve_once(tmp_path, "json", requests, env={"LOG_LEVEL": level})
+    assert not [line for line in lines if key[:12] in line or key[-12:] in line]
+    access = [json.loads(line) for line in lines if "junjo_backend.http.access" in line]
+    shown = [(str(record["level"]), str(record["msg"])) for record in access]
+    unknown = [("INFO", "GET unknown route 404"), ("INFO", "GET unknown route 404")]
+    if level == "INFO":  # probes and scrapes only at DEBUG
+        assert shown == unknown
+    else:
+        health = [m for _, m in shown if m.startswith("GET /health ")]
+        assert health in (["GET /health 200"], ["GET /health 503"])
+        assert shown == [
+            ("DEBUG", health[0]),
+            *unknown,
+            ("DEBUG", "POST /ping 405"),
+            ("DEBUG", "OTHER /ping 405"),
+        ]
+    assert all(str(record["client"]).startswith("127.0.0.1:") for record in access)
 
 
 @pytest.mark.parametrize("value", ["a b", 'say "hi"', "back\\slash", "two\nlines", "", "k=v"])
