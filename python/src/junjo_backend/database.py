@@ -46,6 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InvalidatePoolError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import asbool
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
@@ -96,9 +97,11 @@ poller_leadership = Table(
 # where WAL mode would leave a -wal and -shm beside it that belong to the old file.
 # busy_timeout makes readers and writers wait for a lock instead of failing.
 _SQLITE_PRAGMAS = (
+    # First: the pragmas after it wait for a lock too, and until it runs sqlite3's own
+    # 5 s default applies.
+    "PRAGMA busy_timeout=10000",
     "PRAGMA journal_mode=DELETE",
     "PRAGMA synchronous=FULL",
-    "PRAGMA busy_timeout=10000",
     "PRAGMA foreign_keys=ON",
 )
 
@@ -213,10 +216,11 @@ class SqliteFileWatch:
     ) -> None:
         record.info[_OPENED_FILE] = self._identity()
         cparams["async_creator_fn"] = _connect_aiosqlite
-        if not self._create_missing:
-            # mode=rw: SQLite opens the file read-write and fails when it does not exist.
-            cargs[0] = f"file:{quote(str(self._path))}?mode=rw"
-            cparams["uri"] = True
+        # Every connection opens the file this watch looks at, whatever the URL's spelling
+        # (sqlite_database): mode=rw opens it read-write and fails when it does not exist.
+        mode = "rwc" if self._create_missing else "rw"
+        cargs[0] = f"file:{quote(str(self._path))}?mode={mode}"
+        cparams["uri"] = True
 
     def _on_connect(self, _dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
         # SQLite opened the file between the two looks; if they differ, it is unknown which
@@ -299,17 +303,136 @@ async def _connect_aiosqlite(database: str, **kwargs: Any) -> aiosqlite.Connecti
         raise
 
 
-def sqlite_file(database_url: str) -> Path | None:
-    """The absolute path of the SQLite file a URL names.
+class UnsupportedDatabaseUrl(ValueError):  # noqa: N818 (reads as the condition it reports)
+    """A SQLite URL whose spelling the backend refuses; the message (one line) says why.
 
-    None for another database, an in-memory one, or a `file:` URI (used as written).
+    The message never repeats the URL (another database's URL can carry a password).
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteFile:
+    """The SQLite database file a URL names (see `sqlite_database`)."""
+
+    path: Path  # absolute; a symlink is kept, and followed at every open and every look
+    create: bool  # False when a `file:` URI says mode=rw: not even the first start makes it
+
+    @property
+    def real_path(self) -> Path:
+        """The file itself, every symlink resolved: what replicas agree on (the leader lock)."""
+        return self.path.resolve()
+
+
+# What SQLAlchemy's SQLite dialects take from the URL's query for `sqlite3.connect` itself;
+# the rest of the query is SQLite's own URI parameters (https://sqlite.org/uri.html).
+_DRIVER_ARGS = frozenset(
+    {"uri", "timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements"}
+)
+# The SQLite URI parameters accepted, and the values of each. `mode` only decides whether
+# the first start may create the file; every open after that is read-write and never creates.
+_URI_PARAMETERS = {"mode": frozenset({"rw", "rwc"}), "cache": frozenset({"private"})}
+_URI_REFUSED = {
+    ("mode", "ro"): "mode=ro: the backend writes to this database (its checkpoint, and the "
+    "key commands)",
+    ("cache", "shared"): "cache=shared: the pooled connections would lock each other out "
+    "of tables, which SQLite's busy timeout does not wait for",
+}
+_NO_MEMORY = (
+    "an in-memory SQLite database belongs to one process: keys made by `junjo-backend "
+    "api-keys create` would never reach the server; name a file "
+    "(sqlite+aiosqlite:///data/junjo.db)"
+)
+_PLAIN_PATH_HINT = "name the file by a plain path (sqlite+aiosqlite:////abs/path/junjo.db)"
+
+
+def sqlite_database(database_url: str) -> SqliteFile | None:
+    """The file a SQLite URL names, however it is spelt; None for another database.
+
+    The one place that answers "which file": the engine (which opens exactly that file),
+    its file watch, the leader lock, the CLI's checks and labels all ask it. A plain path
+    (relative to the working folder, `~` expanded) and a `file:` URI with `uri=true`
+    (`file:/abs`, `file:rel`, `file:///abs`, `file://localhost/abs`) name a file. Spellings
+    that cannot name one file every process agrees on raise `UnsupportedDatabaseUrl`: an
+    in-memory database, `vfs=`, `immutable=`, `nolock=`, `mode=ro`, `cache=shared`, another
+    SQLite parameter, SQLite parameters without `uri=true` (SQLAlchemy would drop them), a
+    `file:` URI without `uri=true`, and a `file:` path that still holds `%`, `?` or `#`
+    once SQLAlchemy has decoded it (SQLite would decode it a second time).
     """
     url = make_url(database_url)
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+    if url.get_backend_name() != "sqlite":
         return None
-    if url.query.get("uri") in {"true", "1"}:
-        return None
-    return Path(url.database).expanduser().absolute()
+    query = dict(url.query)
+    repeated = sorted(name for name, value in query.items() if isinstance(value, tuple))
+    if repeated:
+        raise UnsupportedDatabaseUrl(f"the query parameter {repeated[0]!r} is given twice")
+    try:
+        uri = asbool(query.get("uri", False))
+    except ValueError:
+        raise UnsupportedDatabaseUrl("uri= must be true or false") from None
+    parameters = {name: str(value) for name, value in query.items() if name not in _DRIVER_ARGS}
+    database = url.database or ""
+    is_file_uri = uri and database.startswith("file:")
+    if parameters and not is_file_uri:
+        names = ", ".join(sorted(parameters))
+        raise UnsupportedDatabaseUrl(
+            f"SQLite URI parameters ({names}) take effect only in a file: URI with uri=true "
+            "(sqlite+aiosqlite:///file:/path/junjo.db?uri=true); here they would be ignored"
+        )
+    if database.lower().startswith("file:") and not is_file_uri:
+        raise UnsupportedDatabaseUrl(
+            "a file: URI needs ?uri=true (without it, 'file:' would be a folder name)"
+        )
+    path_text = _file_uri_path(database.removeprefix("file:")) if is_file_uri else database
+    if path_text in {"", ":memory:"}:
+        raise UnsupportedDatabaseUrl(_NO_MEMORY)
+    may_create = [_check_uri_parameter(name, value) for name, value in parameters.items()]
+    create = all(may_create)
+    path = Path(path_text)
+    if not is_file_uri:
+        path = path.expanduser()  # SQLite itself expands nothing in a URI
+    return SqliteFile(path.absolute(), create=create)
+
+
+def _file_uri_path(rest: str) -> str:
+    """The path of a `file:` URI (after `file:`), as SQLite reads it."""
+    if any(mark in rest for mark in "%?#"):
+        raise UnsupportedDatabaseUrl(
+            "the file: URI's path holds '%', '?' or '#' once SQLAlchemy has decoded it, and "
+            f"SQLite would decode it again; {_PLAIN_PATH_HINT}"
+        )
+    if rest.startswith("//"):
+        authority, slash, path = rest[2:].partition("/")
+        if authority not in {"", "localhost"}:
+            raise UnsupportedDatabaseUrl(
+                "a file: URI names a file on this host: its authority must be empty or 'localhost'"
+            )
+        return slash + path
+    return rest
+
+
+def _check_uri_parameter(name: str, value: str) -> bool:
+    """Refuse a SQLite URI parameter we do not keep our guarantees under; whether it may create."""
+    if name == "mode" and value == "memory":
+        raise UnsupportedDatabaseUrl(_NO_MEMORY)
+    refused = _URI_REFUSED.get((name, value))
+    if refused is None and value not in _URI_PARAMETERS.get(name, frozenset()):
+        refused = (
+            f"the SQLite URI parameter {name}={value} is not supported (accepted: mode=rw, "
+            "mode=rwc, cache=private); vfs=, immutable= and nolock= would hide changes "
+            "other processes make (a revoked key) from the server"
+        )
+    if refused is not None:
+        raise UnsupportedDatabaseUrl(refused)
+    return not (name == "mode" and value == "rw")
+
+
+def sqlite_file(database_url: str) -> Path | None:
+    """The absolute path of the SQLite file a URL names; None for another database.
+
+    See `sqlite_database` (which spellings name a file, which are refused).
+    """
+    database = sqlite_database(database_url)
+    return None if database is None else database.path
 
 
 def database_label(database_url: str) -> str:
@@ -326,9 +449,10 @@ def create_engine(
 ) -> AsyncEngine:
     """An async engine for `database_url`; for a SQLite file, its folder is created.
 
-    With `create_missing=False`, a SQLite file that does not exist is an error rather than
-    a new empty database (and its folder is not created). Either way a SQLite file named
-    by a path is watched (`SqliteFileWatch`); a `file:` URI is used as written. Opening a
+    With `create_missing=False` (or a `file:` URI saying mode=rw), a SQLite file that does
+    not exist is an error rather than a new empty database (and its folder is not created).
+    Either way the file `sqlite_database` names is the one opened and watched
+    (`SqliteFileWatch`); a spelling it refuses raises `UnsupportedDatabaseUrl`. Opening a
     PostgreSQL connection gives up after `connect_timeout_seconds` (a server that accepts
     connections but never answers).
     """
@@ -342,9 +466,12 @@ def create_engine(
         return create_async_engine(
             url, pool_pre_ping=True, hide_parameters=True, connect_args=connect_args
         )
-    path = sqlite_file(database_url)
-    if path is not None and create_missing:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    database = sqlite_database(database_url)
+    if database is None:  # pragma: no cover - the dialect is SQLite here
+        raise UnsupportedDatabaseUrl("not a SQLite URL")
+    create = create_missing and database.create
+    if create:
+        database.real_path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(url, hide_parameters=True)
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -356,8 +483,7 @@ def create_engine(
         finally:
             cursor.close()
 
-    if path is not None:
-        SqliteFileWatch(path, create_missing=create_missing).attach(engine)
+    SqliteFileWatch(database.path, create_missing=create).attach(engine)
     return engine
 
 

@@ -28,6 +28,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from junjo_backend.database import sqlite_database
+
 _MAX_PORT = 65535
 # URL schemes that hosting platforms hand out, and the async driver each one needs.
 _ASYNC_DRIVERS = {
@@ -103,7 +105,7 @@ def async_database_url(value: str) -> str:
 
     `postgres://` and `postgresql://` (what hosting platforms hand out) become
     `postgresql+asyncpg://`, `sqlite://` becomes `sqlite+aiosqlite://`; a driver we cannot
-    run is a ValueError naming it.
+    run is a ValueError naming it, and so is a SQLite spelling `sqlite_database` refuses.
     """
     _refuse_ambiguous_credentials(value.strip())
     try:
@@ -114,13 +116,15 @@ def async_database_url(value: str) -> str:
             "postgresql+asyncpg://user:password@host/db)"
         ) from None
     driver = url.drivername
-    if driver in _SUPPORTED_DRIVERS:
-        return url.render_as_string(hide_password=False)
     if driver in _ASYNC_DRIVERS:
-        return url.set(drivername=_ASYNC_DRIVERS[driver]).render_as_string(hide_password=False)
-    raise ValueError(
-        f"driver {driver!r} is not supported (use sqlite+aiosqlite:// or postgresql+asyncpg://)"
-    )
+        url = url.set(drivername=_ASYNC_DRIVERS[driver])
+    elif driver not in _SUPPORTED_DRIVERS:
+        raise ValueError(
+            f"driver {driver!r} is not supported (use sqlite+aiosqlite:// or postgresql+asyncpg://)"
+        )
+    rendered = url.render_as_string(hide_password=False)
+    sqlite_database(rendered)  # a SQLite spelling that names no one file is refused here
+    return rendered
 
 
 SpanStoreChoice = Literal["auto", "duckdb", "database", "none"]

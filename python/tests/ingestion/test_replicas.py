@@ -192,6 +192,52 @@ async def test_sqlite_one_replica_drains_and_a_standby_takes_over(
     assert not fnmatch.fnmatch(lock_file.name, "[!.]*")
 
 
+async def test_sqlite_replicas_on_a_file_uri_have_one_leader(
+    make_replicas: Callable[[str], Replicas], wal: FakeWal, tmp_path: Path
+) -> None:
+    # Issue 20, item 7: with a `file:` URI both replicas drained (7 step-downs in 3 s).
+    database = tmp_path / "data" / "junjo.db"
+    url = f"sqlite+aiosqlite:///file:{database}?uri=true"
+    await _one_drains_then_the_other_takes_over(make_replicas(url), wal)
+    assert (tmp_path / "data" / ".junjo.db.poller-lock").exists()
+
+
+async def test_sqlite_every_spelling_of_one_file_contends_for_one_lock(
+    make_settings: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    database = tmp_path / "data" / "junjo.db"
+    (tmp_path / "link.db").symlink_to(database)
+    urls = [
+        f"sqlite+aiosqlite:///{database}",
+        f"sqlite+aiosqlite:///file:{database}?uri=true",
+        "sqlite+aiosqlite:///data/junjo.db",
+        f"sqlite+aiosqlite:///{tmp_path / 'link.db'}",
+        "sqlite+aiosqlite:///file:link.db?uri=true&mode=rwc",
+    ]
+    engines = [await open_engine(url) for url in urls]
+    leaderships = [
+        leadership_for(engine, make_settings(database_url=url))
+        for engine, url in zip(engines, urls, strict=True)
+    ]
+    try:
+        assert [await leadership.acquire() for leadership in leaderships] == [
+            True,
+            False,
+            False,
+            False,
+            False,
+        ]
+        await leaderships[0].release()
+        assert await leaderships[3].acquire() is True
+        assert [await leadership.acquire() for leadership in leaderships[:3]] == [False] * 3
+    finally:
+        for leadership in leaderships:
+            await leadership.close()
+        for engine in engines:
+            await close_engine(engine)
+
+
 _LOCK_HOLDER = (
     "import fcntl, sys\n"
     "f = open(sys.argv[1], 'a')\n"

@@ -342,19 +342,14 @@ class FileLockLeadership(PollerLeadership):
             os.close(fd)  # releases the flock
 
 
-class SoleLeadership(PollerLeadership):
-    """For a database no other process can open (in-memory, a `file:` URI used as written)."""
-
-    async def _take_lock(self) -> bool:
-        return True
-
-    async def _drop_lock(self) -> None:
-        return None
-
-
 def lock_file_for(database: Path) -> Path:
-    """The SQLite leader lock file: a dot file beside the database, not matched by `rm db*`."""
-    return database.with_name(f".{database.name}.poller-lock")
+    """The SQLite leader lock file: a dot file beside the database, not matched by `rm db*`.
+
+    Beside the file itself, symlinks resolved: replicas that spell the database differently
+    (a `file:` URI, a relative path, a symlink) take the same lock.
+    """
+    real = database.resolve()
+    return real.with_name(f".{real.name}.poller-lock")
 
 
 def leadership_for(engine: AsyncEngine, settings: Settings) -> PollerLeadership:
@@ -365,7 +360,9 @@ def leadership_for(engine: AsyncEngine, settings: Settings) -> PollerLeadership:
             ping_interval_seconds=settings.poller_leader_retry_seconds,
             connect_timeout_seconds=settings.database_connect_timeout_seconds,
         )
+    # Every SQLite spelling the settings accept names a file (in-memory ones are refused).
     path = sqlite_file(settings.database_url)
-    if path is not None:
-        return FileLockLeadership(engine, lock_file_for(path))
-    return SoleLeadership(engine)
+    if path is None:  # pragma: no cover - only SQLite and PostgreSQL are accepted
+        msg = f"no leadership for a {engine.dialect.name} database"
+        raise ValueError(msg)
+    return FileLockLeadership(engine, lock_file_for(path))
