@@ -43,6 +43,7 @@ from junjo_backend.database import (
     database_label,
     describe_database_error,
     open_database,
+    sqlite_write_problem,
 )
 from junjo_backend.http_protocol import bounded_h11_protocol
 from junjo_backend.ingestion.client import IngestionClient
@@ -490,6 +491,9 @@ def serve(settings: Settings) -> int:
     A start-up failure raises `ServeError` (one line naming the setting) before the HTTP API
     answers anything: its socket is bound first, then the backend starts, then uvicorn serves.
     """
+    problem = sqlite_write_problem(settings.database_url)
+    if problem is not None:
+        raise ServeError(f"DATABASE_URL: {problem}")
     _probe_auth_address(settings)
     http_socket = _bind_http(settings)
     try:

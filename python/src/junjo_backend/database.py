@@ -435,6 +435,46 @@ def sqlite_file(database_url: str) -> Path | None:
     return None if database is None else database.path
 
 
+def write_access_problem(path: Path) -> str | None:
+    """Why this process could not write a database file at `path`, or None.
+
+    Checked before SQLite is asked, whose own answer is only "unable to open database
+    file". Writing needs the file (when it exists) and its folder (SQLite writes a
+    `-journal` beside the file at every write; a missing folder is made in the nearest one
+    that exists). The image runs as uid 10001, while a folder bind-mounted from the host
+    often belongs to root: the message names the folder, the uid and the fixes.
+    """
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return _not_writable("the database file", path, folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return _not_writable("the folder", folder, folder)
+    return None
+
+
+def _not_writable(what: str, where: Path, folder: Path) -> str:
+    uid = os.geteuid()
+    try:
+        info = where.stat()
+        owner = f"owner uid {info.st_uid}, mode {info.st_mode & 0o7777:o}"
+        run_as = f"--user {info.st_uid}"
+    except OSError:
+        owner, run_as = "its owner is not readable", "--user <its owner>"
+    return (
+        f"{what} {where} is not writable by uid {uid}, which this process runs as ({owner}); "
+        f"give it to this uid (`chown -R {uid} {folder}`, on the host for a bind mount) or "
+        f"run as its owner (`docker run {run_as}`, compose `user:`)"
+    )
+
+
+def sqlite_write_problem(database_url: str) -> str | None:
+    """`write_access_problem` for the SQLite file `database_url` names (None: not a file)."""
+    path = sqlite_file(database_url)
+    return None if path is None else write_access_problem(path)
+
+
 def database_label(database_url: str) -> str:
     """How to name the database to an operator.
 

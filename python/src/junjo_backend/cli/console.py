@@ -23,6 +23,7 @@ from junjo_backend.database import (
     describe_database_error,
     init_schema,
     sqlite_file,
+    sqlite_write_problem,
 )
 
 if TYPE_CHECKING:
@@ -92,6 +93,9 @@ async def open_command_database(
             "`api-keys create` makes one; run from the folder the server runs in, or set "
             "DATABASE_URL to an absolute path)"
         )
+    problem = sqlite_write_problem(settings.database_url) if create else None
+    if problem is not None:
+        raise CommandError(f"DATABASE_URL: {problem}")
     try:
         engine = create_engine(
             settings.database_url,
