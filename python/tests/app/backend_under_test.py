@@ -30,8 +30,11 @@ def open_files_under(folder: Path) -> list[str]:
 
 
 def corrupt_sqlite_file(path: Path) -> None:
-    """Replace the SQLite file (and its WAL) with bytes that are not a database."""
-    for suffix in ("", "-wal", "-shm"):
+    """Replace the SQLite file (a new file at the path) with bytes that are not a database.
+
+    A rollback journal left behind would be rolled back into the garbage, so it goes too.
+    """
+    for suffix in ("", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     path.write_bytes(b"this is not a database" * 100)
 

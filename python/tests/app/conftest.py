@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from junjo_backend.settings import Settings
 from tests.ingestion.fake_ingestion import FakeIngestionServer, FakeIngestionService, FakeWal
 
 from .backend_under_test import ServeProcess
@@ -32,28 +31,14 @@ async def ingestion(wal: FakeWal) -> AsyncIterator[FakeIngestionServer]:
 
 
 @pytest.fixture
-def database_path(tmp_path: Path) -> Path:
-    return tmp_path / "data" / "junjo.db"
-
-
-@pytest.fixture
-def make_settings(database_path: Path) -> Callable[..., Settings]:
-    """Settings for a backend on loopback ephemeral ports with a fresh SQLite file."""
-
-    def build(**overrides: object) -> Settings:
-        values: dict[str, object] = {
-            "database_url": f"sqlite+aiosqlite:///{database_path}",
-            "auth_grpc_listen_address": "127.0.0.1:0",
-            "ingestion_grpc_address": "127.0.0.1:1",
-            "grpc_shutdown_grace_seconds": 0.5,
-            "poller_idle_wait_seconds": 0.05,
-            "poller_max_backoff_seconds": 0.2,
-            "health_probe_timeout_seconds": 1.0,
-        }
-        values.update(overrides)
-        return Settings.model_validate(values)
-
-    return build
+def settings_defaults() -> dict[str, object]:
+    """Short waits for a backend on loopback ephemeral ports."""
+    return {
+        "grpc_shutdown_grace_seconds": 0.5,
+        "poller_idle_wait_seconds": 0.05,
+        "poller_max_backoff_seconds": 0.2,
+        "health_probe_timeout_seconds": 1.0,
+    }
 
 
 @pytest.fixture

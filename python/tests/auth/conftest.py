@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,8 +17,6 @@ from junjo_backend.auth.key_store import create_api_key
 from junjo_backend.auth.server import AuthServer
 from junjo_backend.database import close_engine, create_engine, init_schema
 from junjo_backend.logs import JsonFormatter
-from junjo_backend.settings import Settings
-from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 from .auth_calls import MISS_FLOOR_PASSED, KeyRegistry, auth_stub
 
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
 
     from junjo_backend._wire.ingestion import auth_pb2_grpc
     from junjo_backend.auth.key_store import NewApiKey
+    from junjo_backend.settings import Settings
 
 
 class RecordingHandler(logging.Handler):
@@ -72,18 +72,19 @@ def _watch_logs(session_log: RecordingHandler) -> RecordingHandler:
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'junjo.db'}"
+def database_path(tmp_path: Path) -> Path:
+    """Directly in tmp_path: tests here also open it with plain sqlite3 before the backend."""
+    return tmp_path / "junjo.db"
 
 
 @pytest.fixture
-def settings(database_url: str) -> Settings:
-    return Settings(
-        database_url=database_url,
-        auth_grpc_listen_address="127.0.0.1:0",
-        grpc_shutdown_grace_seconds=1.0,
-        _env_file=None,
-    )
+def settings_defaults() -> dict[str, object]:
+    return {"grpc_shutdown_grace_seconds": 1.0}
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
 
 
 @pytest.fixture
@@ -125,14 +126,28 @@ def stub(channel: grpc.aio.Channel) -> auth_pb2_grpc.InternalAuthServiceAsyncStu
     return auth_stub(channel)
 
 
-# --- A throwaway PostgreSQL cluster -------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RunningAuth:
+    """A running AuthServer on the test's SQLite file, a channel to it, and the key set-up."""
+
+    settings: Settings
+    engine: AsyncEngine
+    server: AuthServer
+    channel: grpc.aio.Channel
+    stub: auth_pb2_grpc.InternalAuthServiceAsyncStub
+    make_key: Callable[..., Awaitable[NewApiKey]]
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresCluster]:
-    """A throwaway cluster for the session; without the binaries, skipped (failed under CI)."""
-    with throwaway_cluster("junjo-pg-") as cluster:
-        yield cluster
+@pytest.fixture
+def running(
+    settings: Settings,
+    engine: AsyncEngine,
+    auth_server: AuthServer,
+    channel: grpc.aio.Channel,
+    make_key: Callable[..., Awaitable[NewApiKey]],
+) -> RunningAuth:
+    """The auth fixtures a fault test needs, in one."""
+    return RunningAuth(settings, engine, auth_server, channel, auth_stub(channel), make_key)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import (  # type: ignore[import-untyped]
     reflection_pb2,
     reflection_pb2_grpc,
 )
-from sqlalchemy import delete, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from harness.waiting import wait_until
@@ -31,8 +31,8 @@ from junjo_backend.auth.server import (
     VALIDATE_METHOD,
     AuthServer,
 )
-from junjo_backend.database import api_keys, close_engine, create_engine, init_schema
-from junjo_backend.settings import Settings
+from junjo_backend.database import close_engine, create_engine, init_schema
+from tests.settings_factory import backend_settings
 
 from .auth_calls import (
     MISS_FLOOR_PASSED,
@@ -51,9 +51,9 @@ if TYPE_CHECKING:
 
     from junjo_backend._wire.ingestion import auth_pb2_grpc
     from junjo_backend.auth.key_store import NewApiKey
-    from tests.postgres_cluster import PostgresCluster
+    from junjo_backend.settings import Settings
 
-    from .conftest import RecordingHandler
+    from .conftest import RecordingHandler, RunningAuth
 
     Stub = auth_pb2_grpc.InternalAuthServiceAsyncStub
     MakeKey = Callable[..., Awaitable[NewApiKey]]
@@ -230,15 +230,11 @@ async def test_reflection_lists_the_services_when_enabled(
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
 
 
-async def test_a_missing_table_gives_internal_never_true_then_recovers(  # noqa: PLR0917 (fixtures)
-    settings: Settings,
-    engine: AsyncEngine,
-    auth_server: AuthServer,
-    channel: grpc.aio.Channel,
-    stub: Stub,
-    make_key: MakeKey,
-    used_keys: KeyRegistry,
+async def test_a_missing_table_gives_internal_never_true_then_recovers(
+    running: RunningAuth, used_keys: KeyRegistry
 ) -> None:
+    settings, engine, auth_server = running.settings, running.engine, running.server
+    channel, stub, make_key = running.channel, running.stub, running.make_key
     key = await make_key()
     assert await validate(stub, key.key) is True
     # A real fault, through another connection: the table the server reads disappears.
@@ -271,7 +267,9 @@ async def test_a_missing_table_gives_internal_never_true_then_recovers(  # noqa:
 
 
 def _replace_with_garbage(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
+    # A new file at the path. A rollback journal is there only while a write is under way;
+    # one left behind would be rolled back into the garbage, so it goes too.
+    for suffix in ("", "-journal"):
         path.with_name(path.name + suffix).unlink(missing_ok=True)
     path.write_bytes(b"this is not an SQLite database " * 200)
 
@@ -281,23 +279,18 @@ def _restore(saved: Path, path: Path) -> None:
     shutil.copy(saved, path)
 
 
-async def test_a_database_file_that_is_not_a_database_gives_internal_then_recovers(  # noqa: PLR0917 (fixtures)
-    settings: Settings,
-    engine: AsyncEngine,
-    auth_server: AuthServer,
-    channel: grpc.aio.Channel,
-    stub: Stub,
-    make_key: MakeKey,
-    tmp_path: Path,
+async def test_a_database_file_that_is_not_a_database_gives_internal_then_recovers(
+    running: RunningAuth, tmp_path: Path
 ) -> None:
+    settings, engine, auth_server = running.settings, running.engine, running.server
+    channel, stub, make_key = running.channel, running.stub, running.make_key
     key = await make_key()
     assert await validate(stub, key.key) is True
     database = make_url(settings.database_url).database
     assert database is not None
     path = Path(database)
-    # Fold the WAL into the file so that the file alone holds every key.
-    async with engine.connect() as conn:
-        await conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    # Rollback-journal mode (journal_mode=DELETE): between writes the file alone holds every
+    # committed key, so a copy of it is a whole backup.
     saved = tmp_path / "saved.db"
     shutil.copy(path, saved)
     # The file is replaced by garbage, and the pool is emptied so that new connections
@@ -458,21 +451,18 @@ def test_an_address_without_a_port_is_refused(settings: Settings) -> None:
 
 
 async def test_calls_under_way_finish_within_the_grace_period(
-    postgres: PostgresCluster, used_keys: KeyRegistry
+    postgres_url: str, used_keys: KeyRegistry
 ) -> None:
     # A call is held inside the servicer by a real condition: a migration-like transaction
     # holds ACCESS EXCLUSIVE on api_keys (what ALTER TABLE takes), so the read that a miss
-    # triggers waits in PostgreSQL. SQLite cannot do this: in WAL mode a writer never
-    # blocks a reader, and locking_mode=EXCLUSIVE needs every other connection closed.
-    settings = Settings(
-        database_url=postgres.url, auth_grpc_listen_address="127.0.0.1:0", _env_file=None
-    )
-    engine = create_engine(postgres.url)
+    # triggers waits in PostgreSQL. SQLite cannot hold it so: in its rollback-journal mode a
+    # writer's exclusive lock does block the read, but only for the busy timeout, after
+    # which the read fails instead of completing; nor can another connection see it waiting.
+    settings = backend_settings(postgres_url)
+    engine = create_engine(postgres_url)
     await init_schema(engine)
     server = AuthServer(settings, engine)
     try:
-        async with engine.begin() as conn:  # the cluster lives for the session
-            await conn.execute(delete(api_keys))
         await server.start()
         # Created after start, so the snapshot lacks it: the call must read the table.
         key = used_keys.add((await create_api_key(engine, "held call")).key)

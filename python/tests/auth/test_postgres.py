@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
-from sqlalchemy import delete
 
 from harness.waiting import wait_until
 from junjo_backend.auth.key_store import (
@@ -20,8 +19,8 @@ from junjo_backend.auth.key_store import (
 from junjo_backend.auth.server import AuthServer
 from junjo_backend.cli.console import Console
 from junjo_backend.cli.key_commands import run_api_keys_command
-from junjo_backend.database import api_keys, close_engine, create_engine, init_schema
-from junjo_backend.settings import Settings
+from junjo_backend.database import close_engine, create_engine, init_schema
+from tests.settings_factory import backend_settings
 
 from .auth_calls import NOT_SERVING, SERVING, auth_stub, health, validate
 
@@ -33,25 +32,17 @@ if TYPE_CHECKING:
     from .auth_calls import KeyRegistry
 
 
-def _settings(postgres: PostgresCluster) -> Settings:
-    return Settings(
-        database_url=postgres.url, auth_grpc_listen_address="127.0.0.1:0", _env_file=None
-    )
-
-
-async def _fresh_engine(postgres: PostgresCluster) -> AsyncEngine:
-    engine = create_engine(postgres.url)
+async def _fresh_engine(postgres_url: str) -> AsyncEngine:
+    engine = create_engine(postgres_url)
     await init_schema(engine)
-    async with engine.begin() as conn:  # the cluster lives for the session
-        await conn.execute(delete(api_keys))
     return engine
 
 
 async def test_keys_validate_and_revoke_on_postgresql(
-    postgres: PostgresCluster, used_keys: KeyRegistry
+    postgres_url: str, used_keys: KeyRegistry
 ) -> None:
-    settings = _settings(postgres)
-    engine = await _fresh_engine(postgres)
+    settings = backend_settings(postgres_url)
+    engine = await _fresh_engine(postgres_url)
     try:
         before = await create_api_key(engine, "before start")
         used_keys.add(before.key)
@@ -76,10 +67,12 @@ async def test_keys_validate_and_revoke_on_postgresql(
 
 
 async def test_a_postgresql_outage_gives_internal_and_the_server_recovers(
-    postgres: PostgresCluster, used_keys: KeyRegistry
+    postgres: PostgresCluster, postgres_url: str, used_keys: KeyRegistry
 ) -> None:
-    settings = _settings(postgres)
-    engine = await _fresh_engine(postgres)
+    # Stops the session's cluster and starts it again on the same port and data folder, so
+    # the tests after it find it as it was.
+    settings = backend_settings(postgres_url)
+    engine = await _fresh_engine(postgres_url)
     key = await create_api_key(engine, "outage")
     used_keys.add(key.key)
     server = AuthServer(settings, engine)
@@ -114,10 +107,10 @@ async def test_a_postgresql_outage_gives_internal_and_the_server_recovers(
 
 
 async def test_the_api_keys_command_works_on_postgresql(
-    postgres: PostgresCluster, used_keys: KeyRegistry
+    postgres_url: str, used_keys: KeyRegistry
 ) -> None:
-    settings = _settings(postgres)
-    await close_engine(await _fresh_engine(postgres))
+    settings = backend_settings(postgres_url)
+    await close_engine(await _fresh_engine(postgres_url))
     out = io.StringIO()
     create = argparse.Namespace(api_keys_command="create", name="pg cli", json=False)
     assert await run_api_keys_command(settings, create, Console(out, io.StringIO())) == 0

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from junjo_backend.auth.key_store import create_api_key
 from junjo_backend.auth.server import AuthServer
 from junjo_backend.database import close_engine, create_engine, init_schema
-from junjo_backend.settings import Settings
+from tests.settings_factory import backend_settings
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -19,12 +19,10 @@ class AuthBackend:
     """An AuthServer on a fixed loopback port that can go down and come back on that port."""
 
     def __init__(self, database_path: Path, port: int) -> None:
-        self.settings = Settings.model_validate(
-            {
-                "database_url": f"sqlite+aiosqlite:///{database_path}",
-                "auth_grpc_listen_address": f"127.0.0.1:{port}",
-                "grpc_shutdown_grace_seconds": 0.5,
-            }
+        self.settings = backend_settings(
+            f"sqlite+aiosqlite:///{database_path}",
+            auth_grpc_listen_address=f"127.0.0.1:{port}",
+            grpc_shutdown_grace_seconds=0.5,
         )
         self._engine: AsyncEngine | None = None
         self._server: AuthServer | None = None

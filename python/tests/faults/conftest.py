@@ -7,6 +7,10 @@ the outcome measured. The table is printed at the end of the run and written to
 `fault-results/faults.json`. Time bounds in these tests are hang guards with generous
 slack; figures go in the table, not in assertions.
 
+A scenario takes `kit` (its folder, the table, the key registry, the output folder, the
+log settings, and the key set-up: `kit.store_keys`, `kit.probe_keys`) and, when it needs
+the Go peer, `go_peer` (the image, the test's fleet, fresh ports).
+
 Key-material watch: everything the suite's own servers and CLI calls write goes to files
 under `fault_output.folder` (`fault_output.path(name)` gives a fresh file), every key a test
 creates or sends is registered with `fault_keys.add`, and `fault_log_env()` gives the
@@ -30,8 +34,12 @@ from urllib.parse import quote
 import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import pytest
 
-from harness.peer import PeerImage, ensure_image
+from harness.peer import PeerImage, PeerPorts, ensure_image
+from junjo_backend.auth.key_store import create_api_key, generate_api_key, revoke_api_key
+from junjo_backend.database import close_engine, create_engine, init_schema
 from tests.compat.peer import PeerContainer, PeerFleet
+
+from .recovery_helpers import ProbeKeys
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -212,6 +220,81 @@ async def fleet(
         await fleet.close()
         for peer in registry:
             fault_output.path(f"{peer.name}-container").write_text(peer.logs())
+
+
+@dataclass(frozen=True, slots=True)
+class FaultKit:
+    """One scenario's surroundings: its folder, what it reports through, its key set-up.
+
+    Every key made here is registered for the end-of-run scan.
+    """
+
+    folder: Path  # the test's tmp_path
+    table: FaultTable
+    keys: KeyRegistry
+    output: OutputFolder
+    log_env: Callable[[], dict[str, str]]
+
+    def sqlite_url(self, name: str = "junjo.db") -> str:
+        """The URL of a SQLite file in the test's folder."""
+        return f"sqlite+aiosqlite:///{self.folder / name}"
+
+    async def store_keys(self, database_url: str, count: int, name: str = "fault") -> list[str]:
+        """Create the schema and `count` API keys (registered); the keys, for the test to send."""
+        engine = create_engine(database_url)
+        try:
+            await init_schema(engine)
+            keys = [(await create_api_key(engine, f"{name}-{n}")).key for n in range(count)]
+        finally:
+            await close_engine(engine)
+        for key in keys:
+            self.keys.add(key)
+        return keys
+
+    async def probe_keys(self, database_url: str) -> ProbeKeys:
+        """A valid key, a revoked one (both in the database) and 16 unknown ones, registered."""
+        engine = create_engine(database_url)
+        try:
+            await init_schema(engine)
+            valid = await create_api_key(engine, "fault probe valid")
+            revoked = await create_api_key(engine, "fault probe revoked")
+            await revoke_api_key(engine, revoked.id)
+        finally:
+            await close_engine(engine)
+        keys = ProbeKeys(valid, revoked, tuple(generate_api_key() for _ in range(16)))
+        for key in (valid.key, revoked.key, *keys.unknown):
+            self.keys.add(key)
+        return keys
+
+
+@pytest.fixture
+def kit(
+    tmp_path: Path,
+    fault_table: FaultTable,
+    fault_keys: KeyRegistry,
+    fault_output: OutputFolder,
+    fault_log_env: Callable[[], dict[str, str]],
+) -> FaultKit:
+    """What every scenario uses: see FaultKit."""
+    return FaultKit(tmp_path, fault_table, fault_keys, fault_output, fault_log_env)
+
+
+@dataclass(frozen=True, slots=True)
+class GoPeer:
+    """The Go peer for one scenario: its image and the test's fleet of containers."""
+
+    image: PeerImage
+    fleet: PeerFleet
+
+    def ports(self) -> PeerPorts:
+        """Free ports for a peer and the backend it dials (the published image's, if not ours)."""
+        return PeerPorts.pick(self.image)
+
+
+@pytest.fixture
+def go_peer(peer_image: PeerImage, fleet: PeerFleet) -> GoPeer:
+    """The Go peer (built once per module, containers removed after the test)."""
+    return GoPeer(peer_image, fleet)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -1,14 +1,13 @@
-"""What the ingestion fault scenarios run: the Go tools, `serve` in a subprocess, the Go peer.
+"""What the ingestion fault scenarios run: the Go tools and `serve` in a subprocess.
 
 Every process writes its output to a file the suite scans for key material; the API key is
-created in the database directly (the CLI would print it) and handed to the load generator
-through its environment, never its command line.
+created in the database directly (`kit.store_keys`: the CLI would print it) and handed to
+the load generator through its environment, never its command line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -19,21 +18,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import docker  # type: ignore[import-untyped]  # docker-py ships no types
 import httpx
 
 from harness.go_tools import go_tool
-from harness.peer import PeerImage, PeerPorts, ensure_image
 from harness.waiting import NeverHappenedError, free_port, wait_until
-from junjo_backend.auth.key_store import create_api_key
-from junjo_backend.database import close_engine, create_engine, init_schema
-from tests.compat.peer import PeerContainer
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
-
-    from tests.faults.conftest import OutputFolder
 
 
 def run_go_tool(name: str, arguments: list[str], output: Path, **env: str) -> dict[str, Any]:
@@ -52,32 +44,6 @@ def run_go_tool(name: str, arguments: list[str], output: Path, **env: str) -> di
         raise AssertionError(f"{name} exited {done.returncode}: {output.read_text()[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout)
     return result
-
-
-@contextlib.contextmanager
-def docker_engine() -> Iterator[docker.DockerClient]:
-    """The Docker engine, for the Go peer's container."""
-    # The scenarios remove their containers.
-    client = docker.from_env()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-def peer_image(client: docker.DockerClient) -> PeerImage:
-    """The Go peer's image (built once per source hash, shared with the contract suite)."""
-    return ensure_image(client)
-
-
-async def create_key(database: Path, name: str) -> str:
-    """Create the database and an API key in it; the key itself."""
-    engine = create_engine(f"sqlite+aiosqlite:///{database}")
-    try:
-        await init_schema(engine)
-        return (await create_api_key(engine, name)).key
-    finally:
-        await close_engine(engine)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,22 +157,6 @@ class ServeBackend:
         except subprocess.TimeoutExpired:
             process.kill()
             return await asyncio.to_thread(process.wait)
-
-
-async def start_peer(image: PeerImage, ports: PeerPorts, wal_dir: Path, name: str) -> PeerContainer:
-    """Start the Go peer on `wal_dir` and wait until it serves (after our auth answered it)."""
-    peer = PeerContainer(image, ports, wal_dir, name=name)
-    await peer.start()
-    await peer.wait_serving(timeout=120)
-    return peer
-
-
-async def stop_peer(peer: PeerContainer, output: OutputFolder) -> int | None:
-    """Stop the peer gracefully (the WAL is synced and closed) and keep its logs for the scan."""
-    try:
-        return await peer.stop()
-    finally:
-        output.path(f"{peer.name}-container").write_text(peer.logs())
 
 
 def percentile(values: list[float], share: float) -> float:

@@ -1,5 +1,5 @@
 """What the network fault scenarios share: a real `serve` subprocess writing to the fault
-output, API keys stored before it starts, its RSS, the Go load generator, percentiles."""
+output, its RSS, the Go load generator, percentiles."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from harness.go_tools import go_tool
 from harness.waiting import NeverHappenedError, wait_until_sync
-from junjo_backend.auth.key_store import create_api_key
-from junjo_backend.database import close_engine, create_engine, init_schema
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -48,16 +46,6 @@ class RunningBackend:
     def alive(self) -> bool:
         """Whether the server process is still running."""
         return self.process.poll() is None
-
-
-async def store_keys(database_url: str, count: int) -> list[str]:
-    """Create the schema and `count` API keys; the keys, for the test to send."""
-    engine = create_engine(database_url)
-    try:
-        await init_schema(engine)
-        return [(await create_api_key(engine, f"fault-{n}")).key for n in range(count)]
-    finally:
-        await close_engine(engine)
 
 
 @contextlib.contextmanager

@@ -24,15 +24,14 @@ import grpc
 
 from harness.waiting import wait_until
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
-from junjo_backend.auth.key_store import create_api_key, generate_api_key, revoke_api_key
-from junjo_backend.database import close_engine, create_engine, init_schema
+from junjo_backend.database import close_engine, create_engine
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from junjo_backend.auth.key_store import NewApiKey
 
-    from .conftest import KeyRegistry, OutputFolder
+    from .conftest import OutputFolder
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 WALSEED = REPO_ROOT / "go-compat-tests" / "bin" / "walseed"
@@ -329,22 +328,6 @@ class ProbeKeys:
             "revoked": lambda: self.revoked.key,
             "unknown": lambda: next(unknown),
         }
-
-
-async def make_probe_keys(database_url: str, registry: KeyRegistry) -> ProbeKeys:
-    """Create (and revoke) the probe's keys in the database; every key is registered."""
-    engine = create_engine(database_url)
-    try:
-        await init_schema(engine)
-        valid = await create_api_key(engine, "fault probe valid")
-        revoked = await create_api_key(engine, "fault probe revoked")
-        await revoke_api_key(engine, revoked.id)
-    finally:
-        await close_engine(engine)
-    keys = ProbeKeys(valid, revoked, tuple(generate_api_key() for _ in range(16)))
-    for key in (valid.key, revoked.key, *keys.unknown):
-        registry.add(key)
-    return keys
 
 
 async def sqlite_busy_timeout(database_url: str) -> float:

@@ -24,13 +24,10 @@ from typing import TYPE_CHECKING
 
 from junjo_backend.auth.key_store import generate_api_key
 
-from .net_helpers import authload, running_backend, store_keys
+from .net_helpers import authload, running_backend
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from pathlib import Path
-
-    from .conftest import FaultTable, KeyRegistry, OutputFolder
+    from .conftest import FaultKit
 
 # The legitimate callers and the flood, as in the issue's measurements.
 LEGITIMATE_WORKERS = 4
@@ -48,22 +45,18 @@ def _legit(report: dict[str, object]) -> dict[str, object]:
 
 
 def test_deadline_flood_spills_only_as_shed_calls(
-    tmp_path: Path,
-    fault_table: FaultTable,
-    fault_keys: KeyRegistry,
-    fault_output: OutputFolder,
-    fault_log_env: Callable[[], dict[str, str]],
+    kit: FaultKit,
 ) -> None:
     """Legitimate calls during the flood: counted; any failure is CANCELLED; none after it."""
-    keys = asyncio.run(store_keys(f"sqlite+aiosqlite:///{tmp_path / 'junjo.db'}", 4))
+    keys = asyncio.run(kit.store_keys(kit.sqlite_url(), 4))
     invalid = [generate_api_key() for _ in range(64)]
-    for key in keys + invalid:
-        fault_keys.add(key)
-    keys_file = tmp_path / "keys.txt"
+    for key in invalid:
+        kit.keys.add(key)
+    keys_file = kit.folder / "keys.txt"
     keys_file.write_text("\n".join(keys) + "\n")
-    invalid_file = tmp_path / "invalid.txt"
+    invalid_file = kit.folder / "invalid.txt"
     invalid_file.write_text("\n".join(invalid) + "\n")
-    load_errors = fault_output.path("authload-flood")
+    load_errors = kit.output.path("authload-flood")
 
     floods = {
         "2 workers, 1 ms deadlines": {"flood": 2, "flood_timeout": "1ms"},
@@ -74,7 +67,7 @@ def test_deadline_flood_spills_only_as_shed_calls(
             "flood_cancel": "true",
         },
     }
-    with running_backend(tmp_path, fault_output.path("serve-flood"), fault_log_env()) as backend:
+    with running_backend(kit.folder, kit.output.path("serve-flood"), kit.log_env()) as backend:
         reports = {
             name: authload(
                 backend.auth_address,
@@ -111,7 +104,7 @@ def test_deadline_flood_spills_only_as_shed_calls(
     assert after["wrong_answers"] == 0, after
     assert after_legit["errors"] == 0, f"still failing after the flood: {after}"
 
-    fault_table.add(
+    kit.table.add(
         "deadline flood on the legitimate calls' connection (grpc-go, 5 s legitimate deadlines)",
         f"{sum(r['classes']['invalid']['calls'] for r in reports.values()):,} flood calls",
         "; ".join(parts)

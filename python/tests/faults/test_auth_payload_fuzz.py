@@ -25,13 +25,10 @@ from google.protobuf.message import DecodeError
 from junjo_backend._wire.ingestion import auth_pb2
 from junjo_backend.auth.server import VALIDATE_METHOD
 
-from .net_helpers import running_backend, store_keys
+from .net_helpers import running_backend
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from pathlib import Path
-
-    from .conftest import FaultTable, KeyRegistry, OutputFolder
+    from .conftest import FaultKit
     from .net_helpers import RunningBackend
 
 PAYLOADS = 20_000
@@ -198,18 +195,14 @@ async def _send_all(
 
 
 def test_random_and_mutated_payloads(
-    tmp_path: Path,
-    fault_table: FaultTable,
-    fault_keys: KeyRegistry,
-    fault_output: OutputFolder,
-    fault_log_env: Callable[[], dict[str, str]],
+    kit: FaultKit,
 ) -> None:
     """No `true` for a wrong key, no crash, RSS levels off over 20,000 payloads."""
-    keys = asyncio.run(store_keys(f"sqlite+aiosqlite:///{tmp_path / 'junjo.db'}", 5))
+    keys = asyncio.run(kit.store_keys(kit.sqlite_url(), 5))
     maker = PayloadMaker(keys)
     for material in maker.material():
-        fault_keys.add(material)
-    with running_backend(tmp_path, fault_output.path("serve-fuzz"), fault_log_env()) as backend:
+        kit.keys.add(material)
+    with running_backend(kit.folder, kit.output.path("serve-fuzz"), kit.log_env()) as backend:
         outcomes, kinds, wrong, rss = asyncio.run(_send_all(backend, maker, frozenset(keys)))
         assert backend.alive(), "the server died under the payloads"
 
@@ -217,7 +210,7 @@ def test_random_and_mutated_payloads(
     assert sum(kinds.values()) == PAYLOADS
     half = rss[len(rss) // 2]
     assert rss[-1] - half < RSS_SECOND_HALF_GUARD_KIB, f"RSS kept growing (KiB): {rss}"
-    fault_table.add(
+    kit.table.add(
         "random and mutated ValidateApiKey payloads (raw bytes)",
         f"{PAYLOADS:,} ({len(maker.material())} distinct long keys)",
         f"0 wrong answers; answers {dict(sorted(outcomes.items()))}; server alive; RSS"

@@ -13,13 +13,10 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from .net_helpers import authload, running_backend, store_keys
+from .net_helpers import authload, running_backend
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from pathlib import Path
-
-    from .conftest import FaultTable, KeyRegistry, OutputFolder
+    from .conftest import FaultKit
 
 EACH = 500
 SECONDS = 3
@@ -43,20 +40,14 @@ def _closed_by_peer(conn: socket.socket) -> bool:
 
 
 def test_valid_calls_keep_their_latency_beside_stalled_connections(
-    tmp_path: Path,
-    fault_table: FaultTable,
-    fault_keys: KeyRegistry,
-    fault_output: OutputFolder,
-    fault_log_env: Callable[[], dict[str, str]],
+    kit: FaultKit,
 ) -> None:
     """Valid calls succeed, with a p99 near the baseline, while 1,000 connections stall."""
-    keys = asyncio.run(store_keys(f"sqlite+aiosqlite:///{tmp_path / 'junjo.db'}", 4))
-    for key in keys:
-        fault_keys.add(key)
-    keys_file = tmp_path / "keys.txt"
+    keys = asyncio.run(kit.store_keys(kit.sqlite_url(), 4))
+    keys_file = kit.folder / "keys.txt"
     keys_file.write_text("\n".join(keys) + "\n")
-    load_errors = fault_output.path("authload-stalled")
-    with running_backend(tmp_path, fault_output.path("serve-stalled"), fault_log_env()) as backend:
+    load_errors = kit.output.path("authload-stalled")
+    with running_backend(kit.folder, kit.output.path("serve-stalled"), kit.log_env()) as backend:
         host, port = backend.auth_address.rsplit(":", 1)
         baseline = authload(
             backend.auth_address, keys_file, load_errors, SECONDS, concurrency=CALLERS
@@ -86,7 +77,7 @@ def test_valid_calls_keep_their_latency_beside_stalled_connections(
         assert report["errors"] == 0, report
     ratio = loaded["p99_ms"] / max(baseline["p99_ms"], 0.001)
     assert ratio < P99_RATIO_GUARD, f"p99 {baseline['p99_ms']} ms -> {loaded['p99_ms']} ms"
-    fault_table.add(
+    kit.table.add(
         f"{EACH} idle TCP + {EACH} HTTP/2 stalled after the preface, auth port",
         f"{loaded['calls']:,} valid calls beside them",
         f"valid p99 {baseline['p99_ms']} ms before, {loaded['p99_ms']} ms with them open"

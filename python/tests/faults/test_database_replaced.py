@@ -33,10 +33,9 @@ from tests.ingestion.fake_ingestion import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from pathlib import Path
 
-    from tests.faults.conftest import FaultTable, KeyRegistry, OutputFolder
+    from tests.faults.conftest import FaultKit
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,16 +64,10 @@ _URLS: dict[Spelling, str] = {
     ("style", "spelling"),
     [*((style, "path") for style in get_args(Style)), ("delete and copy", "file: URI")],
 )
-async def test_database_replaced_under_a_running_server(  # noqa: PLR0917 (fixtures)
-    style: Style,
-    spelling: Spelling,
-    tmp_path: Path,
-    fault_table: FaultTable,
-    fault_keys: KeyRegistry,
-    fault_output: OutputFolder,
-    fault_log_env: Callable[[], dict[str, str]],
+async def test_database_replaced_under_a_running_server(
+    style: Style, spelling: Spelling, kit: FaultKit
 ) -> None:
-    database = tmp_path / "data" / "junjo.db"
+    database = kit.folder / "data" / "junjo.db"
     wal = FakeWal()
     wal.seed(SPANS_BEFORE)
     async with FakeIngestionServer(FakeIngestionService(wal)) as ingestion:
@@ -87,9 +80,9 @@ async def test_database_replaced_under_a_running_server(  # noqa: PLR0917 (fixtu
             POLLER_IDLE_WAIT_SECONDS="0.05",
             POLLER_MAX_BACKOFF_SECONDS="0.2",
         )
-        cli = Cli({**env, **fault_log_env()}, tmp_path, fault_output.path)
+        cli = Cli({**env, **kit.log_env()}, kit.folder, kit.output.path)
         serve = ServeUnderTest(
-            {**env, **fault_log_env()}, tmp_path, fault_output.path("serve-database-replaced")
+            {**env, **kit.log_env()}, kit.folder, kit.output.path("serve-database-replaced")
         )
         try:
             await serve.start()
@@ -118,7 +111,7 @@ async def test_database_replaced_under_a_running_server(  # noqa: PLR0917 (fixtu
                     serve=serve,
                     cli=cli,
                     auth=AuthCalls(channel),
-                    register=fault_keys.add,
+                    register=kit.keys.add,
                     max_age=MAX_AGE,
                     while_broken=spans_arrive_while_broken,
                 )
@@ -142,7 +135,7 @@ async def test_database_replaced_under_a_running_server(  # noqa: PLR0917 (fixtu
     replaced_lines = output.count("the SQLite database file was replaced")
     poller_retries = output.count("span poller batch failed")
 
-    fault_table.add(
+    kit.table.add(
         f"SQLite file replaced under serve ({style}, {spelling})",
         f"1 restore; {outcome.calls} ValidateApiKey, {outcome.cli_calls} CLI calls",
         f"revoked key refused {outcome.revoked_refused_after:.2f} s after `revoke` exited "

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from harness.peer import PeerImage, PeerPorts
 from harness.waiting import free_port, wait_until
 from junjo_backend._wire.ingestion import auth_pb2_grpc
 
@@ -34,7 +33,6 @@ from .recovery_helpers import (
     BackendProcess,
     Ledger,
     delivered_spans,
-    make_probe_keys,
     recording_backend_command,
     seed_wal,
     sqlite_busy_timeout,
@@ -42,12 +40,11 @@ from .recovery_helpers import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from pathlib import Path
 
-    from tests.compat.peer import PeerFleet
+    from harness.peer import PeerPorts
 
-    from .conftest import FaultTable, KeyRegistry, OutputFolder
+    from .conftest import FaultKit, GoPeer, OutputFolder
 
 PEER_RESTARTS = 10
 BACKEND_KILLS = 5  # on every second peer restart
@@ -65,18 +62,12 @@ LOCK_BEYOND_BUSY_TIMEOUT_SECONDS = 4.0
 DRAIN_LIMIT_SECONDS = 240.0
 
 
-def _backend(
-    tmp_path: Path,
-    ports: PeerPorts,
-    fault_output: OutputFolder,
-    fault_log_env: Callable[[], dict[str, str]],
-    name: str,
-) -> BackendProcess:
+def _backend(kit: FaultKit, ports: PeerPorts, name: str) -> BackendProcess:
     http_port = free_port()
     return BackendProcess(
         recording_backend_command(),
         {
-            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'junjo.db'}",
+            "DATABASE_URL": kit.sqlite_url(),
             "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{ports.backend}",
             "INGESTION_GRPC_ADDRESS": f"127.0.0.1:{ports.internal}",
             "HTTP_HOST": "127.0.0.1",
@@ -88,35 +79,28 @@ def _backend(
             # between or inside commits rather than after the drain has raced past it.
             "POLLER_BATCH_SIZE": str(POLLER_BATCH_SIZE),
             "GRPC_SHUTDOWN_GRACE_SECONDS": "1",
-            "JUNJO_FAULT_DELIVERED": str(tmp_path / "delivered.txt"),
+            "JUNJO_FAULT_DELIVERED": str(kit.folder / "delivered.txt"),
         },
         auth_address=f"127.0.0.1:{ports.backend}",
-        output=fault_output,
-        log_env=fault_log_env,
-        cwd=tmp_path,
+        output=kit.output,
+        log_env=kit.log_env,
+        cwd=kit.folder,
         name=name,
     )
 
 
-async def test_backend_killed_and_peer_restarted_mid_drain(  # noqa: PLR0917 (fixtures)
-    tmp_path: Path,
-    peer_image: PeerImage,
-    fleet: PeerFleet,
-    fault_table: FaultTable,
-    fault_output: OutputFolder,
-    fault_log_env: Callable[[], dict[str, str]],
-) -> None:
-    ports = PeerPorts.pick(peer_image)
-    wal_dir = tmp_path / "wal"
-    seeded = [seed_wal(wal_dir, SPANS, fault_output)]
-    ledger = Ledger(tmp_path / "junjo.db")
-    backend = _backend(tmp_path, ports, fault_output, fault_log_env, "recording-backend")
+async def test_backend_killed_and_peer_restarted_mid_drain(kit: FaultKit, go_peer: GoPeer) -> None:
+    ports = go_peer.ports()
+    wal_dir = kit.folder / "wal"
+    seeded = [seed_wal(wal_dir, SPANS, kit.output)]
+    ledger = Ledger(kit.folder / "junjo.db")
+    backend = _backend(kit, ports, "recording-backend")
     backlog_at_fault: list[int] = []  # spans still waiting in the WAL when each fault hit
     started = time.monotonic()
     try:
         backend.start()
         await backend.wait_ready()
-        peer = await fleet.launch(ports, wal_dir=wal_dir)
+        peer = await go_peer.fleet.launch(ports, wal_dir=wal_dir)
 
         # Each fault once the poller has moved a little past the last one (so it is
         # draining, not waiting). The poller keeps draining while a fault runs (a peer's
@@ -143,7 +127,7 @@ async def test_backend_killed_and_peer_restarted_mid_drain(  # noqa: PLR0917 (fi
             else:
                 await peer.stop()
                 if sum(s.count for s in seeded) - ledger.committed() < LOW_BACKLOG:
-                    seeded.append(seed_wal(wal_dir, TOP_UP, fault_output))
+                    seeded.append(seed_wal(wal_dir, TOP_UP, kit.output))
                 await peer.start()
                 await peer.wait_serving()
 
@@ -160,7 +144,7 @@ async def test_backend_killed_and_peer_restarted_mid_drain(  # noqa: PLR0917 (fi
 
     total = sum(s.count for s in seeded)
     check = ledger.check()
-    delivered = delivered_spans(tmp_path / "delivered.txt")
+    delivered = delivered_spans(kit.folder / "delivered.txt")
     kills = backend.runs - 1
     assert kills == BACKEND_KILLS
     assert ledger.checkpoint() == last_key
@@ -169,7 +153,7 @@ async def test_backend_killed_and_peer_restarted_mid_drain(  # noqa: PLR0917 (fi
     assert check.spans == check.distinct_keys == total, check
     assert (check.min_key, check.max_key) == (seeded[0].first_key, last_key), check
     assert min(backlog_at_fault) > 0, f"a fault hit after the drain ended: {backlog_at_fault}"
-    fault_table.add(
+    kit.table.add(
         "backend SIGKILL + Go peer restart mid-drain",
         f"{kills} kills, {PEER_RESTARTS} peer restarts, {total:,} spans "
         f"({len(seeded)} walseed runs)",
@@ -256,28 +240,22 @@ def _lock_holder(path: Path, fault_output: OutputFolder) -> subprocess.Popen[str
         )
 
 
-async def test_database_locked_beyond_busy_timeout_mid_drain(  # noqa: PLR0917 (fixtures)
-    tmp_path: Path,
-    peer_image: PeerImage,
-    fleet: PeerFleet,
-    fault_table: FaultTable,
-    fault_keys: KeyRegistry,
-    fault_output: OutputFolder,
-    fault_log_env: Callable[[], dict[str, str]],
+async def test_database_locked_beyond_busy_timeout_mid_drain(
+    kit: FaultKit, go_peer: GoPeer
 ) -> None:
-    ports = PeerPorts.pick(peer_image)
-    wal_dir = tmp_path / "wal"
-    seeded = seed_wal(wal_dir, LOCK_SEED, fault_output)
-    database = tmp_path / "junjo.db"
-    keys = await make_probe_keys(f"sqlite+aiosqlite:///{database}", fault_keys)
-    busy_timeout = await sqlite_busy_timeout(f"sqlite+aiosqlite:///{database}")
+    ports = go_peer.ports()
+    wal_dir = kit.folder / "wal"
+    seeded = seed_wal(wal_dir, LOCK_SEED, kit.output)
+    database = kit.folder / "junjo.db"
+    keys = await kit.probe_keys(kit.sqlite_url())
+    busy_timeout = await sqlite_busy_timeout(kit.sqlite_url())
     ledger = Ledger(database)
-    backend = _backend(tmp_path, ports, fault_output, fault_log_env, "recording-backend-locked")
+    backend = _backend(kit, ports, "recording-backend-locked")
     stop_probe = asyncio.Event()
     try:
         backend.start()
         await backend.wait_ready()
-        await fleet.launch(ports, wal_dir=wal_dir)
+        await go_peer.fleet.launch(ports, wal_dir=wal_dir)
         await wait_until(
             functools.partial(ledger.reached, LOCKED_AFTER),
             "the drain is under way",
@@ -288,7 +266,7 @@ async def test_database_locked_beyond_busy_timeout_mid_drain(  # noqa: PLR0917 (
             probing = asyncio.create_task(probe.run(stop_probe))
             try:
                 lock = await _lock_mid_drain(
-                    ledger, database, busy_timeout + LOCK_BEYOND_BUSY_TIMEOUT_SECONDS, fault_output
+                    ledger, database, busy_timeout + LOCK_BEYOND_BUSY_TIMEOUT_SECONDS, kit.output
                 )
                 await wait_until(
                     lambda: ledger.checkpoint() == seeded.last_key,
@@ -310,7 +288,7 @@ async def test_database_locked_beyond_busy_timeout_mid_drain(  # noqa: PLR0917 (
     assert lock.committed_before < seeded.count, "the drain ended before the lock"
     assert lock.committed_while_held == 0, "a batch committed through another process's lock"
     # The batch handed to the sink while the lock was held rolled back and came again.
-    redelivered = delivered_spans(tmp_path / "delivered.txt") - check.spans
+    redelivered = delivered_spans(kit.folder / "delivered.txt") - check.spans
     assert redelivered >= 1, "no batch failed on the lock"
     assert check.keys_twice == 0, check
     assert check.overlapping_batches == 0, check
@@ -323,7 +301,7 @@ async def test_database_locked_beyond_busy_timeout_mid_drain(  # noqa: PLR0917 (
     assert set(outcomes) <= {"true", "false", "INTERNAL", "DEADLINE_EXCEEDED"}, probe.tallies
     assert probe.tallies["revoked"]["true"] == probe.tallies["unknown"]["true"] == 0
     assert probe.tallies["valid"]["false"] == 0
-    fault_table.add(
+    kit.table.add(
         "SQLite write-locked by another process mid-drain",
         f"{lock.held_seconds:.0f} s lock (busy timeout {busy_timeout:g} s), {seeded.count:,} spans",
         f"0 commits while locked; {failures} failed batch attempts logged, backed off and "

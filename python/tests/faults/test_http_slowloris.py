@@ -16,13 +16,10 @@ import time
 import urllib.request
 from typing import TYPE_CHECKING
 
-from .net_helpers import percentile, running_backend, store_keys
+from .net_helpers import percentile, running_backend
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from pathlib import Path
-
-    from .conftest import FaultTable, KeyRegistry, OutputFolder
+    from .conftest import FaultKit
 
 EACH = 250  # trickling connections, and as many idle ones
 HEADER_TIMEOUT = 2.0
@@ -103,19 +100,14 @@ def _refused_over_cap(port: int) -> int:
 
 
 def test_trickling_and_idle_connections_are_closed(
-    tmp_path: Path,
-    fault_table: FaultTable,
-    fault_keys: KeyRegistry,
-    fault_output: OutputFolder,
-    fault_log_env: Callable[[], dict[str, str]],
+    kit: FaultKit,
 ) -> None:
     """Every attacking connection is closed by the server; /ping answers meanwhile."""
-    for key in asyncio.run(store_keys(f"sqlite+aiosqlite:///{tmp_path / 'junjo.db'}", 1)):
-        fault_keys.add(key)
+    asyncio.run(kit.store_keys(kit.sqlite_url(), 1))
     with running_backend(
-        tmp_path,
-        fault_output.path("serve-slowloris"),
-        fault_log_env(),
+        kit.folder,
+        kit.output.path("serve-slowloris"),
+        kit.log_env(),
         HTTP_HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT),
         HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
     ) as backend:
@@ -132,7 +124,7 @@ def test_trickling_and_idle_connections_are_closed(
     assert pinged_during, "/ping did not answer while the attack was under way"
     assert pinged_after
     assert refused == OVER_CAP, f"only {refused} of {OVER_CAP} connections over the cap closed"
-    fault_table.add(
+    kit.table.add(
         "HTTP slow-loris: trickling + idle connections (header timeout "
         f"{HEADER_TIMEOUT:g} s, cap {MAX_CONNECTIONS})",
         f"{EACH} + {EACH}, then {OVER_CAP} over the cap",

@@ -6,31 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import pytest
-
-from harness.peer import PeerPorts
-
-from .ingest_helpers import (
-    ServeBackend,
-    create_key,
-    docker_engine,
-    peer_image,
-    percentile,
-    run_go_tool,
-    start_peer,
-    stop_peer,
-)
+from .ingest_helpers import ServeBackend, percentile, run_go_tool
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-    from pathlib import Path
-
-    from harness.peer import PeerImage
-
-    from .conftest import FaultTable, KeyRegistry, OutputFolder
+    from .conftest import FaultKit, GoPeer
     from .ingest_helpers import PollerView
 
 RUNS = 3
@@ -43,52 +24,24 @@ SETTLE_SECONDS = 1.0  # POLLER_SETTLE_SECONDS's default, set explicitly so the r
 STABLE_SECONDS = 4.0
 
 
-@dataclass(frozen=True, slots=True)
-class FaultKit:
-    """The suite's fixtures a scenario reports through."""
-
-    table: FaultTable
-    keys: KeyRegistry
-    output: OutputFolder
-    log_env: Callable[[], dict[str, str]]
-
-
-@pytest.fixture
-def kit(
-    fault_table: FaultTable,
-    fault_keys: KeyRegistry,
-    fault_output: OutputFolder,
-    fault_log_env: Callable[[], dict[str, str]],
-) -> FaultKit:
-    return FaultKit(fault_table, fault_keys, fault_output, fault_log_env)
-
-
-@pytest.fixture(scope="module")
-def image() -> Iterator[PeerImage]:
-    with docker_engine() as client:
-        yield peer_image(client)
-
-
-async def test_concurrent_ingest_loses_no_span(
-    image: PeerImage, tmp_path: Path, kit: FaultKit
-) -> None:
-    ports = PeerPorts.pick()
-    key = await create_key(tmp_path / "junjo.db", "faults: concurrent ingest")
-    kit.keys.add(key)
+async def test_concurrent_ingest_loses_no_span(kit: FaultKit, go_peer: GoPeer) -> None:
+    ports = go_peer.ports()
+    [key] = await kit.store_keys(kit.sqlite_url(), 1, "faults: concurrent ingest")
     backend = ServeBackend(
-        tmp_path,
+        kit.folder,
         auth_port=ports.backend,
         ingestion_address=f"127.0.0.1:{ports.internal}",
         output=kit.output.path("serve-concurrent-ingest"),
         env={**kit.log_env(), "POLLER_SETTLE_SECONDS": str(SETTLE_SECONDS)},
     )
-    wal_dir = tmp_path / "wal"
+    wal_dir = kit.folder / "wal"
     accepted = 0
     runs: list[str] = []
     lags: list[float] = []
     catch_ups: list[float] = []
     backend.start()
-    peer = await start_peer(image, ports, wal_dir, "concurrent-ingest-peer")
+    peer = await go_peer.fleet.launch(ports, wal_dir=wal_dir, wait=False)
+    await peer.wait_serving(timeout=120)
     try:
         for run in range(1, RUNS + 1):
             sampled: list[float] = []
@@ -123,7 +76,7 @@ async def test_concurrent_ingest_loses_no_span(
             )
     finally:
         await backend.stop()
-        await stop_peer(peer, kit.output)
+        await peer.stop()  # gracefully: the WAL is synced and closed
     census = await asyncio.to_thread(
         run_go_tool,
         "walseed",
@@ -169,11 +122,11 @@ async def settled_count(backend: ServeBackend, expected: int) -> PollerView:
     return await backend.wait_for(done, limit=180)
 
 
-async def test_corrupt_run_is_drained_past(image: PeerImage, tmp_path: Path, kit: FaultKit) -> None:
+async def test_corrupt_run_is_drained_past(kit: FaultKit, go_peer: GoPeer) -> None:
     # The issue's case: POLLER_BATCH_SIZE=5 (reads of 500), 600 undecodable entries between
     # 1,000 valid ones and 1,000 more.
     valid, corrupt, before = 2000, 600, 1000
-    wal_dir = tmp_path / "wal"
+    wal_dir = kit.folder / "wal"
     seeded = await asyncio.to_thread(
         run_go_tool,
         "walseed",
@@ -186,11 +139,11 @@ async def test_corrupt_run_is_drained_past(image: PeerImage, tmp_path: Path, kit
         kit.output.path("walseed-corrupt-run"),
     )
     seeded_at = time.monotonic()
-    ports = PeerPorts.pick()
-    kit.keys.add(await create_key(tmp_path / "junjo.db", "faults: corrupt run"))
+    ports = go_peer.ports()
+    await kit.store_keys(kit.sqlite_url(), 1, "faults: corrupt run")
     settle = 0.2
     backend = ServeBackend(
-        tmp_path,
+        kit.folder,
         auth_port=ports.backend,
         ingestion_address=f"127.0.0.1:{ports.internal}",
         output=kit.output.path("serve-corrupt-run"),
@@ -206,7 +159,8 @@ async def test_corrupt_run_is_drained_past(image: PeerImage, tmp_path: Path, kit
     await asyncio.sleep(max(0.0, settle - (time.monotonic() - seeded_at)))
     early: list[PollerView] = []
     backend.start()
-    peer = await start_peer(image, ports, wal_dir, "corrupt-run-peer")
+    peer = await go_peer.fleet.launch(ports, wal_dir=wal_dir, wait=False)
+    await peer.wait_serving(timeout=120)
     try:
 
         def at_the_end(view: PollerView) -> bool:
@@ -220,7 +174,7 @@ async def test_corrupt_run_is_drained_past(image: PeerImage, tmp_path: Path, kit
         again = await backend.poller()
     finally:
         await backend.stop()
-        await stop_peer(peer, kit.output)
+        await peer.stop()  # gracefully: the WAL is synced and closed
 
     assert early == []
     assert final.spans_processed == valid

@@ -8,10 +8,10 @@ within its max age), `false` or INTERNAL otherwise: never `true` for an unknown 
 key, and never a timeout. After the restart the server recovers on its own: a key created
 afterwards validates and a key revoked afterwards stops validating.
 
-The cluster is the throwaway one the auth tests start (tests/auth/conftest.py's
-PostgresCluster: `postgres` as a child process, as `nobody` when we are root). Its `stop` is
-a fast shutdown (SIGINT, what `pg_ctl stop -m fast` sends), its `start` the same command on
-the same port and data folder.
+The cluster is a throwaway one of this module's own (tests/postgres_cluster.py's
+PostgresCluster: `postgres` as a child process, as `nobody` when we are root), not the
+session's: this test stops it. Its `stop` is a fast shutdown (SIGINT, what `pg_ctl stop -m
+fast` sends), its `start` the same command on the same port and data folder.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 from .recovery_helpers import (
     AuthProbe,
     BackendProcess,
-    make_probe_keys,
     serve_command,
     tally_text,
     validate_outcome,
@@ -44,9 +43,8 @@ from .recovery_helpers import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-    from pathlib import Path
 
-    from .conftest import FaultTable, KeyRegistry, OutputFolder
+    from .conftest import FaultKit, KeyRegistry, OutputFolder
 
 OUTAGES = 2
 OUTAGE_SECONDS = 3.0  # several times the key snapshot's max age (at most 1 s)
@@ -56,8 +54,8 @@ RECOVERY_LIMIT_SECONDS = 60.0
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    """A throwaway cluster for this module (as `nobody` when we are root).
+def postgres_to_restart() -> Iterator[PostgresCluster]:
+    """A throwaway cluster of this module's own, since the test stops and restarts it.
 
     `make faults` runs under CI=true in CI, where a missing PostgreSQL fails the run.
     """
@@ -66,7 +64,7 @@ def postgres() -> Iterator[PostgresCluster]:
 
 
 @pytest.fixture
-async def database_url(postgres: PostgresCluster, fault_keys: KeyRegistry) -> str:
+async def database_url(postgres_to_restart: PostgresCluster, fault_keys: KeyRegistry) -> str:
     """A database the backend signs in to with a password that holds '@' and '/'.
 
     Every log line and error that names the database must mask the password whole: the
@@ -74,7 +72,7 @@ async def database_url(postgres: PostgresCluster, fault_keys: KeyRegistry) -> st
     """
     password = f"p@ss/{secrets.token_urlsafe(12)}"
     fault_keys.add_password(password)
-    return await postgres.new_password_database("junjo_app", password)
+    return await postgres_to_restart.new_password_database("junjo_app", password)
 
 
 def _revoke_with_cli(
@@ -113,16 +111,10 @@ async def _until(
         ) from None
 
 
-async def test_postgresql_stopped_and_restarted_under_load(  # noqa: PLR0917 (fixtures)
-    tmp_path: Path,
-    postgres: PostgresCluster,
-    database_url: str,
-    fault_table: FaultTable,
-    fault_keys: KeyRegistry,
-    fault_output: OutputFolder,
-    fault_log_env: Callable[[], dict[str, str]],
+async def test_postgresql_stopped_and_restarted_under_load(
+    postgres_to_restart: PostgresCluster, database_url: str, kit: FaultKit
 ) -> None:
-    keys = await make_probe_keys(database_url, fault_keys)
+    keys = await kit.probe_keys(database_url)
     valid = keys.valid
     auth_port, http_port, ingestion_port = free_ports(3)
     backend = BackendProcess(
@@ -138,9 +130,9 @@ async def test_postgresql_stopped_and_restarted_under_load(  # noqa: PLR0917 (fi
             "GRPC_SHUTDOWN_GRACE_SECONDS": "1",
         },
         auth_address=f"127.0.0.1:{auth_port}",
-        output=fault_output,
-        log_env=fault_log_env,
-        cwd=tmp_path,
+        output=kit.output,
+        log_env=kit.log_env,
+        cwd=kit.folder,
         name="serve-postgres",
     )
     phases: dict[str, dict[str, Counter[str]]] = {"before": {}, "outage": {}, "after": {}}
@@ -157,9 +149,9 @@ async def test_postgresql_stopped_and_restarted_under_load(  # noqa: PLR0917 (fi
                 await asyncio.sleep(1.0)
                 for _ in range(OUTAGES):
                     probe.tallies = phases["outage"]
-                    await asyncio.to_thread(postgres.stop)
+                    await asyncio.to_thread(postgres_to_restart.stop)
                     await asyncio.sleep(OUTAGE_SECONDS)
-                    await asyncio.to_thread(postgres.start)
+                    await asyncio.to_thread(postgres_to_restart.start)
                     probe.tallies = phases["after"]
                     recoveries.append(await _until(stub, valid.key, "true", "valid after restart"))
                     await asyncio.sleep(1.0)
@@ -170,9 +162,9 @@ async def test_postgresql_stopped_and_restarted_under_load(  # noqa: PLR0917 (fi
                     created = await create_api_key(engine, "after the outages")
                 finally:
                     await close_engine(engine)
-                fault_keys.add(created.key)
+                kit.keys.add(created.key)
                 created_after = await _until(stub, created.key, "true", "key created after")
-                _revoke_with_cli(database_url, valid.id, fault_output, fault_log_env)
+                _revoke_with_cli(database_url, valid.id, kit.output, kit.log_env)
                 revoked_after = await _until(stub, valid.key, "false", "key revoked after")
             finally:
                 stop_probe.set()
@@ -194,7 +186,7 @@ async def test_postgresql_stopped_and_restarted_under_load(  # noqa: PLR0917 (fi
         assert tallies["revoked"]["true"] == 0, (name, tallies)
     assert phases["outage"]["valid"]["INTERNAL"] > 0, "no call failed closed during the outage"
     assert phases["after"]["valid"]["true"] > 0
-    fault_table.add(
+    kit.table.add(
         "PostgreSQL stopped (fast) and restarted on the same port under auth load",
         f"{OUTAGES} x {OUTAGE_SECONDS:g} s outages, {calls:,} calls",
         f"0 true for unknown or revoked keys; outage: {tally_text(phases['outage'])}; "

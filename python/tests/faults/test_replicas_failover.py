@@ -9,8 +9,8 @@
 
 Replicas are the recording backend (recording_backend.py: `serve` whose sink writes every
 committed batch and key to the ledger tables in the checkpoint's transaction), here on a
-database of the throwaway PostgreSQL cluster; replica A's runs are numbered from 1 and B's
-from 101, so the ledger says who committed what. The WAL is filled with walseed.
+fresh database of the session's PostgreSQL cluster; replica A's runs are numbered from 1
+and B's from 101, so the ledger says who committed what. The WAL is filled with walseed.
 """
 
 from __future__ import annotations
@@ -23,20 +23,17 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from harness.peer import PeerImage, PeerPorts
 from harness.waiting import wait_until
-from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 from .recovery_helpers import seed_wal
 from .replica_helpers import PostgresLedger, Replica, fresh_database
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
-    from pathlib import Path
+    from collections.abc import AsyncIterator
 
-    from tests.compat.peer import PeerFleet
+    from tests.postgres_cluster import PostgresCluster
 
-    from .conftest import FaultTable, OutputFolder
+    from .conftest import FaultKit, GoPeer
     from .recovery_helpers import Seeded
 
 SPANS = 60_000
@@ -47,13 +44,6 @@ STOPPED_SECONDS = 4 * LEADER_RETRY_SECONDS  # the standby tries ~4 times meanwhi
 B_FIRST_RUN = 100  # B's runs are numbered from 101
 # Hang guards only (generous): figures go to the fault table.
 LIMIT_SECONDS = 120.0
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    """A throwaway cluster for this module (a missing PostgreSQL fails under CI=true)."""
-    with throwaway_cluster("junjo-faults-replicas-pg-") as cluster:
-        yield cluster
 
 
 class Setup:
@@ -80,18 +70,11 @@ async def _has_role(replica: Replica, role: str) -> bool:
 
 
 @pytest.fixture
-async def setup(  # noqa: PLR0917 (fixtures)
-    tmp_path: Path,
-    postgres: PostgresCluster,
-    peer_image: PeerImage,
-    fleet: PeerFleet,
-    fault_output: OutputFolder,
-    fault_log_env: Callable[[], dict[str, str]],
-) -> AsyncIterator[Setup]:
+async def setup(postgres: PostgresCluster, kit: FaultKit, go_peer: GoPeer) -> AsyncIterator[Setup]:
     """A leads, B stands by, the peer serves the seeded WAL: the drain is under way."""
-    ports = PeerPorts.pick(peer_image)
-    wal_dir = tmp_path / "wal"
-    seeded = seed_wal(wal_dir, SPANS, fault_output)
+    ports = go_peer.ports()
+    wal_dir = kit.folder / "wal"
+    seeded = seed_wal(wal_dir, SPANS, kit.output)
     url = await fresh_database(postgres)
     settings = {
         "POLLER_BATCH_SIZE": str(POLLER_BATCH_SIZE),
@@ -105,9 +88,9 @@ async def setup(  # noqa: PLR0917 (fixtures)
             name,
             database_url=url,
             ingestion_address=f"127.0.0.1:{ports.internal}",
-            folder=tmp_path,
-            output=fault_output,
-            log_env=fault_log_env,
+            folder=kit.folder,
+            output=kit.output,
+            log_env=kit.log_env,
             auth_port=auth_port,
             settings=settings,
         )
@@ -123,7 +106,7 @@ async def setup(  # noqa: PLR0917 (fixtures)
         b.start()
         await b.wait_ready()
         await wait_until(lambda: _has_role(b, "standby"), "B stands by", limit=LIMIT_SECONDS)
-        await fleet.launch(ports, wal_dir=wal_dir)
+        await go_peer.fleet.launch(ports, wal_dir=wal_dir)
         await wait_until(
             lambda: _committed_at_least(ledger, FAULT_AFTER),
             "the drain is under way",
@@ -166,9 +149,7 @@ async def _assert_exactly_once(setup: Setup) -> int:
     return handed - SPANS
 
 
-async def test_leader_sigkilled_mid_drain_the_standby_finishes(
-    setup: Setup, fault_table: FaultTable
-) -> None:
+async def test_leader_sigkilled_mid_drain_the_standby_finishes(setup: Setup, kit: FaultKit) -> None:
     a, b = setup.a, setup.b
     standby = await b.poller()
     assert standby["role"] == "standby", standby
@@ -192,7 +173,7 @@ async def test_leader_sigkilled_mid_drain_the_standby_finishes(
     rehanded = await _assert_exactly_once(setup)
     assert b.stop() == 0, b.output()
     assert killed - started < LIMIT_SECONDS
-    fault_table.add(
+    kit.table.add(
         "replicas on PostgreSQL: leader SIGKILL mid-drain",
         f"1 kill, {SPANS:,} spans",
         f"standby's first commit {failover:.1f} s after the kill (retry "
@@ -203,7 +184,7 @@ async def test_leader_sigkilled_mid_drain_the_standby_finishes(
 
 
 async def test_leader_sigstopped_then_its_lock_connection_terminated(
-    setup: Setup, fault_table: FaultTable
+    setup: Setup, kit: FaultKit
 ) -> None:
     a, b, ledger = setup.a, setup.b, setup.ledger
 
@@ -244,7 +225,7 @@ async def test_leader_sigstopped_then_its_lock_connection_terminated(
     rehanded = await _assert_exactly_once(setup)
     assert a.stop() == 0, a.output()
     assert b.stop() == 0, b.output()
-    fault_table.add(
+    kit.table.add(
         "replicas on PostgreSQL: leader SIGSTOP, then its lock connection terminated",
         f"{STOPPED_SECONDS:g} s stopped, 1 pg_terminate_backend, {SPANS:,} spans",
         f"0 spans committed by anyone while stopped (standby stayed standby); after the "

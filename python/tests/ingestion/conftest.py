@@ -13,15 +13,15 @@ import pytest
 from harness.waiting import free_port
 from junjo_backend.database import close_engine, create_engine, init_schema
 from junjo_backend.ingestion.client import IngestionClient
-from junjo_backend.settings import Settings
 
 from .fake_ingestion import FakeIngestionServer, FakeIngestionService, FakeWal
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
-    from pathlib import Path
 
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from junjo_backend.settings import Settings
 
 
 @pytest.fixture
@@ -47,32 +47,17 @@ async def ingestion_server(
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'data' / 'junjo.db'}"
-
-
-@pytest.fixture
-def make_settings(database_url: str) -> Callable[..., Settings]:
-    """Settings with short waits, a tmp SQLite file, and `overrides` on top."""
-
-    def build(**overrides: object) -> Settings:
-        values: dict[str, object] = {
-            "database_url": database_url,
-            "ingestion_grpc_address": "127.0.0.1:1",
-            "ingestion_call_timeout_seconds": 10.0,
-            "ingestion_retry_deadline_seconds": 10.0,
-            "poller_batch_size": 100,
-            "poller_idle_wait_seconds": 0.05,
-            "poller_max_backoff_seconds": 0.2,
-            # Short, so tests do not wait long for fresh entries, but on: every test drains
-            # through the settle window.
-            "poller_settle_seconds": 0.05,
-            "grpc_shutdown_grace_seconds": 5.0,
-        }
-        values.update(overrides)
-        return Settings.model_validate(values)
-
-    return build
+def settings_defaults() -> dict[str, object]:
+    """Short waits, and the settle window short but on: every test drains through it."""
+    return {
+        "ingestion_call_timeout_seconds": 10.0,
+        "ingestion_retry_deadline_seconds": 10.0,
+        "poller_batch_size": 100,
+        "poller_idle_wait_seconds": 0.05,
+        "poller_max_backoff_seconds": 0.2,
+        "poller_settle_seconds": 0.05,
+        "grpc_shutdown_grace_seconds": 5.0,
+    }
 
 
 @pytest.fixture

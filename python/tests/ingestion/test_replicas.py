@@ -1,7 +1,8 @@
 """Replicas on one database: one poller drains, the others stand by, commits are fenced.
 
-Two pollers with engines of their own share one database (a SQLite file, or a database on
-the throwaway PostgreSQL cluster) and one in-process ingestion server, as two replicas do.
+Two pollers with engines of their own share one database (a SQLite file, or a fresh
+database on the session's PostgreSQL cluster) and one in-process ingestion server, as two
+replicas do.
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ from junjo_backend.poller.leadership import (
     lock_file_for,
 )
 from junjo_backend.poller.loop import SpanPoller
-from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
     from pathlib import Path
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -84,19 +84,6 @@ async def open_engine(url: str) -> AsyncEngine:
     async with engine.begin() as conn:
         await conn.run_sync(ledger_metadata.create_all)
     return engine
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    """A throwaway cluster for this module (skipped without PostgreSQL, failed under CI)."""
-    with throwaway_cluster("junjo-replicas-pg-") as cluster:
-        yield cluster
-
-
-@pytest.fixture
-async def postgres_url(postgres: PostgresCluster) -> str:
-    """A fresh database on the cluster for one test."""
-    return await postgres.new_database()
 
 
 class Replicas:
