@@ -47,6 +47,7 @@ from junjo_backend.database import (
 )
 from junjo_backend.http_protocol import bounded_h11_protocol
 from junjo_backend.ingestion.client import IngestionClient
+from junjo_backend.invocation import cli_command
 from junjo_backend.listening import bound_socket, listen_problem
 from junjo_backend.metrics import CONTENT_TYPE, BackendMetrics
 from junjo_backend.poller.loop import PollerStatus, SpanPoller
@@ -417,7 +418,8 @@ class _BackendServer(uvicorn.Server):
         for note in backend.settings.notes if isinstance(backend, Backend) else []:
             log.info(note)
         log.info(
-            "junjo-backend ready; create an API key with: junjo-backend api-keys create NAME",
+            "junjo-backend ready; create an API key with: %s api-keys create NAME",
+            cli_command(),
             extra=where,
         )
 

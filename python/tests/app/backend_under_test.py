@@ -61,13 +61,20 @@ def established_connections_to(port: int) -> int:
 class ServeProcess:
     """`junjo-backend serve` in a subprocess with JSON logs, read line by line."""
 
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        cwd: Path,
+        command: tuple[str, ...] = (sys.executable, "-m", "junjo_backend.cli.main"),
+        base_env: dict[str, str] | None = None,
+    ) -> None:
+        """`COMMAND serve` in `cwd`, its environment `base_env` (ours by default) plus `env`."""
         self.records: list[dict[str, object]] = []
         self.lines: list[str] = []
         self._new: queue.Queue[dict[str, object] | None] = queue.Queue()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "junjo_backend.cli.main", "serve"],
-            env={**os.environ, **env, "LOG_FORMAT": "json"},
+            [*command, "serve"],
+            env={**(os.environ if base_env is None else base_env), **env, "LOG_FORMAT": "json"},
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
