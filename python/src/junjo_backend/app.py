@@ -39,6 +39,7 @@ from junjo_backend import __version__
 from junjo_backend.access_log import AccessLog
 from junjo_backend.auth.server import AuthServer
 from junjo_backend.database import (
+    SerialQueries,
     close_engine,
     database_label,
     describe_database_error,
@@ -81,6 +82,8 @@ class Backend:
     poller: SpanPoller | None
     metrics: BackendMetrics
     started_at: float = field(default_factory=time.monotonic)  # for /health's uptime
+    # /health's database probes: each answers within its timeout, one in the database at a time.
+    probes: SerialQueries = field(default_factory=SerialQueries)
 
 
 class LifespanState(TypedDict):
@@ -146,7 +149,9 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
         metrics.watch(auth_server.known_keys, poller, ingestion)
 
         steps.started.set()
-        yield Backend(settings, engine, auth_server, ingestion, poller, metrics)
+        backend = Backend(settings, engine, auth_server, ingestion, poller, metrics)
+        stack.push_async_callback(backend.probes.close)
+        yield backend
         log.info("shutting down")
     log.info("shut down")
 
@@ -261,18 +266,27 @@ class Health(_Frozen):
     poller: PollerStatus
 
 
-async def _probe_database(engine: AsyncEngine, within: float) -> DatabaseHealth:
-    """Read the api_keys table, the one the auth server cannot answer without."""
+async def _read_api_keys_table(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        try:
+            await conn.execute(text("SELECT 1 FROM api_keys LIMIT 1"))
+        except SQLAlchemyError:
+            # A connection that failed (a restarted server, a broken file) must not go
+            # back to the pool and fail the next probe after a recovery.
+            with contextlib.suppress(SQLAlchemyError):
+                await conn.invalidate()
+            raise
+
+
+async def _probe_database(
+    engine: AsyncEngine, within: float, probes: SerialQueries
+) -> DatabaseHealth:
+    """Read the api_keys table, the one the auth server cannot answer without.
+
+    Answers `within` seconds even while SQLite waits for a lock (`SerialQueries`).
+    """
     try:
-        async with asyncio.timeout(within), engine.connect() as conn:
-            try:
-                await conn.execute(text("SELECT 1 FROM api_keys LIMIT 1"))
-            except SQLAlchemyError:
-                # A connection that failed (a restarted server, a broken file) must not go
-                # back to the pool and fail the next probe after a recovery.
-                with contextlib.suppress(SQLAlchemyError):
-                    await conn.invalidate()
-                raise
+        await probes.run(functools.partial(_read_api_keys_table, engine), within)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
         return DatabaseHealth(ok=False, error=_describe(exc))
     return DatabaseHealth(ok=True, error=None)
@@ -280,7 +294,9 @@ async def _probe_database(engine: AsyncEngine, within: float) -> DatabaseHealth:
 
 async def check_health(backend: Backend) -> Health:
     """Probe the database; read the rest from the parts' own state (no gRPC call is made)."""
-    database = await _probe_database(backend.engine, backend.settings.health_probe_timeout_seconds)
+    database = await _probe_database(
+        backend.engine, backend.settings.health_probe_timeout_seconds, backend.probes
+    )
     auth = backend.auth_server
     auth_health = AuthServerHealth(
         running=auth.running,

@@ -25,7 +25,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 import aiosqlite
@@ -49,10 +49,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import asbool
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # aiosqlite logs every statement it runs, parameters included, at DEBUG: with the root
 # logger at DEBUG that would print each new API key. Like SQLAlchemy does for its own
@@ -280,6 +284,69 @@ class SqliteFileWatch:
             extra={"path": str(self._path), "how": how},
         )
         return True
+
+
+@dataclass(slots=True)
+class _Turn:
+    """One piece of work in a `SerialQueries` lane; `abandoned` once its caller stopped waiting."""
+
+    abandoned: bool = False
+
+
+class SerialQueries:
+    """Database work run one piece at a time, each caller waiting at most its own timeout.
+
+    A SQLite query that waits for another process's lock waits in aiosqlite's thread, where
+    a cancel cannot reach it, and closing its connection queues behind it: a caller that
+    cancels at its timeout still waits for SQLite's busy timeout (issue 20: 4.7 s for a 2 s
+    key-read timeout, over 10 s for a 1 s `/health` probe). Here each piece runs in a task
+    of its own: the caller gets `TimeoutError` at its timeout, and the work ends on its own
+    (its result dropped). A piece starts once the one before it has ended, so abandoned work
+    cannot pile up and take every pooled connection; a piece whose caller gave up before its
+    turn never runs.
+    """
+
+    def __init__(self) -> None:
+        self._last: asyncio.Task[Any] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self, work: Callable[[], Awaitable[_T]], within: float) -> _T:
+        """`work()`'s result; TimeoutError when it has not finished `within` seconds."""
+        turn = _Turn()
+        task = asyncio.create_task(self._in_turn(self._last, work, turn), name="database-work")
+        self._last = task
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        try:
+            async with asyncio.timeout(within):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            raise TimeoutError(f"no answer within {within:g} s") from None
+        finally:
+            turn.abandoned = True  # harmless once the work has run
+
+    @staticmethod
+    async def _in_turn(
+        previous: asyncio.Task[Any] | None, work: Callable[[], Awaitable[_T]], turn: _Turn
+    ) -> _T:
+        if previous is not None:
+            await asyncio.wait([previous])
+        if turn.abandoned:
+            raise TimeoutError("given up before its turn")
+        return await work()
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Its caller saw it, or gave up on it (then a later piece reports the cause).
+            log.debug("database work failed", extra={"error": type(task.exception()).__name__})
+
+    async def close(self) -> None:
+        """Cancel the work under way and queued (a query already in SQLite still ends first)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:

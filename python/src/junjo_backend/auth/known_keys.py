@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from junjo_backend.database import api_keys, describe_database_error
+from junjo_backend.database import SerialQueries, api_keys, describe_database_error
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -58,7 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The ingestion-service gives each ValidateApiKey call 5 s; a read that hangs longer than
-# this is treated as a failed one, so callers get a status well before their deadline.
+# this is treated as a failed one, so callers get a status well before their deadline (even
+# while SQLite waits for a lock another process holds: the query is left to end on its own).
 DEFAULT_READ_TIMEOUT_SECONDS = 2.0
 DEFAULT_MISS_REFRESH_AFTER_SECONDS = 0.05
 
@@ -101,6 +102,7 @@ class KnownKeys:
         self._reading_since = -math.inf
         # Every read under way: a late caller may start one while an older one still runs.
         self._under_way: set[asyncio.Task[KeySnapshot]] = set()
+        self._queries = SerialQueries()
         self._available: bool | None = None
         self._reads = 0
         self._failures = 0
@@ -159,6 +161,7 @@ class KnownKeys:
             with contextlib.suppress(asyncio.CancelledError):
                 await reading
         self._reading = None
+        await self._queries.close()
 
     async def _keys_since(self, not_before: float) -> frozenset[str]:
         """The keys of a read that started at `not_before` or later; raises if it failed."""
@@ -183,19 +186,24 @@ class KnownKeys:
         # that other callers are waiting on.
         return await asyncio.shield(reading)
 
+    async def _query_keys(self) -> frozenset[str]:
+        async with self._engine.connect() as conn:
+            try:
+                result = await conn.execute(self._query)
+            except Exception:
+                # A connection that failed once (its file replaced, its server restarted)
+                # is dropped rather than handed to the next read.
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+                raise
+            return frozenset(result.scalars())
+
     async def _read(self, started: float) -> KeySnapshot:
         self._reads += 1
         try:
-            async with asyncio.timeout(self._read_timeout), self._engine.connect() as conn:
-                try:
-                    result = await conn.execute(self._query)
-                except Exception:
-                    # A connection that failed once (its file replaced, its server
-                    # restarted) is dropped rather than handed to the next read.
-                    with contextlib.suppress(Exception):
-                        await conn.invalidate()
-                    raise
-                outcome = KeySnapshot(frozenset(result.scalars()), started)
+            # Given up at the read timeout even while SQLite waits for a lock (SerialQueries).
+            keys = await self._queries.run(self._query_keys, self._read_timeout)
+            outcome = KeySnapshot(keys, started)
         except Exception as exc:  # noqa: BLE001 (any failure means: no fresh snapshot)
             outcome = KeySnapshot(None, started)
             self._failures += 1
