@@ -28,7 +28,7 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[DuckDBStore]:
     """An open store on a new file; closed after the test."""
-    store = DuckDBStore(tmp_path / "otel_data.db")
+    store = DuckDBStore(tmp_path / "otel_data.db", converter="thread")
     await store.open()
     yield store
     await store.close()

@@ -28,7 +28,7 @@ async def write_all(
     path: Path, engine: AsyncEngine, every: list[list[SpanRecord]]
 ) -> list[StoreWrite]:
     """Open a store on `path`, write each batch inside a checkpoint transaction, close."""
-    store = DuckDBStore(path)
+    store = DuckDBStore(path, converter="thread")
     await store.open()
     try:
         writes = []
@@ -148,7 +148,7 @@ async def test_redelivery_under_a_lost_watermark_adds_nothing(
 async def test_stats_count_what_the_file_holds(tmp_path: Path, engine: AsyncEngine) -> None:
     path = tmp_path / "otel_data.db"
     await write_all(path, engine, BATCHES)
-    store = DuckDBStore(path)
+    store = DuckDBStore(path, converter="thread")
     await store.open()
     try:
         stats = store.stats()

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 import duckdb
 import pyarrow as pa
@@ -26,6 +26,7 @@ from junjo_backend.store.convert import (
     convert_batch,
     is_patch_set_aside,
 )
+from junjo_backend.store.process_pool import ProcessConverter
 from junjo_backend.store.schema import (
     DUCKDB_TABLES,
     SET_ASIDE_TABLE,
@@ -125,8 +126,8 @@ def _count(db: duckdb.DuckDBPyConnection, sql: str, *params: object) -> int:
 class DuckDBStore:
     """A `SpanStore` in one DuckDB file; see the module docstring.
 
-    `converter` turns records into rows off the event loop (default: a thread; see
-    `process_pool.ProcessConverter` for a worker process).
+    `converter` says where records become rows, off the event loop: "process" (worker
+    processes for large batches, `process_pool.py`) or "thread" (a thread of this process).
     """
 
     def __init__(
@@ -134,11 +135,12 @@ class DuckDBStore:
         path: Path,
         *,
         memory_limit: str = DEFAULT_MEMORY_LIMIT,
-        converter: Converter | None = None,
+        converter: Literal["process", "thread"] = "process",
     ) -> None:
         self._path = path
         self._memory_limit = memory_limit
-        self._convert = converter or convert_in_thread
+        self._pool = ProcessConverter() if converter == "process" else None
+        self._convert: Converter = self._pool or convert_in_thread
         self._db: duckdb.DuckDBPyConnection | None = None
         self._lock = asyncio.Lock()
         self._watermark: bytes | None = None
@@ -151,16 +153,24 @@ class DuckDBStore:
         """The DuckDB file."""
         return self._path
 
+    def worker_pids(self) -> list[int]:
+        """The conversion workers' process ids (their RSS counts towards the backend's)."""
+        return self._pool.worker_pids() if self._pool is not None else []
+
     async def open(self) -> None:
         """Open the file (creating it and the missing tables); raises `StoreUnavailable`."""
         async with self._lock:
             if self._db is None:
                 await asyncio.to_thread(self._open_sync)
+            if self._pool is not None:
+                await self._pool.start()
 
     async def close(self) -> None:
         """Close the file, after any write in progress; closing twice is harmless."""
         async with self._lock:
             await asyncio.to_thread(self._close_sync)
+            if self._pool is not None:
+                await self._pool.close()
 
     async def watermark(self) -> bytes | None:
         """The last WAL key the file holds; b"" for a file that holds none, None if unknown.

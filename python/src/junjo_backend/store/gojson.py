@@ -11,24 +11,48 @@ characters are replaced afterwards.
 
 from __future__ import annotations
 
+import _json
 import json
 import math
 import re
 from decimal import Decimal
 from functools import cache
-from typing import Final, TypeAlias
+from typing import TYPE_CHECKING, Final, TypeAlias
 
-import duckdb
-
-# Protobuf strings are valid UTF-8 (upb rejects anything else), so Python's code-point
-# order of keys is Go's byte order.
-_fast_encode: Final = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
-).encode
-encode_string: Final = json.JSONEncoder(ensure_ascii=False).encode
+if TYPE_CHECKING:
+    import duckdb
 
 # Values a converted attribute map holds (Go's map[string]interface{}).
 JsonValue: TypeAlias = str | int | float | bool | list["JsonValue"] | dict[str, "JsonValue"] | None
+
+encode_string: Final = json.encoder.encode_basestring  # quoted, escaped, non-ASCII kept
+
+
+def _unencodable(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not JSON-encodable")
+
+
+# The C encoder itself (JSONEncoder.encode builds a new one on every call): sorted keys,
+# compact, no circular-reference markers (the values are trees we build), and floats never
+# reach it. Protobuf strings are valid UTF-8 (upb rejects anything else), so sorting by
+# code point is Go's sorting by byte.
+_c_encoder: Final = _json.make_encoder(
+    None,  # markers
+    _unencodable,  # default
+    encode_string,
+    None,  # indent
+    ":",
+    ",",
+    True,  # noqa: FBT003 (sort_keys)
+    False,  # noqa: FBT003 (skipkeys)
+    False,  # noqa: FBT003 (allow_nan)
+)
+
+
+def _fast_encode(value: JsonValue) -> str:
+    return "".join(_c_encoder(value, 0))
+
+
 _EXACT_INTEGERS: Final = 2.0**53
 _LITERALS: Final = {True: "true", False: "false", None: "null"}
 
@@ -86,12 +110,12 @@ def _go_encode(value: JsonValue) -> str:
     return "{" + ",".join(f"{encode_string(k)}:{_go_encode(value[k])}" for k in sorted(value)) + "}"
 
 
-def go_json(value: dict[str, JsonValue], *, has_floats: bool) -> str:
+def go_json(value: JsonValue, *, has_floats: bool) -> str:
     """`value` encoded as Go's json.Marshal does; raises `GoJsonError` (NaN, infinities).
 
     `has_floats` says whether any float may be inside: without one, the C encoder does it.
     """
-    if not value:
+    if value == {}:
         return "{}"
     text = _go_encode(value) if has_floats else _fast_encode(value)
     return html_escape(text)
@@ -103,6 +127,9 @@ _SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89abAB]")
 
 @cache
 def _duckdb() -> duckdb.DuckDBPyConnection:
+    # Imported here: a conversion worker process needs DuckDB only for rare texts.
+    import duckdb  # noqa: PLC0415
+
     return duckdb.connect(":memory:")
 
 
