@@ -514,6 +514,8 @@ def write_access_problem(path: Path) -> str | None:
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    if not folder.is_dir():
+        return None  # a file stands where a folder must be: the create step names it
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         return _not_writable("the database file", path, folder)
     if not os.access(folder, os.W_OK | os.X_OK):
