@@ -101,9 +101,9 @@ class FakeWal:
         self._ulids = UlidGenerator()
         self._reserved: set[bytes] = set()
 
-    def reserve_key(self) -> bytes:
+    def reserve_key(self, ms: int | None = None) -> bytes:
         """Allocate a key now for an entry committed later (possibly behind newer keys)."""
-        key = self._ulids.new()
+        key = self._ulids.new(ms)
         self._reserved.add(key)
         return key
 

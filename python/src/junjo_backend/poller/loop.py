@@ -12,21 +12,13 @@ bounded buffer behind it, and it waits (`POLLER_IDLE_WAIT_SECONDS`) only once ca
 
 The horizon. The ingestion-service takes a WAL key (a monotonic ULID) before it commits the
 entry, and commits concurrent requests in any order, so a read can see key K+1 before K
-exists. A reader that moved its checkpoint past K+1 then would never see K. No reader can
-know when K will land, so the poller holds a settle window W (`POLLER_SETTLE_SECONDS`): a
-read consumes only entries whose key time is at least W older than the moment the read was
-requested, and stops at the first younger one (every later key is younger still), to read
-it again once it has settled. The guarantee: every entry committed within H = W of its
-key's time is delivered. W is measured on this host's clock against the ingestion host's
-key times, so H = W - s when this clock runs s ahead of the ingestion host's (and entries
-wait s longer when it runs s behind); the two run on one host (one kernel clock) in the
-compose deployment, and NTP keeps s to milliseconds elsewhere. The cost is latency: an
-entry is processed at least W after it was received. W was chosen by measurement
-(README): under full concurrent OTLP load, a commit landed more than 50 ms after a later
-key's about once in a million entries, and none was seen later than 100 ms. Re-reading a
-trailing window instead would add no latency, but the server decodes every entry it sends
-and is the bottleneck of the drain, so re-reading W of entries on every pass would cost
-as much server work as the ingest itself.
+exists; a reader that moved past K+1 then would never see K. So the poller holds a settle
+window W (`POLLER_SETTLE_SECONDS`) and consumes an entry only once it has settled, by the
+keys this process has seen and its own monotonic clock, never by comparing two hosts'
+clocks (horizon.py). The guarantee: every entry committed within W of its key's time is
+delivered, however far apart the clocks are. A read stops at its first unsettled entry, to
+read it again once it has settled; now and then it reads on to the end instead, to see the
+newest keys. The reasoning: docs/design/settle-window.md.
 
 Caught up (defined here, once): nothing older than the settle window is unread. A read
 proves it when it either asked for the largest batch the wire allows and its stream ended
@@ -63,6 +55,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,6 +68,7 @@ from junjo_backend.database import describe_database_error
 from junjo_backend.ingestion.client import MAX_BATCH_SIZE
 from junjo_backend.ingestion.spans import ulid_millis
 from junjo_backend.poller.checkpoint import load_checkpoint, save_checkpoint
+from junjo_backend.poller.horizon import SettleHorizon, monotonic_ms
 from junjo_backend.poller.leadership import LeadershipLost, PollerLeadership, leadership_for
 from junjo_backend.poller.sinks import ServiceTally, SpanSink
 
@@ -105,6 +99,12 @@ _PROBE_EVERY_SECONDS = 2.0
 # between two reads of a poller that keeps up (the settle window's or the idle wait):
 # the time one such read takes.
 _CAUGHT_UP_READ_SECONDS = 1.0
+# A read that stops at the first unsettled entry sees keys about W old, never the newest:
+# this often one reads on to the end of its stream instead, so the horizon learns from the
+# newest keys (docs/design/settle-window.md). It re-sends about W of entries each time.
+_LOOK_AHEAD_EVERY_SECONDS = 30.0
+# A look-ahead keeps at most this many unsettled records; past them it only looks at keys.
+_LOOK_AHEAD_HELD_RECORDS = 65_536
 
 
 class PollerStatus(BaseModel):
@@ -166,7 +166,10 @@ class _Read:
 
     asked: int  # batch_size
     requested_at: float  # time.monotonic() just before the call
-    cutoff_ms: int | None  # consume only keys stamped at or before this (None: no window)
+    windowed: bool  # a settle window applies (POLLER_SETTLE_SECONDS > 0)
+    cutoff_ms: int | None  # settled at the start: keys stamped at or before this (None: none)
+    look_ahead: bool = False  # read on past unsettled entries, to see the newest keys
+    dropped_ms: int | None = None  # look-ahead: key time of the first unsettled entry not kept
     delivered: int = 0  # records the server sent
     first_key_ms: int | None = None  # key time of the first record sent
     unsettled_ms: int | None = None  # key time of the record the read stopped at
@@ -175,7 +178,10 @@ class _Read:
     @property
     def caught_up(self) -> bool:
         """The definition of caught up (module docstring)."""
-        return self.unsettled_ms is not None or (self.ended and self.asked == MAX_BATCH_SIZE)
+        # A stop proves it only once something had settled by the horizon: before any key
+        # was seen, a stop says only that the rest is within W of the newest key read.
+        stopped = self.unsettled_ms is not None and self.cutoff_ms is not None
+        return stopped or (self.ended and self.asked == MAX_BATCH_SIZE)
 
     @property
     def short(self) -> bool:
@@ -222,6 +228,8 @@ class SpanPoller:
         self._probe: asyncio.Task[None] | None = None
         self._read_size = min(settings.poller_batch_size * _BATCHES_PER_READ, MAX_BATCH_SIZE)
         self._settle_ms = round(settings.poller_settle_seconds * 1000)
+        self._horizon = SettleHorizon(self._settle_ms)
+        self._head_seen_at = -math.inf  # monotonic: when a read last reached its stream's end
         self._leadership = leadership or leadership_for(engine, settings)
         self._role: Literal["leader", "standby"] = "standby"
         self._role_since: float | None = None
@@ -261,6 +269,15 @@ class SpanPoller:
             else None,
         )
 
+    def _key_clock_ms(self) -> float:
+        """The ingestion-service's clock now: this host's, or later where the keys seen prove it.
+
+        Ages come out too high when this clock runs ahead, never too low: an alert errs loud.
+        """
+        estimate = self._horizon.key_clock(monotonic_ms())
+        wall = time.time() * 1000
+        return wall if estimate is None else max(wall, estimate)
+
     def _progress(self) -> tuple[bool | None, float | None]:
         """The leader's caught-up answer and backlog age (module docstring)."""
         now = time.monotonic()
@@ -275,7 +292,7 @@ class SpanPoller:
         if caught_up:
             return caught_up, 0.0
         if oldest is not None:
-            return caught_up, max(0.0, time.time() - oldest / 1000)
+            return caught_up, max(0.0, self._key_clock_ms() - oldest) / 1000
         if proved is not None:
             # Nothing unprocessed read: an unread span is at most this old.
             return caught_up, now - proved + window
@@ -459,17 +476,27 @@ class SpanPoller:
 
     def _next_read(self, asked: int) -> _Read:
         """A read of `asked` records, its settle cutoff taken now (before the call starts)."""
-        cutoff = None
-        if self._settle_ms > 0:
-            # The server's read snapshot is taken after this moment, so every key stamped
-            # before the cutoff whose commit came within W is in it.
-            cutoff = int(time.time() * 1000) - self._settle_ms
-        return _Read(asked=asked, requested_at=time.monotonic(), cutoff_ms=cutoff)
+        now = time.monotonic()
+        windowed = self._settle_ms > 0
+        # The server's read snapshot is taken after this moment, so every key the horizon
+        # calls settled now is in it (horizon.py).
+        cutoff = self._horizon.cutoff(now * 1000) if windowed else None
+        look_ahead = windowed and (
+            cutoff is None or now - self._head_seen_at > _LOOK_AHEAD_EVERY_SECONDS
+        )
+        return _Read(
+            asked=asked,
+            requested_at=now,
+            windowed=windowed,
+            cutoff_ms=cutoff,
+            look_ahead=look_ahead,
+        )
 
     def _until_settled(self, key_ms: int) -> float:
         """Seconds until an entry stamped `key_ms` is out of the settle window."""
-        remaining = (key_ms + self._settle_ms) / 1000 - time.time()
+        cutoff = self._horizon.cutoff(monotonic_ms())
         window = self._settle_ms / 1000
+        remaining = window if cutoff is None else (key_ms - cutoff) / 1000
         return min(window, max(remaining, window * _SETTLE_PAUSE_SHARE))
 
     def _count_skipped(self, short: _Read, after: _Read) -> None:
@@ -492,32 +519,63 @@ class SpanPoller:
     async def _drain(self, read: _Read) -> None:
         """Read one stream from the checkpoint, committing batch by batch, filling in `read`."""
         batch_size = self._settings.poller_batch_size
-        cutoff = read.cutoff_ms
         pending: list[SpanRecord] = []
+        held: list[SpanRecord] = []  # read but not settled yet
         chunks = self._client.stream_chunks(self._checkpoint, read.asked)
         lost = self._leadership.lost
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 if lost.is_set():
                     raise LeadershipLost("the lock was lost while reading")
-                if read.first_key_ms is None:
-                    read.first_key_ms = ulid_millis(chunk[0].key)
-                read.delivered += len(chunk)
-                # Keys grow with time: when the chunk's last key has settled, all have.
-                if cutoff is not None and ulid_millis(chunk[-1].key) > cutoff:
-                    settled = _settled_prefix(chunk, cutoff)
-                    pending.extend(chunk[:settled])
-                    read.unsettled_ms = ulid_millis(chunk[settled].key)
-                    break
-                pending.extend(chunk)
-                self._oldest_unprocessed_ms = ulid_millis(pending[0].key)
+                stop = self._take(read, chunk, pending, held)
+                if pending or held:
+                    self._oldest_unprocessed_ms = ulid_millis((pending or held)[0].key)
                 while len(pending) >= batch_size:
                     await self._commit(pending[:batch_size])
                     del pending[:batch_size]
+                if stop:
+                    break
             else:
                 read.ended = True
+                if read.delivered < read.asked:
+                    self._head_seen_at = time.monotonic()  # the newest key has been seen
+        if held:
+            read.unsettled_ms = ulid_millis(held[0].key)
         for start in range(0, len(pending), batch_size):
             await self._commit(pending[start : start + batch_size])
+
+    def _take(
+        self,
+        read: _Read,
+        chunk: list[SpanRecord],
+        pending: list[SpanRecord],
+        held: list[SpanRecord],
+    ) -> bool:
+        """Move a chunk's settled records to `pending`, hold the rest; True: stop reading."""
+        newest_ms = ulid_millis(chunk[-1].key)
+        self._horizon.see(newest_ms, monotonic_ms())
+        if read.first_key_ms is None:
+            read.first_key_ms = ulid_millis(chunk[0].key)
+        read.delivered += len(chunk)
+        if not read.windowed:
+            pending.extend(chunk)
+            return False
+        if read.dropped_ms is None:
+            held.extend(chunk)
+            if len(held) > _LOOK_AHEAD_HELD_RECORDS:
+                read.dropped_ms = ulid_millis(held[_LOOK_AHEAD_HELD_RECORDS].key)
+                del held[_LOOK_AHEAD_HELD_RECORDS:]
+        # A key in this read's snapshot settles every key stamped W before it (horizon.py).
+        cutoff = newest_ms - self._settle_ms
+        if read.cutoff_ms is not None:
+            cutoff = max(cutoff, read.cutoff_ms)
+        settled = _settled_prefix(held, cutoff)
+        pending.extend(held[:settled])
+        del held[:settled]
+        if read.dropped_ms is not None:
+            # Read on until what was not kept has settled; the next read starts there.
+            return read.dropped_ms <= cutoff
+        return bool(held) and not read.look_ahead
 
     async def _commit(self, batch: list[SpanRecord]) -> None:
         """Hand the records to the sink and move the checkpoint, in one transaction."""
@@ -561,6 +619,9 @@ class SpanPoller:
         finally:
             for wait in waits:
                 wait.cancel()
+
+
+Held = list["SpanRecord"]  # records read but not settled yet
 
 
 def _settled_prefix(chunk: Sequence[SpanRecord], cutoff_ms: int) -> int:
