@@ -53,8 +53,12 @@ from junjo_backend.listening import bound_socket, listen_problem
 from junjo_backend.metrics import CONTENT_TYPE, BackendMetrics
 from junjo_backend.poller.loop import PollerStatus, SpanPoller
 from junjo_backend.settings import Settings, get_settings
+from junjo_backend.span_api import access_note, install_span_api
+from junjo_backend.store.api import SpanReader, UnavailableReader
 
 log = logging.getLogger(__name__)
+
+SPANS_NOT_KEPT = "spans are not kept by this backend (SPAN_STORE=none)"
 
 # uvicorn's exit status when the application could not start.
 STARTUP_FAILURE_EXIT = 3
@@ -84,6 +88,9 @@ class Backend:
     started_at: float = field(default_factory=time.monotonic)  # for /health's uptime
     # /health's database probes: each answers within its timeout, one in the database at a time.
     probes: SerialQueries = field(default_factory=SerialQueries)
+    # What answers the /otel read routes: the span store's reader in a process that can
+    # read spans, a 503 with the reason elsewhere.
+    span_reader: SpanReader = field(default_factory=lambda: UnavailableReader(SPANS_NOT_KEPT))
 
 
 class LifespanState(TypedDict):
@@ -380,6 +387,7 @@ def create_app(
         """The backend's metrics in the Prometheus text format (README: "Metrics")."""
         return RawResponse(backend.metrics.render(), media_type=CONTENT_TYPE)
 
+    install_span_api(app, resolved, lambda request: _backend(request).span_reader)
     return app
 
 
@@ -433,6 +441,8 @@ class _BackendServer(uvicorn.Server):
             where["database"] = database_label(backend.settings.database_url)
         for note in backend.settings.notes if isinstance(backend, Backend) else []:
             log.info(note)
+        if isinstance(backend, Backend):
+            log.log(*access_note(backend.settings))
         log.info(
             "junjo-backend ready; create an API key with: %s api-keys create NAME",
             cli_command(),

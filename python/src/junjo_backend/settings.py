@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationError,
     ValidatorFunctionWrapHandler,
     model_validator,
@@ -70,6 +71,11 @@ def _log_level(value: object) -> object:
 
 def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
+
+
+def _blank_is_unset(value: object) -> object:
+    # `SPAN_API_TOKEN=` in a .env is no token, not an empty one anybody could send.
+    return None if isinstance(value, str) and not value.strip() else value
 
 
 Address = Annotated[str, AfterValidator(_check_address)]
@@ -266,6 +272,12 @@ class Settings(BaseSettings):
     )
     http_port: int = Field(
         default=1323, ge=0, le=_MAX_PORT, description="HTTP API port (0: any free port)"
+    )
+    # SecretStr: masked in repr and in every dump of the settings.
+    span_api_token: Annotated[SecretStr | None, BeforeValidator(_blank_is_unset)] = Field(
+        default=None,
+        description="bearer token for the span read routes (/otel/...) when HTTP_HOST is not "
+        "loopback; unset, they answer 403 there (on loopback they are open)",
     )
     http_header_timeout_seconds: float = Field(
         default=10.0,

@@ -136,3 +136,71 @@ DUCKDB_TABLES: Final[dict[str, tuple[str, ...]]] = {
         ),
     ),
 }
+
+
+# PostgreSQL: the same tables in PostgreSQL types. Ids are text (Go's lengths are declared,
+# not enforced), times timestamptz, and JSON columns `json`, not `jsonb`: json keeps the
+# stored text byte for byte (Go's key order, escapes and `\u0000`), as the Go file does.
+_POSTGRES_TYPES: Final = {
+    "VARCHAR": "text",
+    "TIMESTAMPTZ": "timestamptz",
+    "JSON": "json",
+    "INTEGER": "integer",
+}
+
+
+def _postgres_columns(columns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    translated = []
+    for name, sql in columns:
+        base, _, rest = sql.partition(" ")
+        translated.append((name, " ".join([_POSTGRES_TYPES[base.split("(", 1)[0]], rest]).strip()))
+    return tuple(translated)
+
+
+POSTGRES_SPANS_COLUMNS: Final = _postgres_columns(SPANS_COLUMNS)
+POSTGRES_PATCHES_COLUMNS: Final = _postgres_columns(STATE_PATCHES_COLUMNS)
+
+# Ours, for the read API (the Go schema has neither): the newest root spans of a service
+# (`root-spans`, `root-spans-filtered`) straight off a small partial index, and the
+# service-name walk and `spans/type/workflow` off the full one. See docs/design/span-api.md.
+POSTGRES_API_INDEXES: Final[tuple[str, ...]] = (
+    "CREATE INDEX IF NOT EXISTS junjo_idx_spans_service_start ON spans (service_name, start_time)",
+    (
+        "CREATE INDEX IF NOT EXISTS junjo_idx_spans_service_roots "
+        "ON spans (service_name, start_time) WHERE parent_span_id IS NULL"
+    ),
+)
+
+
+def _if_missing(statement: str) -> str:
+    return statement.replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ", 1)
+
+
+# Run in order, each idempotent (replicas may start together: the store takes a lock first).
+POSTGRES_DDL: Final[tuple[str, ...]] = (
+    _if_missing(
+        _create_table(SPANS_TABLE, POSTGRES_SPANS_COLUMNS, ",\n\n  PRIMARY KEY (trace_id, span_id)")
+    ),
+    *_create_indexes(SPANS_TABLE, SPANS_INDEXES),
+    *POSTGRES_API_INDEXES,
+    _if_missing(
+        _create_table(
+            STATE_PATCHES_TABLE,
+            POSTGRES_PATCHES_COLUMNS,
+            ",\n  FOREIGN KEY (trace_id, span_id) REFERENCES spans (trace_id, span_id)",
+        )
+    ),
+    *_create_indexes(STATE_PATCHES_TABLE, STATE_PATCHES_INDEXES),
+    (
+        f"CREATE TABLE IF NOT EXISTS {SET_ASIDE_TABLE} (\n"
+        "  wal_key bytea NOT NULL,\n"
+        "  trace_id text NOT NULL,\n"
+        "  span_id text NOT NULL,\n"
+        "  reason text NOT NULL,\n"
+        "  span_bytes bytea NOT NULL,\n"
+        "  resource_bytes bytea NOT NULL,\n"
+        "  set_aside_at timestamptz NOT NULL DEFAULT current_timestamp,\n"
+        "  PRIMARY KEY (wal_key, reason)\n"
+        ")"
+    ),
+)

@@ -1,0 +1,108 @@
+"""Who may read the span routes: decided by HTTP_HOST alone, tested on a served backend.
+
+The backend listens on 0.0.0.0 (not loopback) and the test connects through 127.0.0.1: the
+client's loopback address must not open anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import httpx
+
+from junjo_backend.app import SPANS_NOT_KEPT
+from junjo_backend.auth.key_store import create_api_key
+from junjo_backend.database import close_engine, open_database
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from .backend_under_test import ServeProcess
+
+    Start = Callable[[dict[str, str]], ServeProcess]
+
+TOKEN = "span-api-token-for-tests-7f3a9c"  # noqa: S105 (a test value)
+ROUTE = "/otel/span-service-names"
+
+
+def _http_port(process: ServeProcess) -> int:
+    port = process.wait_for("junjo-backend ready")["http_port"]
+    assert isinstance(port, int)
+    return port
+
+
+def _ingestion_key(database_path: Path) -> str:
+    async def make() -> str:
+        engine = await open_database(f"sqlite+aiosqlite:///{database_path}")
+        try:
+            return (await create_api_key(engine, "an app that writes spans")).key
+        finally:
+            await close_engine(engine)
+
+    return asyncio.run(make())
+
+
+def _get(port: int, authorization: str | None) -> httpx.Response:
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    return httpx.get(f"http://127.0.0.1:{port}{ROUTE}", headers=headers, timeout=10)
+
+
+def _granted(response: httpx.Response) -> bool:
+    """The request got past the access check: the store answered (SQLite without a span
+    store wired in keeps no spans: 503 with that reason)."""
+    if response.status_code == 503:
+        return bool(response.json() == {"error": SPANS_NOT_KEPT})
+    return response.status_code == 200 and isinstance(response.json(), list)
+
+
+def test_without_a_token_a_non_loopback_host_closes_the_routes(
+    serve_process: Start, database_path: Path
+) -> None:
+    key = _ingestion_key(database_path)
+    process = serve_process({"HTTP_HOST": "0.0.0.0", "POLLER_ENABLED": "false"})  # noqa: S104
+    port = _http_port(process)
+    closed = process.wait_for("span API (/otel/...) closed")
+    assert closed["level"] in {"WARN", "WARNING"}
+    assert "SPAN_API_TOKEN is not set" in str(closed["msg"])
+
+    for authorization in (None, f"Bearer {key}", f"Bearer {TOKEN}", "Bearer"):
+        response = _get(port, authorization)
+        assert response.status_code == 403, authorization
+        assert set(response.json()) == {"error"}
+        assert "SPAN_API_TOKEN is not set" in response.json()["error"]
+    assert httpx.get(f"http://127.0.0.1:{port}/ping", timeout=10).text == "pong"
+
+
+def test_with_a_token_only_that_token_opens_them(serve_process: Start, database_path: Path) -> None:
+    key = _ingestion_key(database_path)
+    env = {"HTTP_HOST": "0.0.0.0", "POLLER_ENABLED": "false", "SPAN_API_TOKEN": TOKEN}  # noqa: S104
+    process = serve_process({**env, "LOG_LEVEL": "DEBUG"})
+    port = _http_port(process)
+    process.wait_for("span API (/otel/...) needs `Authorization: Bearer <SPAN_API_TOKEN>`")
+
+    refused = {
+        "no header": None,
+        "a wrong token": "Bearer not-the-token",
+        "the token as a prefix": f"Bearer {TOKEN}x",
+        "an ingestion API key": f"Bearer {key}",
+        "another scheme": f"Basic {TOKEN}",
+        "no scheme": TOKEN,
+    }
+    for case, authorization in refused.items():
+        response = _get(port, authorization)
+        assert response.status_code == 401, case
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert set(response.json()) == {"error"}, case
+
+    for authorization in (f"Bearer {TOKEN}", f"bearer {TOKEN}"):
+        assert _granted(_get(port, authorization)), authorization
+    assert not any(TOKEN in line for line in process.lines), "the token was logged"
+
+
+def test_a_loopback_host_leaves_them_open(serve_process: Start) -> None:
+    process = serve_process({"HTTP_HOST": "127.0.0.1", "POLLER_ENABLED": "false"})
+    port = _http_port(process)
+    process.wait_for("span API (/otel/...) open: HTTP_HOST=127.0.0.1 is loopback")
+    assert _granted(_get(port, None))
