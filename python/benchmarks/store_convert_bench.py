@@ -4,13 +4,17 @@
 
 Prints spans/s for `convert_batch` alone (this process), and for `DuckDBStore.write`
 end to end into a new file (convert + insert + commit), with the thread converter and
-with the process-pool converter. Stops by itself; figures are information, not bars.
+with the process-pool converter, with the peak RSS of this process plus the conversion
+workers. The spans are made batch by batch, untimed. Stops by itself; figures are
+information, not bars.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import os
 import sys
 import tempfile
 import time
@@ -26,39 +30,67 @@ from junjo_backend.store.convert import convert_batch
 from junjo_backend.store.duckdb_store import DuckDBStore
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from junjo_backend.ingestion.spans import SpanRecord
 
 
-def _batches(spans: int, batch: int) -> list[list[SpanRecord]]:
-    records = list(junjo_records(spans))
-    return [records[i : i + batch] for i in range(0, len(records), batch)]
+def _batches(spans: int, batch: int) -> Iterator[list[SpanRecord]]:
+    """The records batch by batch, made as they are needed (memory stays flat)."""
+    records = junjo_records(spans)
+    while chunk := list(itertools.islice(records, batch)):
+        yield chunk
 
 
-def convert_only(batches: list[list[SpanRecord]]) -> float:
-    """Spans/s of convert_batch over every batch, in this process."""
-    started = time.perf_counter()
-    total: int = sum(convert_batch(batch).spans.num_rows for batch in batches)
-    return total / (time.perf_counter() - started)
+def convert_only(spans: int, batch: int) -> float:
+    """Spans/s of convert_batch over every batch, in this process (making them not timed)."""
+    elapsed = 0.0
+    for chunk in _batches(spans, batch):
+        started = time.perf_counter()
+        convert_batch(chunk)
+        elapsed += time.perf_counter() - started
+    return spans / elapsed
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident set size (0 once it is gone)."""
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text(encoding="ascii").split()[1])
+    except OSError:
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def sample_rss(store: DuckDBStore, peak: list[float]) -> None:
+    """Keep the peak of this process's RSS plus the conversion workers'."""
+    while True:
+        total = rss_mb(os.getpid()) + sum(rss_mb(pid) for pid in store.worker_pids())
+        peak[0] = max(peak[0], total)
+        await asyncio.sleep(0.2)
 
 
 async def store_write(
-    batches: list[list[SpanRecord]], workdir: Path, converter: Literal["thread", "process"]
-) -> float:
-    """Spans/s of DuckDBStore.write over every batch into a new file."""
+    spans: int, batch: int, workdir: Path, converter: Literal["thread", "process"]
+) -> tuple[float, float]:
+    """Spans/s of DuckDBStore.write over every batch into a new file, and the peak RSS."""
     engine = create_engine(f"sqlite+aiosqlite:///{workdir / f'{converter}.db'}")
     await init_schema(engine)
     store = DuckDBStore(workdir / f"{converter}-otel.db", converter=converter)
     await store.open()
+    peak = [0.0]
+    sampler = asyncio.create_task(sample_rss(store, peak))
     try:
-        started = time.perf_counter()
-        for batch in batches:
+        elapsed = 0.0
+        for chunk in _batches(spans, batch):
+            started = time.perf_counter()
             async with engine.begin() as conn:
-                await store.write(batch, conn)
-        elapsed = time.perf_counter() - started
+                await store.write(chunk, conn)
+            elapsed += time.perf_counter() - started
     finally:
+        sampler.cancel()
         await store.close()
         await close_engine(engine, quiet=True)
-    return sum(len(b) for b in batches) / elapsed
+    return spans / elapsed, peak[0]
 
 
 def main() -> None:
@@ -66,16 +98,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spans", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=10_000)
+    parser.add_argument("--converter", choices=["thread", "process", "both"], default="both")
     args = parser.parse_args()
-    batches = _batches(args.spans, args.batch)
-    size = sum(len(r.span_bytes) for b in batches for r in b) / args.spans
+    sample = list(junjo_records(1000))
+    size = sum(len(r.span_bytes) for r in sample) / len(sample)
     print(f"{args.spans} spans, {size:.0f} B each on average, batches of {args.batch}")
-    print(f"convert_batch alone:         {convert_only(batches):9.0f} spans/s")
+    print(f"convert_batch alone:         {convert_only(args.spans, args.batch):9.0f} spans/s")
     with tempfile.TemporaryDirectory() as workdir:
-        converters: tuple[Literal["thread", "process"], ...] = ("thread", "process")
+        converters: tuple[Literal["thread", "process"], ...] = (
+            ("thread", "process") if args.converter == "both" else (args.converter,)
+        )
         for converter in converters:
-            rate = asyncio.run(store_write(batches, Path(workdir), converter))
-            print(f"DuckDBStore.write ({converter:7}): {rate:9.0f} spans/s")
+            rate, peak = asyncio.run(store_write(args.spans, args.batch, Path(workdir), converter))
+            print(f"DuckDBStore.write ({converter:7}): {rate:9.0f} spans/s, peak RSS {peak:.0f} MB")
 
 
 if __name__ == "__main__":

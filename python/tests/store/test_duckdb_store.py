@@ -272,3 +272,21 @@ async def test_a_full_disk_fails_the_batch_and_a_later_write_stores_it(
     finally:
         await store.close()
     assert count(path, "spans") == (done + 1) * 200
+
+
+async def test_a_file_that_is_not_duckdb_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "otel_data.db"
+    path.write_bytes(b"not a database" * 1000)
+    with pytest.raises(StoreUnavailable) as raised:
+        await DuckDBStore(path, converter="thread").open()
+    message = str(raised.value)
+    assert message.startswith(f"{path} cannot be opened: ")
+    assert "\n" not in message
+
+
+async def test_the_files_folder_is_created(tmp_path: Path) -> None:
+    path = tmp_path / "dbdata" / "duckdb" / "otel_data.db"
+    store = DuckDBStore(path, converter="thread")
+    await store.open()
+    await store.close()
+    assert path.is_file()

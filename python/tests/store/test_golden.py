@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import duckdb
+import pytest
 
+from junjo_backend.database import close_engine, create_engine, init_schema
 from junjo_backend.store.base import StoreWrite
 from junjo_backend.store.convert import PATCH_REASON_PREFIX, patch_id
 from junjo_backend.store.duckdb_store import DuckDBStore
@@ -13,6 +17,7 @@ from junjo_backend.store.schema import PATCH_COLUMN_NAMES, SPAN_COLUMN_NAMES
 from tests.store.golden import batches, canonical, expected, read_table
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -38,6 +43,32 @@ async def write_all(
         return writes
     finally:
         await store.close()
+
+
+@dataclass(frozen=True)
+class Golden:
+    """A file holding every golden batch, written once for the module, and each write's result."""
+
+    path: Path
+    writes: list[StoreWrite]
+
+    def copy(self, folder: Path) -> Path:
+        """A copy of the file to change (the module's own stays as written)."""
+        copied = folder / "otel_data.db"
+        shutil.copyfile(self.path, copied)
+        return copied
+
+
+@pytest.fixture(scope="module")
+async def golden(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Golden]:
+    folder = tmp_path_factory.mktemp("golden")
+    engine = create_engine(f"sqlite+aiosqlite:///{folder / 'junjo.db'}")
+    await init_schema(engine)
+    try:
+        path = folder / "otel_data.db"
+        yield Golden(path, await write_all(path, engine, BATCHES))
+    finally:
+        await close_engine(engine, quiet=True)
 
 
 def stored(path: Path) -> tuple[list[str], list[str]]:
@@ -68,9 +99,8 @@ async def test_golden_batches_store_every_column_as_go_did(
     assert patches == canonical(PATCHES)
 
 
-async def test_patch_ids_are_uuid5_of_the_event_index(tmp_path: Path, engine: AsyncEngine) -> None:
-    path = tmp_path / "otel_data.db"
-    await write_all(path, engine, BATCHES)
+def test_patch_ids_are_uuid5_of_the_event_index(golden: Golden) -> None:
+    path = golden.path
     rows = read_table(path, "state_patches", ["patch_id", "trace_id", "span_id", "patch_json"])
     ids = {(r["trace_id"], r["span_id"], r["patch_json"]): r["patch_id"] for r in rows}
     node = ("10" * 16, "10" * 8)
@@ -83,11 +113,8 @@ async def test_patch_ids_are_uuid5_of_the_event_index(tmp_path: Path, engine: As
     assert len({r["patch_id"] for r in rows}) == len(rows)
 
 
-async def test_what_go_could_not_store_is_set_aside_with_a_reason(
-    tmp_path: Path, engine: AsyncEngine
-) -> None:
-    path = tmp_path / "otel_data.db"
-    writes = await write_all(path, engine, BATCHES)
+def test_what_go_could_not_store_is_set_aside_with_a_reason(golden: Golden) -> None:
+    path, writes = golden.path, golden.writes
     rows = set_aside_rows(path)
     by_key = {row[0]: row for row in rows}
     assert len(rows) == 5
@@ -113,17 +140,16 @@ async def test_what_go_could_not_store_is_set_aside_with_a_reason(
     assert writes[26] == StoreWrite(stored=2, patches=0, set_aside=1, skipped=0)
 
 
-async def test_duplicates_in_a_batch_and_later_are_kept_once(
-    tmp_path: Path, engine: AsyncEngine
-) -> None:
-    writes = await write_all(tmp_path / "otel_data.db", engine, BATCHES)
+def test_duplicates_in_a_batch_and_later_are_kept_once(golden: Golden) -> None:
+    writes = golden.writes
     assert writes[29] == StoreWrite(stored=1, patches=1, set_aside=0, skipped=1)  # batch 30
     assert writes[30] == StoreWrite(stored=0, patches=0, set_aside=0, skipped=1)  # batch 31
 
 
-async def test_redelivering_every_batch_adds_nothing(tmp_path: Path, engine: AsyncEngine) -> None:
-    path = tmp_path / "otel_data.db"
-    await write_all(path, engine, BATCHES)
+async def test_redelivering_every_batch_adds_nothing(
+    golden: Golden, tmp_path: Path, engine: AsyncEngine
+) -> None:
+    path = golden.copy(tmp_path)
     before = (stored(path), set_aside_rows(path))
     again = await write_all(path, engine, BATCHES)
     assert again == [StoreWrite(0, 0, 0, skipped=len(batch)) for batch in BATCHES]
@@ -131,12 +157,11 @@ async def test_redelivering_every_batch_adds_nothing(tmp_path: Path, engine: Asy
 
 
 async def test_redelivery_under_a_lost_watermark_adds_nothing(
-    tmp_path: Path, engine: AsyncEngine
+    golden: Golden, tmp_path: Path, engine: AsyncEngine
 ) -> None:
     # A file restored from a backup, say: its watermark is behind the rows it holds. The
     # rows themselves then keep the redelivery out (spans by key, patches by their span).
-    path = tmp_path / "otel_data.db"
-    await write_all(path, engine, BATCHES)
+    path = golden.copy(tmp_path)
     before = (stored(path), set_aside_rows(path))
     with duckdb.connect(str(path)) as db:
         db.execute("UPDATE junjo_store_watermark SET last_key = ''::BLOB")
@@ -145,9 +170,8 @@ async def test_redelivery_under_a_lost_watermark_adds_nothing(
     assert (stored(path), set_aside_rows(path)) == before
 
 
-async def test_stats_count_what_the_file_holds(tmp_path: Path, engine: AsyncEngine) -> None:
-    path = tmp_path / "otel_data.db"
-    await write_all(path, engine, BATCHES)
+async def test_stats_count_what_the_file_holds(golden: Golden, tmp_path: Path) -> None:
+    path = golden.copy(tmp_path)
     store = DuckDBStore(path, converter="thread")
     await store.open()
     try:

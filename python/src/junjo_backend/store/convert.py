@@ -291,6 +291,15 @@ def is_patch_set_aside(row: SetAside) -> bool:
     return row.reason.startswith(PATCH_REASON_PREFIX)
 
 
+def _patch_columns(
+    ids: tuple[str, str, str], span_type: str, junjo_id: str
+) -> tuple[str, str, str, str, str]:
+    """A span's patch rows' service_name, trace_id, span_id, workflow_id and node_id."""
+    trace_id, span_id, service = ids
+    workflow_id = junjo_id if span_type == "workflow" else ""  # a subflow's is ""
+    return service, trace_id, span_id, workflow_id, junjo_id if span_type == "node" else ""
+
+
 def _convert_span(
     record: SpanRecord, span: trace_pb2.Span, ids: tuple[str, str, str]
 ) -> tuple[tuple[object, ...], list[tuple[object, ...]], list[SetAside]]:
@@ -312,17 +321,7 @@ def _convert_span(
     workflow = _workflow_columns(span_type, picked)
     events_json, set_state = _events(span.events)
     trace_id, span_id, service = ids
-    patches, aside = _patches(
-        record,
-        set_state,
-        (
-            service,
-            trace_id,
-            span_id,
-            junjo_id if span_type == "workflow" else "",
-            junjo_id if span_type == "node" else "",
-        ),
-    )
+    patches, aside = _patches(record, set_state, _patch_columns(ids, span_type, junjo_id))
     trace_state = span.trace_state
     row = (
         trace_id,

@@ -232,6 +232,10 @@ class DuckDBStore:
             "storage_compatibility_version": STORAGE_COMPATIBILITY_VERSION,
         }
         try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreUnavailable(f"{self._path} cannot be opened: {error}") from None
+        try:
             db = duckdb.connect(str(self._path), config=config)
         except duckdb.Error as error:
             raise open_failure(self._path, error) from None
