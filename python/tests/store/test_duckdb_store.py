@@ -290,3 +290,16 @@ async def test_the_files_folder_is_created(tmp_path: Path) -> None:
     await store.open()
     await store.close()
     assert path.is_file()
+
+
+async def test_cursors_read_what_writes_committed_and_end_with_the_store(
+    store: DuckDBStore, engine: AsyncEngine
+) -> None:
+    await write(store, engine, [record(1), record(2)])
+    cursor = store.cursor()
+    assert cursor.execute("SELECT count(*) FROM spans").fetchall() == [(2,)]
+    await store.close()
+    with pytest.raises(duckdb.ConnectionException):
+        cursor.execute("SELECT count(*) FROM spans")
+    with pytest.raises(StoreUnavailable, match="is not open in this process"):
+        store.cursor()

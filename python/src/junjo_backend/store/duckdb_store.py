@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -142,6 +143,10 @@ class DuckDBStore:
         self._pool = ProcessConverter() if converter == "process" else None
         self._convert: Converter = self._pool or convert_in_thread
         self._db: duckdb.DuckDBPyConnection | None = None
+        # Reads (the span API) get cursors of a connection of their own: never the writer's,
+        # which a write is using in another thread.
+        self._reader: duckdb.DuckDBPyConnection | None = None
+        self._reader_lock = threading.Lock()
         self._lock = asyncio.Lock()
         self._watermark: bytes | None = None
         self._spans = 0
@@ -152,6 +157,17 @@ class DuckDBStore:
     def path(self) -> Path:
         """The DuckDB file."""
         return self._path
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new cursor on the open file, for reads from any thread; close it after use.
+
+        Raises `StoreUnavailable` when this process does not hold the file (only the
+        poller's leader does). Closing the store closes its cursors.
+        """
+        with self._reader_lock:
+            if self._reader is None:
+                raise StoreUnavailable(f"{self._path} is not open in this process")
+            return self._reader.cursor()
 
     def worker_pids(self) -> list[int]:
         """The conversion workers' process ids (their RSS counts towards the backend's)."""
@@ -244,6 +260,8 @@ class DuckDBStore:
         except duckdb.Error as error:
             db.close()
             raise open_failure(self._path, error) from None
+        with self._reader_lock:
+            self._reader = db.cursor()
         self._db = db
         self._reopen = False
 
@@ -275,6 +293,10 @@ class DuckDBStore:
             )
 
     def _close_sync(self) -> None:
+        with self._reader_lock:
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
         db, self._db = self._db, None
         if db is not None:
             db.close()
