@@ -5,7 +5,7 @@ runs it with its settings as a container on host networking or as a child proces
 until it serves, stops it and keeps its logs. The image the suites run is built from the Go
 sources and tagged with a hash of them, so a second session with unchanged sources reuses it.
 `JUNJO_COMPAT_INGESTION_IMAGE` names another image to run instead, such as the published
-`mdrideout/junjo-server-ingestion:latest`: that image listens on the fixed ports 50051 and
+`mdrideout/junjo-server-ingestion-service:0.61.1`: that image listens on the fixed ports 50051 and
 50052 and dials the fixed host `junjo-server-backend:50053`, so its containers get an
 /etc/hosts entry pointing that name at 127.0.0.1 and our auth server must listen on 50053.
 
@@ -45,6 +45,12 @@ IMAGE_ENV = "JUNJO_COMPAT_INGESTION_IMAGE"
 IMAGE_REPOSITORY = "junjo-compat/ingestion-peer"
 SOURCE_HASH_LABEL = "org.junjo-backend.compat.source-hash"
 SESSION_LABEL = "org.junjo-backend.compat.session"
+# Upstream's docker-publish.yml pushes the ingestion-service as this repository, tagged with
+# each release version, major.minor, `latest` and the short commit SHA. The release pinned
+# here (compose.yaml, hosted CI) has protos that differ from go-contract/ in comments only.
+PUBLISHED_IMAGE_REPOSITORY = "mdrideout/junjo-server-ingestion-service"
+PUBLISHED_RELEASE = "0.61.1"
+PUBLISHED_IMAGE = f"{PUBLISHED_IMAGE_REPOSITORY}:{PUBLISHED_RELEASE}"
 # What the published image dials; the containers of such an image resolve it to loopback.
 PUBLISHED_BACKEND_HOST = "junjo-server-backend"
 PUBLISHED_PORTS = (50051, 50052, 50053)

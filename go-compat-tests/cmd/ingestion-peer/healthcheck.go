@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -27,6 +28,19 @@ func healthProbeAddr(internalAddr string) (string, error) {
 		host = "127.0.0.1"
 	}
 	return net.JoinHostPort(host, port), nil
+}
+
+// withoutLocalhost spells a probe address on "localhost" (grpc_health_probe's usual
+// -addr=localhost:PORT) as 127.0.0.1. This image is FROM scratch: with no
+// /etc/nsswitch.conf, Go asks DNS before /etc/hosts, and on a compose network Docker's DNS
+// forwards "localhost" to resolvers that, without internet, never answer; the probe then
+// timed out every time, and the container stayed unhealthy.
+func withoutLocalhost(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || !strings.EqualFold(host, "localhost") {
+		return addr
+	}
+	return net.JoinHostPort("127.0.0.1", port)
 }
 
 // probeHealth asks grpc.health.v1 at addr for the server-wide status (what

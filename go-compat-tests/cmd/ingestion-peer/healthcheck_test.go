@@ -71,3 +71,18 @@ func TestHealthProbeAddr(t *testing.T) {
 		t.Error("an address without a port: want an error")
 	}
 }
+
+func TestWithoutLocalhost(t *testing.T) {
+	for addr, want := range map[string]string{
+		"localhost:50052": "127.0.0.1:50052",
+		"LocalHost:50052": "127.0.0.1:50052",
+		"127.0.0.1:50052": "127.0.0.1:50052",
+		"[::1]:50052":     "[::1]:50052",
+		"ingestion:50052": "ingestion:50052",
+		"no-port":         "no-port",
+	} {
+		if got := withoutLocalhost(addr); got != want {
+			t.Errorf("withoutLocalhost(%q) = %q, want %q", addr, got, want)
+		}
+	}
+}

@@ -54,6 +54,7 @@ func probe(cfg peer.Config, addr string) int {
 			return 1
 		}
 	}
+	addr = withoutLocalhost(addr)
 	if err := probeHealth(context.Background(), addr); err != nil {
 		fmt.Fprintln(os.Stderr, "healthcheck:", err)
 		return 1

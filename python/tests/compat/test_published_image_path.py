@@ -1,8 +1,9 @@
 """The code path for the published Go image, run here against our peer image under another name.
 
-Hosted CI runs the whole suite against `mdrideout/junjo-server-ingestion`; these machines
-reach no registry. So this test tags our peer image as `junjo-ingestion-published-standin:test`
-and points `JUNJO_COMPAT_INGESTION_IMAGE` at it: the suite then takes the published-image
+Hosted CI runs the whole suite against `mdrideout/junjo-server-ingestion-service:0.61.1`;
+these machines reach no registry. So this test tags our peer image under that very name
+(unless the real image is present: then it runs that one, and leaves its tag alone) and
+points `JUNJO_COMPAT_INGESTION_IMAGE` at it: the suite then takes the published-image
 path (the fixed ports 50051/50052, our auth server on 50053, `extra_hosts` for
 `junjo-server-backend`, none of our peer's settings). Our peer's defaults are the deployed
 service's, so it runs unconfigured, as the published image does. Two suite tests run that
@@ -24,7 +25,10 @@ import pytest
 from harness.peer import (
     IMAGE_ENV,
     PUBLISHED_BACKEND_HOST,
+    PUBLISHED_IMAGE,
+    PUBLISHED_IMAGE_REPOSITORY,
     PUBLISHED_PORTS,
+    PUBLISHED_RELEASE,
     HostContainer,
     Peer,
     PeerError,
@@ -41,8 +45,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.compat
 
-STANDIN_REPOSITORY = "junjo-ingestion-published-standin"
-STANDIN = f"{STANDIN_REPOSITORY}:test"
 RUN_AS_PUBLISHED = (
     "tests/compat/test_auth_compat.py::test_a_key_from_our_database_is_accepted_and_its_spans_stored",
     "tests/compat/test_ingestion_compat.py::test_spans_arrive_byte_exact_in_the_order_sent",
@@ -55,11 +57,19 @@ def standin(docker_client: docker.DockerClient, request: pytest.FixtureRequest) 
         pytest.skip(f"this session already runs the whole suite against {IMAGE_ENV}")
     ours: PeerImage = request.getfixturevalue("peer_image")
     assert ours.built_here
-    docker_client.images.get(ours.tag).tag(STANDIN_REPOSITORY, "test")
-    yield STANDIN
+    peer = docker_client.images.get(ours.tag)
+    try:
+        present = docker_client.images.get(PUBLISHED_IMAGE)
+    except docker.errors.ImageNotFound:
+        present = None
+    if present is not None and present.id != peer.id:
+        yield PUBLISHED_IMAGE  # the real one, pulled by someone: never retagged or removed
+        return
+    peer.tag(PUBLISHED_IMAGE_REPOSITORY, PUBLISHED_RELEASE)
+    yield PUBLISHED_IMAGE
     # Untag only: the image itself is our cached peer image.
     with contextlib.suppress(docker.errors.APIError):
-        docker_client.images.remove(STANDIN, noprune=True)
+        docker_client.images.remove(PUBLISHED_IMAGE, noprune=True)
 
 
 def test_the_published_path_is_what_the_suite_takes_for_another_image(
@@ -109,6 +119,6 @@ def test_taken_fixed_ports_fail_with_a_clear_message() -> None:
         held = holder.getsockname()[1]
         free = free_port()
         with pytest.raises(PeerError, match=rf"port\(s\) {held} already in use") as failure:
-            ensure_ports_free((free, held), STANDIN)
+            ensure_ports_free((free, held), PUBLISHED_IMAGE)
     assert "fixed ports" in str(failure.value)
     assert str(free) not in str(failure.value).split("already")[0]

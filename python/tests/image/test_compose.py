@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from harness.peer import PUBLISHED_IMAGE, PUBLISHED_IMAGE_REPOSITORY, PUBLISHED_RELEASE
 from tests.image.image_helpers import DOCKER_TIMEOUT_SECONDS, missing
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-PUBLISHED_INGESTION_IMAGE = "mdrideout/junjo-server-ingestion:latest"
+PUBLISHED_INGESTION_IMAGE = PUBLISHED_IMAGE
 LOCAL_PEER_IMAGE = "junjo-ingestion-peer:demo"
 
 
@@ -93,7 +94,36 @@ def test_compose_accepts_the_file_and_it_wires_both_services(
     assert "BADGERDB_PATH: /dbdata/badgerdb" in ingestion
     assert re.search(r"- ingestion-wal:/dbdata/badgerdb(:rw)?\n", ingestion)
     assert "condition: service_healthy" in ingestion
-    assert "- grpc_health_probe\n      - -addr=localhost:50052" in ingestion
+    assert "- grpc_health_probe\n      - -addr=127.0.0.1:50052" in ingestion
+
+
+def test_every_mention_of_the_published_image_is_its_real_name(repo_root: Path) -> None:
+    # Upstream publishes mdrideout/junjo-server-ingestion-service (issue 20: compose and
+    # hosted CI named mdrideout/junjo-server-ingestion, which does not exist).
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    wrong = re.compile(r"mdrideout/junjo-server-ingestion(?!-service)")
+    hits = [
+        name
+        for name in listed.stdout.splitlines()
+        if (repo_root / name).is_file()
+        and name != "python/tests/image/test_compose.py"  # this test spells the wrong name
+        and wrong.search((repo_root / name).read_bytes().decode("utf-8", "replace"))
+    ]
+    assert hits == []
+    # Hosted CI: the pinned release on pushes and pull requests, `latest` every week.
+    ci = (repo_root / ".github" / "workflows" / "ci.yml").read_text()
+    pinned = (
+        f"JUNJO_COMPAT_INGESTION_IMAGE: {PUBLISHED_IMAGE_REPOSITORY}:${{{{ github.event_name "
+        f"== 'schedule' && 'latest' || '{PUBLISHED_RELEASE}' }}}}"
+    )
+    assert pinned in ci
 
 
 def test_the_local_peer_image_and_its_probe_come_in_through_variables(
@@ -104,7 +134,7 @@ def test_the_local_peer_image_and_its_probe_come_in_through_variables(
     assert result.returncode == 0, result.stderr
     ingestion = service_block(result.stdout, "ingestion")
     assert f"image: {LOCAL_PEER_IMAGE}" in ingestion
-    assert "- /ingestion-peer\n      - -addr=localhost:50052" in ingestion
+    assert "- /ingestion-peer\n      - -addr=127.0.0.1:50052" in ingestion
 
 
 def test_the_peer_binary_understands_the_compose_health_check(
