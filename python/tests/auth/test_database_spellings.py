@@ -213,3 +213,25 @@ def test_a_refused_spelling_is_one_error_line_and_exit_2(
     assert result.stderr.count("\n") == 1
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_command_on_a_missing_file_named_by_a_file_uri_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    # The CLI's "no database here" check asks the same resolver: before, a `file:` URI
+    # skipped it, and `api-keys list` made an empty database where the real one was missing.
+    database = tmp_path / "data" / "junjo.db"
+    env = {"DATABASE_URL": f"sqlite+aiosqlite:///file:{database}?uri=true", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", "junjo_backend", "api-keys", "list"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert result.stderr.startswith(f"error: DATABASE_URL: no database at {database} ")
+    assert not database.exists()
+    assert not database.parent.exists()
