@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -93,6 +95,29 @@ poller_leadership = Table(
     Column("epoch", BigInteger, nullable=False),
     Column("holder", Text, nullable=False),
 )
+
+# PostgreSQL only: the leader's lease (poller/leadership.py), renewed by the database's clock.
+poller_lease = Table(
+    "poller_lease",
+    metadata,
+    Column("id", Integer, CheckConstraint("id = 1"), primary_key=True, autoincrement=False),
+    Column("holder", Text, nullable=False),  # the leader's session_name()
+    Column("renewed_at", DateTime(timezone=True), nullable=False),
+)
+
+# Told apart from a restarted process with the same host name and pid (pid 1 in containers).
+_PROCESS_TOKEN = secrets.token_hex(4)
+
+
+def session_name() -> str:
+    """The `application_name` of every PostgreSQL session this process opens.
+
+    A standby that takes over from a frozen leader ends every session carrying the leader's
+    name (poller/leadership.py); it also tells operators whose session is whose. At most 63
+    bytes (PostgreSQL's NAMEDATALEN).
+    """
+    return f"junjo {socket.gethostname()[:32]}:{os.getpid()}:{_PROCESS_TOKEN}"
+
 
 # The Go backend's pragmas. API keys are few, small and precious: every commit is fsynced
 # (synchronous=FULL). journal_mode=DELETE keeps the database in one file between writes:
@@ -553,6 +578,14 @@ def database_label(database_url: str) -> str:
     return str(path) if path is not None else make_url(database_url).render_as_string()
 
 
+def postgres_connect_args(connect_timeout_seconds: float) -> dict[str, Any]:
+    """The connect arguments for asyncpg: its connect timeout, and this process's session name."""
+    return {
+        "timeout": connect_timeout_seconds,
+        "server_settings": {"application_name": session_name()},
+    }
+
+
 def create_engine(
     database_url: str, *, create_missing: bool = True, connect_timeout_seconds: float = 10.0
 ) -> AsyncEngine:
@@ -570,7 +603,9 @@ def create_engine(
     # message or a log line.
     if url.get_backend_name() != "sqlite":
         connect_args = (
-            {"timeout": connect_timeout_seconds} if url.get_driver_name() == "asyncpg" else {}
+            postgres_connect_args(connect_timeout_seconds)
+            if url.get_driver_name() == "asyncpg"
+            else {}
         )
         return create_async_engine(
             url, pool_pre_ping=True, hide_parameters=True, connect_args=connect_args

@@ -239,6 +239,13 @@ class Settings(BaseSettings):
         description="replicas on one database: how often a standby tries to become the one "
         "replica that drains (and how often the leader checks its lock connection)",
     )
+    poller_leader_lease_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="replicas on PostgreSQL: a leader that has not renewed its lease for this long "
+        "(a frozen process) has its sessions ended by a standby, which takes over",
+    )
 
     # Span store (where drained spans go; README "Span store").
     span_store: Annotated[SpanStoreChoice, BeforeValidator(_lower)] = Field(

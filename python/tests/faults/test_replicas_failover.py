@@ -3,9 +3,13 @@
 - The leader SIGKILLed mid-drain: the standby takes over and finishes; the checkpoint ends
   on the last WAL key, no span is committed twice, and the spans handed to the sinks of
   both replicas total N plus at most the one batch the kill rolled back.
-- The leader SIGSTOPped mid-drain: while it holds the lock nobody drains (the standby stays
-  a standby); SIGCONT and it goes on. Then its lock connection is terminated
-  (pg_terminate_backend): it stops, the standby takes over, no batch is committed twice.
+- The leader SIGSTOPped for 30 s (a frozen process): its lease goes unrenewed, and the
+  standby ends its sessions and drains within the lease plus a retry; when A wakes, its
+  late commits are refused (fencing); every span is committed exactly once.
+- The leader SIGSTOPped mid-drain, for less than its lease: while it holds the lock nobody
+  drains (the standby stays a standby); SIGCONT and it goes on. Then its lock connection
+  is terminated (pg_terminate_backend): it stops, the standby takes over, no batch is
+  committed twice.
 
 Replicas are the recording backend (recording_backend.py: `serve` whose sink writes every
 committed batch and key to the ledger tables in the checkpoint's transaction), here on a
@@ -42,6 +46,8 @@ LEADER_RETRY_SECONDS = 1.0
 FAULT_AFTER = 6_000  # spans committed before the fault
 STOPPED_SECONDS = 4 * LEADER_RETRY_SECONDS  # the standby tries ~4 times meanwhile
 B_FIRST_RUN = 100  # B's runs are numbered from 101
+LEASE_SECONDS = 15.0  # POLLER_LEADER_LEASE_SECONDS's default, left unset
+FROZEN_SECONDS = 30.0  # twice the lease: the standby must take over while A is frozen
 # Hang guards only (generous): figures go to the fault table.
 LIMIT_SECONDS = 120.0
 
@@ -232,4 +238,44 @@ async def test_leader_sigstopped_then_its_lock_connection_terminated(
         f"termination the standby's first commit in {failover:.1f} s; committed A {by_a:,} + "
         f"B {by_b:,}, 0 twice; {rehanded} re-handed; {time.monotonic() - terminated:.0f} s "
         f"from the termination to the end",
+    )
+
+
+async def test_leader_frozen_longer_than_its_lease_the_standby_takes_over(
+    setup: Setup, kit: FaultKit
+) -> None:
+    a, b = setup.a, setup.b
+    a.signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+
+    async def b_committed() -> bool:
+        return (await setup.committed_by())[1] > 0
+
+    takeover = await wait_until(b_committed, "B takes over from the frozen A", limit=LIMIT_SECONDS)
+    took_over_while_frozen = time.monotonic() - stopped < FROZEN_SECONDS
+    await _finished(setup)
+    drained = time.monotonic() - stopped
+    await asyncio.sleep(max(0.0, FROZEN_SECONDS - (time.monotonic() - stopped)))
+    at_wake = await setup.committed_by()
+    a.signal(signal.SIGCONT)
+    await wait_until(lambda: _has_role(a, "standby"), "A stands by once awake", limit=LIMIT_SECONDS)
+    # A's loop has run again (its pause after stepping down, and more): any late commit of
+    # its own would be in the ledger by now.
+    await asyncio.sleep(4 * LEADER_RETRY_SECONDS)
+    by_a, by_b = await setup.committed_by()
+    a_view, b_view = await a.poller(), await b.poller()
+    assert took_over_while_frozen, "the standby did not take over while the leader was frozen"
+    assert by_a == at_wake[0], "A committed after it woke"
+    assert a_view["role"] == "standby", a_view
+    assert b_view["role"] == "leader", b_view
+    rehanded = await _assert_exactly_once(setup)
+    assert a.stop() == 0, a.output()
+    assert b.stop() == 0, b.output()
+    kit.table.add(
+        "replicas on PostgreSQL: leader frozen (SIGSTOP) longer than its lease",
+        f"{FROZEN_SECONDS:g} s stopped, lease {LEASE_SECONDS:g} s (the default), retry "
+        f"{LEADER_RETRY_SECONDS:g} s, {SPANS:,} spans",
+        f"the standby ended A's sessions and committed {takeover:.1f} s after the stop; "
+        f"drained to the last key {drained:.0f} s after it; A after waking: 0 commits (fenced), "
+        f"standby; committed A {by_a:,} + B {by_b:,} = {SPANS:,}, 0 twice; {rehanded} re-handed",
     )

@@ -10,13 +10,26 @@ database (PostgreSQL) or the kernel (SQLite, one machine) decides.
   queries, never recycled). PostgreSQL releases the lock when that session ends: a killed
   replica's socket is closed by its kernel and the server ends the session at once, so the
   standby's next try succeeds. The leader learns it lost the session from asyncpg's
-  termination callback, or from a ping every retry interval when the connection dies
-  silently; either way it stops draining at once.
+  termination callback, or from its lease renewal when the connection dies silently;
+  either way it stops draining at once.
+- The lease (PostgreSQL). A frozen leader (SIGSTOP, a long pause, a frozen VM) keeps its
+  session and so its lock. So the leader renews a lease, the row `poller_lease`, with the
+  database's clock (`renewed_at = now()`), on its lock connection, from a task of its own
+  (not the drain's), every third of `POLLER_LEADER_LEASE_SECONDS` (or every retry interval,
+  if sooner). A standby that finds the lock held by the session named in the lease, and the
+  lease unrenewed for `POLLER_LEADER_LEASE_SECONDS`, ends every session carrying the
+  leader's `application_name` (`session_name()`: the lock session and its data sessions,
+  which may hold the epoch row's lock or uncommitted rows) and takes the lock. When the
+  frozen leader wakes, its sessions are gone and its epoch superseded: the fencing below
+  refuses any commit it still tries. Ending another session needs the same database role
+  (or `pg_signal_backend`), as every replica of one deployment has.
 - SQLite: `flock` on a lock file beside the database, `.<database file name>.poller-lock`
   (a dot file: an operator's `rm data/junjo.db*` does not match it, nor does `rm data/*`).
   The database file itself is never opened outside SQLite: SQLite's locks are POSIX record
   locks, which a process loses when it closes any descriptor of the file. An flock belongs
-  to the open file, not to the process, and is released when the process dies.
+  to the open file, not to the process, and is released when the process dies. A frozen
+  process (SIGSTOP) keeps it: on one host nothing can tell a frozen process from a slow
+  one without killing it, and nothing drains until it resumes or dies.
 
 Fencing. A lock says who may lead now, not whether a transaction started by a leader that
 has since lost the lock may still commit. So the table `poller_leadership` (id 1; the Go
@@ -43,12 +56,20 @@ import socket
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from junjo_backend.database import describe_database_error, poller_leadership, sqlite_file
+from junjo_backend.database import (
+    describe_database_error,
+    poller_leadership,
+    poller_lease,
+    postgres_connect_args,
+    session_name,
+    sqlite_file,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -65,8 +86,12 @@ _LEADERSHIP_ROW = 1
 LOCK_CLASS = 0x4A554E4A
 LOCK_OBJECT = 1
 _TWO_KEY_FORM = 2
-# A ping of the lock connection that takes longer than this counts as a lost connection.
+# A renewal on the lock connection that takes longer than this counts as a lost connection.
 _PING_TIMEOUT_SECONDS = 5.0
+# How long a standby waits for the sessions it ended to be gone (pg_terminate_backend's
+# timeout, PostgreSQL 14+), so that its next lock try finds the lock free.
+_TERMINATE_WAIT_MS = 5000
+_RENEWALS_PER_LEASE = 3
 
 
 class LeadershipLost(Exception):  # noqa: N818 (a state, as PostgreSQL's own names say)
@@ -181,14 +206,20 @@ class PostgresLeadership(PollerLeadership):
     """A session advisory lock on a connection of its own; see the module docstring."""
 
     def __init__(
-        self, engine: AsyncEngine, *, ping_interval_seconds: float, connect_timeout_seconds: float
+        self,
+        engine: AsyncEngine,
+        *,
+        ping_interval_seconds: float,
+        connect_timeout_seconds: float,
+        lease_seconds: float,
     ) -> None:
         super().__init__(engine)
-        connect_args: dict[str, Any] = {"timeout": connect_timeout_seconds}
+        connect_args: dict[str, Any] = postgres_connect_args(connect_timeout_seconds)
         self._lock_engine = create_async_engine(
             engine.url, poolclass=NullPool, hide_parameters=True, connect_args=connect_args
         )
-        self._ping_interval = ping_interval_seconds
+        self._lease_seconds = lease_seconds
+        self._ping_interval = min(ping_interval_seconds, lease_seconds / _RENEWALS_PER_LEASE)
         self._connection: AsyncConnection | None = None
         self._backend_pid: int | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -204,14 +235,21 @@ class PostgresLeadership(PollerLeadership):
             # Autocommit: a session lock needs no transaction, and an idle open transaction
             # would hold back vacuum for as long as this replica leads.
             await connection.execution_options(isolation_level="AUTOCOMMIT")
-            taken = await connection.scalar(
-                text("SELECT pg_try_advisory_lock(:class_key, :object_key)"),
-                {"class_key": LOCK_CLASS, "object_key": LOCK_OBJECT},
-            )
+            taken = await _try_lock(connection)
+            if not taken and await self._end_expired_leader(connection):
+                taken = await _try_lock(connection)
             if not taken:
                 await connection.close()
                 return False
             pid = await connection.scalar(text("SELECT pg_backend_pid()"))
+            await connection.execute(
+                pg_insert(poller_lease)
+                .values(id=_LEADERSHIP_ROW, holder=session_name(), renewed_at=func.now())
+                .on_conflict_do_update(
+                    index_elements=[poller_lease.c.id],
+                    set_={"holder": session_name(), "renewed_at": func.now()},
+                )
+            )
         except BaseException:
             with contextlib.suppress(Exception):
                 await connection.invalidate()
@@ -225,6 +263,37 @@ class PostgresLeadership(PollerLeadership):
             driver.add_termination_listener(self._on_terminated)
         return True
 
+    async def _end_expired_leader(self, connection: AsyncConnection) -> bool:
+        """End every session of a leader whose lease ran out; True when any was ended."""
+        row = (
+            await connection.execute(
+                text(
+                    "SELECT l.holder, EXTRACT(EPOCH FROM now() - l.renewed_at) FROM "
+                    "poller_lease l JOIN pg_locks k ON k.locktype = 'advisory' AND k.classid "
+                    "= :class_key AND k.objid = :object_key AND k.objsubid = :form AND "
+                    "k.granted JOIN pg_stat_activity a ON a.pid = k.pid AND "
+                    "a.application_name = l.holder WHERE l.id = 1"
+                ),
+                {"class_key": LOCK_CLASS, "object_key": LOCK_OBJECT, "form": _TWO_KEY_FORM},
+            )
+        ).first()
+        if row is None or float(row[1]) <= self._lease_seconds:
+            return False  # no lease, another session holds the lock, or the lease is fresh
+        holder, silent = str(row[0]), float(row[1])
+        ended = await connection.scalar(
+            text(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, :wait)) FROM "
+                "pg_stat_activity WHERE application_name = :holder AND pid <> pg_backend_pid()"
+            ),
+            {"holder": holder, "wait": _TERMINATE_WAIT_MS},
+        )
+        log.warning(
+            "the poller's leader renewed no lease for longer than POLLER_LEADER_LEASE_SECONDS; "
+            "its sessions were ended and this replica takes over",
+            extra={"holder": holder, "silent_seconds": round(silent, 1), "sessions": ended},
+        )
+        return bool(ended)
+
     def _on_terminated(self, _connection: object) -> None:
         if self._connection is not None and not self.lost.is_set():
             log.warning("the poller's lock connection to PostgreSQL ended; leadership is lost")
@@ -234,7 +303,7 @@ class PostgresLeadership(PollerLeadership):
         self._watch = asyncio.create_task(self._ping_lock(), name="poller-leadership-ping")
 
     async def _ping_lock(self) -> None:
-        """Notice a lock connection that died without a word (no FIN, no error yet)."""
+        """Renew the lease; notice a lock connection that died without a word (no FIN)."""
         lost = self.lost
         while not lost.is_set():
             with contextlib.suppress(TimeoutError):
@@ -244,7 +313,18 @@ class PostgresLeadership(PollerLeadership):
                 return
             try:
                 async with asyncio.timeout(_PING_TIMEOUT_SECONDS):
-                    await connection.execute(text("SELECT 1"))
+                    renewed = await connection.execute(
+                        update(poller_lease)
+                        .where(
+                            poller_lease.c.id == _LEADERSHIP_ROW,
+                            poller_lease.c.holder == session_name(),
+                        )
+                        .values(renewed_at=func.now())
+                    )
+                if renewed.rowcount != 1:
+                    log.warning("the poller's lease was taken over; leadership is lost")
+                    lost.set()
+                    return
             except (SQLAlchemyError, OSError, TimeoutError) as error:
                 if not lost.is_set():
                     log.warning(
@@ -291,6 +371,14 @@ class PostgresLeadership(PollerLeadership):
         """Release leadership and close the lock engine."""
         await self.release()
         await self._lock_engine.dispose()
+
+
+async def _try_lock(connection: AsyncConnection) -> bool:
+    taken = await connection.scalar(
+        text("SELECT pg_try_advisory_lock(:class_key, :object_key)"),
+        {"class_key": LOCK_CLASS, "object_key": LOCK_OBJECT},
+    )
+    return bool(taken)
 
 
 class FileLockLeadership(PollerLeadership):
@@ -359,6 +447,7 @@ def leadership_for(engine: AsyncEngine, settings: Settings) -> PollerLeadership:
             engine,
             ping_interval_seconds=settings.poller_leader_retry_seconds,
             connect_timeout_seconds=settings.database_connect_timeout_seconds,
+            lease_seconds=settings.poller_leader_lease_seconds,
         )
     # Every SQLite spelling the settings accept names a file (in-memory ones are refused).
     path = sqlite_file(settings.database_url)
