@@ -1,18 +1,11 @@
-"""What the app tests run and probe: `serve` in a subprocess, and checks that a released
-resource is really released. The ingestion side is tests/ingestion/fake_ingestion.py."""
+"""What the app tests probe: checks that a released resource is really released, and faults
+made to the SQLite file. `serve` runs through tests/serve_process.py; the ingestion side is
+tests/ingestion/fake_ingestion.py."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import queue
-import signal
 import sqlite3
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 
@@ -56,90 +49,3 @@ def established_connections_to(port: int) -> int:
             if remote_port == port and fields[3] == "01":  # 01 = ESTABLISHED
                 count += 1
     return count
-
-
-class ServeProcess:
-    """`junjo-backend serve` in a subprocess with JSON logs, read line by line."""
-
-    def __init__(
-        self,
-        env: dict[str, str],
-        cwd: Path,
-        command: tuple[str, ...] = (sys.executable, "-m", "junjo_backend.cli.main"),
-        base_env: dict[str, str] | None = None,
-    ) -> None:
-        """`COMMAND serve` in `cwd`, its environment `base_env` (ours by default) plus `env`."""
-        self.records: list[dict[str, object]] = []
-        self.lines: list[str] = []
-        self._new: queue.Queue[dict[str, object] | None] = queue.Queue()
-        self.process = subprocess.Popen(
-            [*command, "serve"],
-            env={**(os.environ if base_env is None else base_env), **env, "LOG_FORMAT": "json"},
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        with self.process.stderr as stream:
-            for line in stream:
-                self.lines.append(line)
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict):
-                    self.records.append(record)
-                    self._new.put(record)
-        self._new.put(None)
-
-    def wait_for(self, message: str, timeout: float = 30.0, **fields: object) -> dict[str, object]:
-        """The first record whose message starts with `message` and that carries `fields`."""
-
-        def matches(record: dict[str, object]) -> bool:
-            return str(record.get("msg", "")).startswith(message) and all(
-                record.get(name) == value for name, value in fields.items()
-            )
-
-        for record in list(self.records):
-            if matches(record):
-                return record
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                arrived = self._new.get(timeout=left)
-            except queue.Empty:
-                break
-            if arrived is None:  # the process has ended
-                break
-            if matches(arrived):
-                return arrived
-        output = "".join(self.lines)
-        msg = f"no log record {message!r} {fields}; the process wrote:\n{output}"
-        raise AssertionError(msg)
-
-    def messages(self) -> list[str]:
-        """Every record's message, in order."""
-        return [str(record.get("msg")) for record in self.records]
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        """Send `signum` to the server."""
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        """The exit status, once the process has ended and its output has been read."""
-        code = self.process.wait(timeout=timeout)
-        self._reader.join(timeout=timeout)
-        return code
-
-    def kill(self) -> None:
-        """Make sure the process is gone (test teardown)."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self._reader.join()

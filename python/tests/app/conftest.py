@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.ingestion.fake_ingestion import FakeIngestionServer, FakeIngestionService, FakeWal
-
-from .backend_under_test import ServeProcess
+from tests.serve_process import ServeProcess
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,22 +42,22 @@ def settings_defaults() -> dict[str, object]:
 
 
 @pytest.fixture
-def serve_process(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], ServeProcess]]:
+def serve_process(
+    tmp_path: Path, database_url: str
+) -> Iterator[Callable[[dict[str, str]], ServeProcess]]:
+    """Start `serve` (JSON logs, on the test's SQLite file) with `env` on top; killed after."""
     started: list[ServeProcess] = []
+    names = itertools.count()
 
     def start(env: dict[str, str]) -> ServeProcess:
-        base = {
-            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'data' / 'junjo.db'}",
-            "AUTH_GRPC_LISTEN_ADDRESS": "127.0.0.1:0",
-            "HTTP_HOST": "127.0.0.1",
-            "HTTP_PORT": "0",
-            "INGESTION_GRPC_ADDRESS": "127.0.0.1:1",
-            "GRPC_SHUTDOWN_GRACE_SECONDS": "1",
-        }
-        process = ServeProcess({**base, **env}, cwd=tmp_path)
-        started.append(process)
+        process = ServeProcess(
+            {"DATABASE_URL": database_url, "LOG_FORMAT": "json", **env},
+            cwd=tmp_path,
+            output=lambda name: tmp_path / f"{name}-{next(names)}.log",
+        )
+        started.append(process.start())
         return process
 
     yield start
     for process in started:
-        process.kill()
+        process.close()

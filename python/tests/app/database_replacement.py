@@ -1,21 +1,20 @@
 """A SQLite file replaced under a running `serve`: the scenario of the faults issue, defect 1.
 
-The real server runs as a subprocess, keys are made and revoked by the real CLI in
-subprocesses, and every answer comes from real ValidateApiKey calls. Two ways to replace
-the file, as an operator restores a backup: delete it and copy the backup in (a new file at
-the path), or overwrite it in place (garbage over its header first, then the backup's
-bytes, the same file). Used by tests/app/test_database_replaced.py and by the fault suite
-(tests/faults/test_database_replaced.py), which records the figures measured here.
+The real server runs as a subprocess (tests/serve_process.py), keys are made and revoked
+by the real CLI in subprocesses, and every answer comes from real ValidateApiKey calls.
+Two ways to replace the file, as an operator restores a backup: delete it and copy the
+backup in (a new file at the path), or overwrite it in place (garbage over its header
+first, then the backup's bytes, the same file). Used by tests/app/test_database_replaced.py
+and by the fault suite (tests/faults/test_database_replaced.py), which records the figures
+measured here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
 
+    from tests.serve_process import ServeProcess
+
 Style = Literal["delete and copy", "in place"]
 Answer = Literal["true", "false", "INTERNAL", "other"]
 
@@ -40,24 +41,11 @@ _CHANGE_WITHIN = 20.0
 _POLL_SECONDS = 0.02
 _CREATED_KEY = re.compile(r"^\s*([0-9A-Za-z]{64})\s*$", re.MULTILINE)
 _CREATED_ID = re.compile(r"\(id ([^)]+)\)")
-# The ready line, in either log format: `auth_grpc=127.0.0.1:1234` or `"auth_grpc": "..."`.
-_AUTH_ADDRESS = re.compile(r'auth_grpc"?[=:]\s*"?(127\.0\.0\.1:\d+)')
-_HTTP_PORT = re.compile(r'http_port"?[=:]\s*"?(\d+)')
-_READY = "junjo-backend ready"
 
 
 def backend_env(database: Path, **extra: str) -> dict[str, str]:
-    """The environment of a `serve` or CLI run on `database`, loopback ephemeral ports."""
-    return {
-        **os.environ,
-        "DATABASE_URL": f"sqlite+aiosqlite:///{database}",
-        "AUTH_GRPC_LISTEN_ADDRESS": "127.0.0.1:0",
-        "HTTP_HOST": "127.0.0.1",
-        "HTTP_PORT": "0",
-        "INGESTION_GRPC_ADDRESS": "127.0.0.1:1",
-        "GRPC_SHUTDOWN_GRACE_SECONDS": "1",
-        **extra,
-    }
+    """The settings of a `serve` or CLI run on `database` (ServeProcess adds loopback ports)."""
+    return {"DATABASE_URL": f"sqlite+aiosqlite:///{database}", **extra}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +73,7 @@ class Cli:
             "-m",
             "junjo_backend.cli.main",
             *args,
-            env=self._env,
+            env={**os.environ, **self._env},
             cwd=self._cwd,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -109,66 +97,6 @@ class Cli:
         assert key is not None
         assert key_id is not None
         return CreatedKey(id=key_id.group(1), key=key.group(1))
-
-
-class ServeUnderTest:
-    """`junjo-backend serve` in a subprocess, its stdout and stderr in one file."""
-
-    def __init__(self, env: dict[str, str], cwd: Path, output: Path) -> None:
-        self.output = output
-        self._env = env
-        self._cwd = cwd
-        self.process: asyncio.subprocess.Process | None = None
-        self.auth_address = ""
-        self.http_port = 0
-
-    async def start(self) -> None:
-        """Start the server; returns once it logged where it listens."""
-        with self.output.open("ab") as sink:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "junjo_backend.cli.main",
-                "serve",
-                env=self._env,
-                cwd=self._cwd,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
-            )
-        self.process = process
-        ready: list[str] = []
-
-        def ready_or_gone() -> bool:
-            ready.extend(line for line in self.text().splitlines() if _READY in line)
-            return bool(ready) or process.returncode is not None
-
-        with contextlib.suppress(NeverHappenedError):
-            await wait_until(ready_or_gone, "serve's ready line", limit=_READY_WITHIN)
-        if not ready:
-            msg = f"serve never got ready; it wrote:\n{self.text()}"
-            raise AssertionError(msg)
-        auth, http = _AUTH_ADDRESS.search(ready[0]), _HTTP_PORT.search(ready[0])
-        assert auth is not None, ready[0]
-        assert http is not None, ready[0]
-        self.auth_address, self.http_port = auth.group(1), int(http.group(1))
-
-    def text(self) -> str:
-        """Everything the server wrote so far."""
-        return self.output.read_text(errors="replace")
-
-    async def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL if it does not exit; its exit status (None if never started)."""
-        process = self.process
-        if process is None:
-            return None
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), _READY_WITHIN)
-            except TimeoutError:
-                process.kill()
-        return await process.wait()
 
 
 @dataclass(slots=True)
@@ -280,7 +208,7 @@ async def replace_database(
     *,
     style: Style,
     database: Path,
-    serve: ServeUnderTest,
+    serve: ServeProcess,
     cli: Cli,
     auth: AuthCalls,
     register: Callable[[str], None],

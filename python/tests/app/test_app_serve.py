@@ -12,8 +12,7 @@ import httpx
 import pytest
 
 from harness.waiting import port_is_free
-
-from .backend_under_test import ServeProcess
+from tests.serve_process import ServeProcess
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -28,7 +27,7 @@ SHUTDOWN_STEPS = ["span poller", "ingestion client", "auth server", "database"]
 
 
 def stopped_steps(process: ServeProcess) -> list[str]:
-    return [str(r["step"]) for r in process.records if r.get("msg") == "stopped"]
+    return [str(r["step"]) for r in process.records() if r.get("msg") == "stopped"]
 
 
 def ready_ports(process: ServeProcess) -> tuple[int, int]:
@@ -110,8 +109,8 @@ def test_a_taken_port_fails_before_anything_starts(
         code = process.wait()
 
     assert code == 1
-    assert process.lines[0].startswith("error: ")
-    assert f"127.0.0.1:{port}: Address already in use" in process.lines[0]
-    assert setting in process.lines[0]
+    assert process.lines()[0].startswith("error: ")
+    assert f"127.0.0.1:{port}: Address already in use" in process.lines()[0]
+    assert setting in process.lines()[0]
     # Both ports are checked before the database opens: nothing started, nothing to stop.
-    assert process.records == []
+    assert process.records() == []

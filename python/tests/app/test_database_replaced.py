@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, get_args
 import grpc
 import pytest
 
+from tests.serve_process import ServeProcess
+
 from .database_replacement import (
     AuthCalls,
     Cli,
-    ServeUnderTest,
     Style,
     backend_env,
     replace_database,
@@ -43,10 +44,10 @@ async def test_a_restored_backup_is_read_revocations_hold_and_new_keys_validate(
     env = backend_env(database, POLLER_ENABLED="false", API_KEY_CACHE_MAX_AGE_SECONDS=str(MAX_AGE))
     names = itertools.count()
     cli = Cli(env, tmp_path, lambda name: tmp_path / f"{next(names):02d}-{name}.log")
-    serve = ServeUnderTest(env, tmp_path, tmp_path / "serve.log")
+    serve = ServeProcess(env, cwd=tmp_path, output=tmp_path / "serve.log")
     keys: list[str] = []
     try:
-        await serve.start()
+        await serve.start().wait_ready()
         async with grpc.aio.insecure_channel(serve.auth_address) as channel:
             outcome = await replace_database(
                 style=style,
@@ -58,7 +59,7 @@ async def test_a_restored_backup_is_read_revocations_hold_and_new_keys_validate(
                 max_age=MAX_AGE,
             )
     finally:
-        await serve.stop()
+        await serve.stop_async()
     output = serve.text()
     everything = _all_output(tmp_path)
 

@@ -16,19 +16,12 @@ from pathlib import Path
 import pytest
 
 from junjo_backend.invocation import cli_command
-
-from .backend_under_test import ServeProcess
+from tests.serve_process import ServeProcess
 
 pytestmark = pytest.mark.timeout(120)
 
 _HERE_BIN = Path(sys.prefix) / "bin"
-_SERVE_ENV = {
-    "AUTH_GRPC_LISTEN_ADDRESS": "127.0.0.1:0",
-    "HTTP_HOST": "127.0.0.1",
-    "HTTP_PORT": "0",
-    "POLLER_ENABLED": "false",
-    "GRPC_SHUTDOWN_GRACE_SECONDS": "1",
-}
+_SERVE_ENV = {"POLLER_ENABLED": "false", "LOG_FORMAT": "json"}  # on ServeProcess's defaults
 
 
 def _shell_env() -> dict[str, str]:
@@ -57,7 +50,13 @@ def test_started_by_uv_run_from_the_top_the_hint_is_uv_run_project(
         pytest.skip("uv is not installed")
     command = (uv, "run", "--project", "python", "--locked", "--no-sync", "junjo-backend")
     env = {**_SERVE_ENV, "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'junjo.db'}"}
-    process = ServeProcess(env, cwd=repo_root, command=command, base_env=_shell_env())
+    process = ServeProcess(
+        env,
+        cwd=repo_root,
+        output=tmp_path / "serve.log",
+        command=(*command, "serve"),
+        environ=_shell_env(),
+    ).start()
     assert _ready_hint(process) == "uv run --project python junjo-backend api-keys create NAME"
 
 
@@ -67,8 +66,12 @@ def test_the_command_on_path_is_named_as_it_is(tmp_path: Path) -> None:
     env["PATH"] = os.pathsep.join([str(_HERE_BIN), env["PATH"]])
     serve_env = {**_SERVE_ENV, "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'junjo.db'}"}
     process = ServeProcess(
-        serve_env, cwd=tmp_path, command=(str(_HERE_BIN / "junjo-backend"),), base_env=env
-    )
+        serve_env,
+        cwd=tmp_path,
+        output=tmp_path / "serve.log",
+        command=(str(_HERE_BIN / "junjo-backend"), "serve"),
+        environ=env,
+    ).start()
     assert _ready_hint(process) == "junjo-backend api-keys create NAME"
 
 

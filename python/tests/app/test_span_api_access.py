@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from .backend_under_test import ServeProcess
+    from tests.serve_process import ServeProcess
 
     Start = Callable[[dict[str, str]], ServeProcess]
 
@@ -98,7 +98,7 @@ def test_with_a_token_only_that_token_opens_them(serve_process: Start, database_
 
     for authorization in (f"Bearer {TOKEN}", f"bearer {TOKEN}"):
         assert _granted(_get(port, authorization)), authorization
-    assert not any(TOKEN in line for line in process.lines), "the token was logged"
+    assert not any(TOKEN in line for line in process.lines()), "the token was logged"
 
 
 def test_a_loopback_host_leaves_them_open(serve_process: Start) -> None:

@@ -20,7 +20,8 @@ import pytest
 
 from junjo_backend._wire.ingestion import auth_pb2
 from junjo_backend.auth.known_keys import DEFAULT_READ_TIMEOUT_SECONDS
-from tests.app.database_replacement import AuthCalls, Cli, ServeUnderTest, backend_env
+from tests.app.database_replacement import AuthCalls, Cli, backend_env
+from tests.serve_process import ServeProcess
 
 from .auth_calls import auth_stub
 
@@ -88,11 +89,11 @@ async def test_auth_and_health_answer_within_their_timeouts_while_another_proces
         HEALTH_PROBE_TIMEOUT_SECONDS=str(HEALTH_PROBE_TIMEOUT),
     )
     cli = Cli(env, tmp_path, lambda name: tmp_path / f"cli-{name}.log")
-    serve = ServeUnderTest(env, tmp_path, tmp_path / "serve.log")
+    serve = ServeProcess(env, cwd=tmp_path, output=tmp_path / "serve.log")
     auth_answers: list[tuple[str, float]] = []
     health_answers: list[tuple[int, bool, float]] = []
     try:
-        await serve.start()
+        await serve.start().wait_ready()
         key = (await cli.create("app")).key
         used_keys.add(key)
         async with (
@@ -137,7 +138,7 @@ async def test_auth_and_health_answer_within_their_timeouts_while_another_proces
             assert await calls.answer(UNKNOWN) == "false"
             assert (await http.get("/health", timeout=30)).status_code == 200
     finally:
-        await serve.stop()
+        await serve.stop_async()
 
     # Fail closed and in time: INTERNAL (never true, never the caller's deadline) ...
     assert {answer for answer, _ in auth_answers} == {"INTERNAL"}

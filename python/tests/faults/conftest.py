@@ -38,11 +38,12 @@ from harness.peer import PeerImage, PeerPorts, ensure_image
 from junjo_backend.auth.key_store import create_api_key, generate_api_key, revoke_api_key
 from junjo_backend.database import close_engine, create_engine, init_schema
 from tests.compat.peer import PeerContainer, PeerFleet
+from tests.serve_process import SERVE, ServeProcess
 
 from .recovery_helpers import ProbeKeys
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 
     from _pytest.terminal import TerminalReporter
 
@@ -234,6 +235,24 @@ class FaultKit:
     keys: KeyRegistry
     output: OutputFolder
     log_env: Callable[[], dict[str, str]]
+
+    def serve(
+        self, env: Mapping[str, str], *, name: str, command: Sequence[str] = SERVE
+    ) -> ServeProcess:
+        """`serve` (or `command`) in the test's folder, each run's output to a file from
+        `output`, its log settings from `log_env` and its number in `JUNJO_FAULT_RUN`."""
+        return ServeProcess(
+            env,
+            cwd=self.folder,
+            output=self.output.path,
+            command=command,
+            name=name,
+            per_run=self.run_env,
+        )
+
+    def run_env(self, run: int) -> dict[str, str]:
+        """The environment of a server's run number `run`: log settings and the number."""
+        return {**self.log_env(), "JUNJO_FAULT_RUN": str(run)}
 
     def sqlite_url(self, name: str = "junjo.db") -> str:
         """The URL of a SQLite file in the test's folder."""

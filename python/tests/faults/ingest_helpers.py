@@ -7,25 +7,24 @@ the load generator through its environment, never its command line.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from harness.go_tools import go_tool
-from harness.waiting import NeverHappenedError, free_port, wait_until
+from harness.waiting import NeverHappenedError, wait_until
+from tests.serve_process import ServeProcess
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+    from .conftest import FaultKit
 
 
 def run_go_tool(name: str, arguments: list[str], output: Path, **env: str) -> dict[str, Any]:
@@ -59,47 +58,36 @@ class PollerView:
     last_error: str | None
 
 
-class ServeBackend:
-    """`junjo-backend serve` in a subprocess on loopback ports, its output in one file."""
+class ServeBackend(ServeProcess):
+    """`serve` on the auth port the Go peer dials, its poller read through /health."""
 
     def __init__(
         self,
-        folder: Path,
+        kit: FaultKit,
         *,
         auth_port: int,
         ingestion_address: str,
-        output: Path,
+        name: str,
         env: dict[str, str],
     ) -> None:
-        self.http_port = free_port()
-        self._folder = folder
-        self._output = output
-        self._env = {
-            **os.environ,
-            "DATABASE_URL": f"sqlite+aiosqlite:///{folder / 'junjo.db'}",
-            "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{auth_port}",
-            "HTTP_HOST": "127.0.0.1",
-            "HTTP_PORT": str(self.http_port),
-            "INGESTION_GRPC_ADDRESS": ingestion_address,
-            **env,
-        }
-        self._process: subprocess.Popen[bytes] | None = None
-        self._http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.http_port}", timeout=5.0)
-
-    def start(self) -> None:
-        """Start serving (the Go peer's start-up waits for the auth server)."""
-        with self._output.open("ab") as output:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "junjo_backend.cli.main", "serve"],
-                env=self._env,
-                cwd=self._folder,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=output,
-            )
+        super().__init__(
+            {
+                "DATABASE_URL": kit.sqlite_url(),
+                "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{auth_port}",
+                "INGESTION_GRPC_ADDRESS": ingestion_address,
+                **env,
+            },
+            cwd=kit.folder,
+            output=kit.output.path,
+            name=name,
+            per_run=kit.run_env,
+        )
+        self._http: httpx.AsyncClient | None = None
 
     async def poller(self) -> PollerView | None:
         """The poller's state from /health, or None while HTTP is not up."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(base_url=self.http_url, timeout=5.0)
         try:
             answer = await self._http.get("/health")
         except httpx.TransportError:
@@ -117,7 +105,7 @@ class ServeBackend:
             last_error=body["last_error"],
         )
 
-    async def wait_for(
+    async def wait_for_poller(
         self, condition: Callable[[PollerView], bool], *, limit: float, every: float = 0.1
     ) -> PollerView:
         """Poll /health until `condition` holds; AssertionError after `limit` s (a hang guard)."""
@@ -130,8 +118,8 @@ class ServeBackend:
                 last = view
                 if condition(view):
                     return True
-            if self._process is not None and self._process.poll() is not None:
-                raise AssertionError(f"serve exited {self._process.returncode}; see {self._output}")
+            if self.running and not self.alive():
+                raise AssertionError(f"{self.name} exited; it wrote:\n{self.text()[-4000:]}")
             return False
 
         try:
@@ -143,20 +131,12 @@ class ServeBackend:
         assert last is not None
         return last
 
-    async def stop(self) -> int | None:
-        """SIGTERM and wait for the exit (SIGKILL after a guard); the exit status."""
-        await self._http.aclose()
-        process = self._process
-        if process is None:
-            return None
-        self._process = None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.to_thread(process.wait, 30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return await asyncio.to_thread(process.wait)
+    async def stop_async(self, limit: float = 30.0) -> int | None:
+        """Close the HTTP client, then stop (SIGTERM, SIGKILL after `limit`)."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        return await super().stop_async(limit)
 
 
 def percentile(values: list[float], share: float) -> float:

@@ -1,4 +1,4 @@
-"""Shared by the recovery scenarios: backend processes, WAL seeding, the ledger, auth probes.
+"""Shared by the recovery scenarios: the recording runner, WAL seeding, the ledger, auth probes.
 
 Every process started here writes its stdout and stderr to a file from `fault_output`, so
 the suite's end-of-run scan sees it.
@@ -7,11 +7,8 @@ the suite's end-of-run scan sees it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from harness.waiting import wait_until
 from junjo_backend._wire.ingestion import auth_pb2, auth_pb2_grpc
 from junjo_backend.database import close_engine, create_engine
 
@@ -36,130 +32,11 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parents[3]
 WALSEED = REPO_ROOT / "go-compat-tests" / "bin" / "walseed"
 RECORDING_BACKEND = Path(__file__).with_name("recording_backend.py")
-# Shorter than a key window (12): not key material, just a call that must be answered.
-READINESS_PROBE_KEY = "ready?"
 
 
-class BackendProcess:
-    """One backend process at a time on fixed ports; killed, restarted, stopped by the test.
-
-    `command` is what runs (`serve`, or the recording runner); each run gets a new output
-    file and the run number in `JUNJO_FAULT_RUN`.
-    """
-
-    def __init__(
-        self,
-        command: list[str],
-        env: dict[str, str],
-        *,
-        auth_address: str,
-        output: OutputFolder,
-        log_env: Callable[[], dict[str, str]],
-        cwd: Path,
-        name: str,
-    ) -> None:
-        self._command = command
-        self._env = env
-        self.auth_address = auth_address
-        self._output = output
-        self._log_env = log_env
-        self._cwd = cwd
-        self._name = name
-        self._process: subprocess.Popen[bytes] | None = None
-        self.runs = 0
-        self.output_files: list[Path] = []
-
-    def start(self) -> None:
-        """Start the next run (its output to a fresh file)."""
-        if self._process is not None:
-            raise RuntimeError(f"{self._name} is already running")
-        self.runs += 1
-        path = self._output.path(f"{self._name}-run{self.runs}")
-        self.output_files.append(path)
-        env = {
-            **os.environ,
-            **self._env,
-            **self._log_env(),
-            "JUNJO_FAULT_RUN": str(self.runs),
-        }
-        with path.open("wb") as out:
-            self._process = subprocess.Popen(
-                self._command,
-                env=env,
-                cwd=self._cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    async def wait_ready(self, limit: float = 60.0) -> None:
-        """Return once the auth server answers a call (the peer's own readiness rule)."""
-        async with grpc.aio.insecure_channel(self.auth_address) as channel:
-            stub = auth_pb2_grpc.InternalAuthServiceStub(channel)
-
-            async def answers() -> bool:
-                process = self._process
-                if process is None or process.poll() is not None:
-                    raise AssertionError(f"{self._name} exited: {self.output()}")
-                try:
-                    await stub.ValidateApiKey(
-                        auth_pb2.ValidateApiKeyRequest(api_key=READINESS_PROBE_KEY), timeout=1
-                    )
-                except grpc.aio.AioRpcError:
-                    return False
-                return True
-
-            await wait_until(answers, f"{self._name} answers a call", limit=limit, every=0.1)
-
-    def kill(self) -> None:
-        """SIGKILL the current run and reap it."""
-        process = self._take()
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-
-    def stop(self, limit: float = 60.0) -> int:
-        """SIGTERM the current run; its exit status."""
-        process = self._take()
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
-
-    def close(self) -> None:
-        """Make sure no run is left (teardown)."""
-        if self._process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self._process.kill()
-            self._process.wait()
-            self._process = None
-
-    def output(self) -> str:
-        """What every run wrote (for a failure message)."""
-        return "\n".join(path.read_text(errors="replace") for path in self.output_files)
-
-    def count_in_output(self, text: str) -> int:
-        """How many times `text` occurs in the output of every run."""
-        return sum(path.read_text(errors="replace").count(text) for path in self.output_files)
-
-    def _take(self) -> subprocess.Popen[bytes]:
-        process = self._process
-        if process is None:
-            raise RuntimeError(f"{self._name} is not running")
-        self._process = None
-        return process
-
-
-def recording_backend_command() -> list[str]:
+def recording_backend_command() -> tuple[str, ...]:
     """The recording runner (`serve` with a ledger sink)."""
-    return [sys.executable, str(RECORDING_BACKEND)]
-
-
-def serve_command() -> list[str]:
-    """Plain `junjo-backend serve`."""
-    return [sys.executable, "-m", "junjo_backend.cli.main", "serve"]
+    return (sys.executable, str(RECORDING_BACKEND))
 
 
 @dataclass(frozen=True, slots=True)

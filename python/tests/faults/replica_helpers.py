@@ -12,28 +12,19 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from sqlalchemy import func, select, text
 
-from harness.waiting import free_ports
 from junjo_backend.database import close_engine, create_engine, init_schema, poller_state
 from junjo_backend.poller.leadership import LOCK_CLASS, LOCK_OBJECT
+from tests.serve_process import ServeProcess
 
 from .recording_backend import recorded_batches, recorded_keys
-from .recovery_helpers import (
-    BackendProcess,
-    LedgerCheck,
-    delivered_spans,
-    recording_backend_command,
-)
+from .recovery_helpers import LedgerCheck, delivered_spans, recording_backend_command
 
 if TYPE_CHECKING:
-    import signal
-    from collections.abc import Callable
-    from pathlib import Path
-
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from tests.postgres_cluster import PostgresCluster
 
-    from .conftest import OutputFolder
+    from .conftest import FaultKit
 
 
 async def fresh_database(cluster: PostgresCluster) -> str:
@@ -49,59 +40,39 @@ async def fresh_database(cluster: PostgresCluster) -> str:
     return url
 
 
-class Replica(BackendProcess):
+class Replica(ServeProcess):
     """One replica: its own auth and HTTP ports, its own file of batches handed to the sink."""
 
     def __init__(
         self,
         name: str,
         *,
+        kit: FaultKit,
         database_url: str,
         ingestion_address: str,
-        folder: Path,
-        output: OutputFolder,
-        log_env: Callable[[], dict[str, str]],
         auth_port: int | None = None,
         settings: dict[str, str] | None = None,
     ) -> None:
-        auth, http = free_ports(2)
-        auth = auth_port or auth
-        self.http_port = http
-        self.delivered_file = folder / f"{name}-delivered.txt"
+        self.delivered_file = kit.folder / f"{name}-delivered.txt"
         super().__init__(
-            recording_backend_command(),
             {
                 "DATABASE_URL": database_url,
-                "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{auth}",
+                "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{auth_port or 0}",
                 "INGESTION_GRPC_ADDRESS": ingestion_address,
-                "HTTP_HOST": "127.0.0.1",
-                "HTTP_PORT": str(http),
-                "GRPC_SHUTDOWN_GRACE_SECONDS": "1",
                 "JUNJO_FAULT_DELIVERED": str(self.delivered_file),
                 **(settings or {}),
             },
-            auth_address=f"127.0.0.1:{auth}",
-            output=output,
-            log_env=log_env,
-            cwd=folder,
+            cwd=kit.folder,
+            output=kit.output.path,
+            command=recording_backend_command(),
             name=name,
+            per_run=kit.run_env,
         )
 
     @property
     def handed(self) -> int:
         """Spans this replica's sink was handed, committed or rolled back, over all its runs."""
         return delivered_spans(self.delivered_file)
-
-    @property
-    def running(self) -> bool:
-        """Whether a run was started and not yet killed or stopped by the test."""
-        return self._process is not None
-
-    def signal(self, signum: signal.Signals) -> None:
-        """Send `signum` to the current run (SIGSTOP, SIGCONT) without reaping it."""
-        if self._process is None:
-            raise RuntimeError("not running")
-        self._process.send_signal(signum)
 
     async def poller(self) -> dict[str, Any]:
         """The `poller` part of this replica's /health."""

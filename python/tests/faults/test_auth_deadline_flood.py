@@ -67,7 +67,7 @@ def test_deadline_flood_spills_only_as_shed_calls(
             "flood_cancel": "true",
         },
     }
-    with running_backend(kit.folder, kit.output.path("serve-flood"), kit.log_env()) as backend:
+    with running_backend(kit, "serve-flood") as backend:
         reports = {
             name: authload(
                 backend.auth_address,

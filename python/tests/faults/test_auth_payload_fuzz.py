@@ -28,8 +28,9 @@ from junjo_backend.auth.server import VALIDATE_METHOD
 from .net_helpers import running_backend
 
 if TYPE_CHECKING:
+    from tests.serve_process import ServeProcess
+
     from .conftest import FaultKit
-    from .net_helpers import RunningBackend
 
 PAYLOADS = 20_000
 IN_FLIGHT = 32
@@ -161,7 +162,7 @@ def expected_key(payload: bytes) -> str | None:
 
 
 async def _send_all(
-    backend: RunningBackend, maker: PayloadMaker, real: frozenset[str]
+    backend: ServeProcess, maker: PayloadMaker, real: frozenset[str]
 ) -> tuple[Counter[str], Counter[str], list[str], list[int]]:
     outcomes: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
@@ -202,7 +203,7 @@ def test_random_and_mutated_payloads(
     maker = PayloadMaker(keys)
     for material in maker.material():
         kit.keys.add(material)
-    with running_backend(kit.folder, kit.output.path("serve-fuzz"), kit.log_env()) as backend:
+    with running_backend(kit, "serve-fuzz") as backend:
         outcomes, kinds, wrong, rss = asyncio.run(_send_all(backend, maker, frozenset(keys)))
         assert backend.alive(), "the server died under the payloads"
 

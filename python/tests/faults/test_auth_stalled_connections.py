@@ -47,7 +47,7 @@ def test_valid_calls_keep_their_latency_beside_stalled_connections(
     keys_file = kit.folder / "keys.txt"
     keys_file.write_text("\n".join(keys) + "\n")
     load_errors = kit.output.path("authload-stalled")
-    with running_backend(kit.folder, kit.output.path("serve-stalled"), kit.log_env()) as backend:
+    with running_backend(kit, "serve-stalled") as backend:
         host, port = backend.auth_address.rsplit(":", 1)
         baseline = authload(
             backend.auth_address, keys_file, load_errors, SECONDS, concurrency=CALLERS

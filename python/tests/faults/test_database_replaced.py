@@ -21,7 +21,6 @@ from harness.waiting import NeverHappenedError, wait_until
 from tests.app.database_replacement import (
     AuthCalls,
     Cli,
-    ServeUnderTest,
     Style,
     backend_env,
     replace_database,
@@ -31,6 +30,7 @@ from tests.ingestion.fake_ingestion import (
     FakeIngestionService,
     FakeWal,
 )
+from tests.serve_process import ServeProcess
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -81,11 +81,14 @@ async def test_database_replaced_under_a_running_server(
             POLLER_MAX_BACKOFF_SECONDS="0.2",
         )
         cli = Cli({**env, **kit.log_env()}, kit.folder, kit.output.path)
-        serve = ServeUnderTest(
-            {**env, **kit.log_env()}, kit.folder, kit.output.path("serve-database-replaced")
+        serve = ServeProcess(
+            {**env, **kit.log_env()},
+            cwd=kit.folder,
+            output=kit.output.path,
+            name="serve-database-replaced",
         )
         try:
-            await serve.start()
+            await serve.start().wait_ready()
             async with (
                 grpc.aio.insecure_channel(serve.auth_address) as channel,
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{serve.http_port}") as http,
@@ -129,7 +132,7 @@ async def test_database_replaced_under_a_running_server(
                 spans = await processed()
                 elapsed = time.monotonic() - started
         finally:
-            await serve.stop()
+            await serve.stop_async()
     checkpoint = _stored_checkpoint(database)
     output = serve.text()
     replaced_lines = output.count("the SQLite database file was replaced")

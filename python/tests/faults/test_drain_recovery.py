@@ -30,7 +30,6 @@ from junjo_backend._wire.ingestion import auth_pb2_grpc
 
 from .recovery_helpers import (
     AuthProbe,
-    BackendProcess,
     Ledger,
     delivered_spans,
     recording_backend_command,
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from harness.peer import PeerPorts
+    from tests.serve_process import ServeProcess
 
     from .conftest import FaultKit, GoPeer, OutputFolder
 
@@ -62,29 +62,22 @@ LOCK_BEYOND_BUSY_TIMEOUT_SECONDS = 4.0
 DRAIN_LIMIT_SECONDS = 240.0
 
 
-def _backend(kit: FaultKit, ports: PeerPorts, name: str) -> BackendProcess:
-    http_port = free_port()
-    return BackendProcess(
-        recording_backend_command(),
+def _backend(kit: FaultKit, ports: PeerPorts, name: str) -> ServeProcess:
+    return kit.serve(
         {
             "DATABASE_URL": kit.sqlite_url(),
             "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{ports.backend}",
             "INGESTION_GRPC_ADDRESS": f"127.0.0.1:{ports.internal}",
-            "HTTP_HOST": "127.0.0.1",
-            "HTTP_PORT": str(http_port),
+            "HTTP_PORT": str(free_port()),
             # Prompt retries after the peer or the database comes back.
             "POLLER_MAX_BACKOFF_SECONDS": "0.5",
             "POLLER_IDLE_WAIT_SECONDS": "0.1",
             # Smaller batches than the default 1,000: more commits, so each fault lands
             # between or inside commits rather than after the drain has raced past it.
             "POLLER_BATCH_SIZE": str(POLLER_BATCH_SIZE),
-            "GRPC_SHUTDOWN_GRACE_SECONDS": "1",
             "JUNJO_FAULT_DELIVERED": str(kit.folder / "delivered.txt"),
         },
-        auth_address=f"127.0.0.1:{ports.backend}",
-        output=kit.output,
-        log_env=kit.log_env,
-        cwd=kit.folder,
+        command=recording_backend_command(),
         name=name,
     )
 
@@ -138,7 +131,7 @@ async def test_backend_killed_and_peer_restarted_mid_drain(kit: FaultKit, go_pee
             limit=DRAIN_LIMIT_SECONDS,
         )
         elapsed = time.monotonic() - started
-        assert backend.stop() == 0, backend.output()
+        assert backend.stop() == 0, backend.text()
     finally:
         backend.close()
 
@@ -276,7 +269,7 @@ async def test_database_locked_beyond_busy_timeout_mid_drain(
             finally:
                 stop_probe.set()
                 await probing
-        assert backend.stop() == 0, backend.output()
+        assert backend.stop() == 0, backend.text()
     finally:
         backend.close()
 

@@ -105,9 +105,8 @@ def test_trickling_and_idle_connections_are_closed(
     """Every attacking connection is closed by the server; /ping answers meanwhile."""
     asyncio.run(kit.store_keys(kit.sqlite_url(), 1))
     with running_backend(
-        kit.folder,
-        kit.output.path("serve-slowloris"),
-        kit.log_env(),
+        kit,
+        "serve-slowloris",
         HTTP_HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT),
         HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
     ) as backend:

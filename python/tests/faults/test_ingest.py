@@ -28,18 +28,18 @@ async def test_concurrent_ingest_loses_no_span(kit: FaultKit, go_peer: GoPeer) -
     ports = go_peer.ports()
     [key] = await kit.store_keys(kit.sqlite_url(), 1, "faults: concurrent ingest")
     backend = ServeBackend(
-        kit.folder,
+        kit,
         auth_port=ports.backend,
         ingestion_address=f"127.0.0.1:{ports.internal}",
-        output=kit.output.path("serve-concurrent-ingest"),
-        env={**kit.log_env(), "POLLER_SETTLE_SECONDS": str(SETTLE_SECONDS)},
+        name="serve-concurrent-ingest",
+        env={"POLLER_SETTLE_SECONDS": str(SETTLE_SECONDS)},
     )
     wal_dir = kit.folder / "wal"
     accepted = 0
     runs: list[str] = []
     lags: list[float] = []
     catch_ups: list[float] = []
-    backend.start()
+    await backend.start().wait_ready()
     peer = await go_peer.fleet.launch(ports, wal_dir=wal_dir, wait=False)
     await peer.wait_serving(timeout=120)
     try:
@@ -75,7 +75,7 @@ async def test_concurrent_ingest_loses_no_span(kit: FaultKit, go_peer: GoPeer) -
                 f"lag median {percentile(sampled, 0.5):.1f} s"
             )
     finally:
-        await backend.stop()
+        await backend.stop_async()
         await peer.stop()  # gracefully: the WAL is synced and closed
     census = await asyncio.to_thread(
         run_go_tool,
@@ -119,7 +119,7 @@ async def settled_count(backend: ServeBackend, expected: int) -> PollerView:
             time.monotonic() - stable_since >= STABLE_SECONDS
         )
 
-    return await backend.wait_for(done, limit=180)
+    return await backend.wait_for_poller(done, limit=180)
 
 
 async def test_corrupt_run_is_drained_past(kit: FaultKit, go_peer: GoPeer) -> None:
@@ -143,12 +143,11 @@ async def test_corrupt_run_is_drained_past(kit: FaultKit, go_peer: GoPeer) -> No
     await kit.store_keys(kit.sqlite_url(), 1, "faults: corrupt run")
     settle = 0.2
     backend = ServeBackend(
-        kit.folder,
+        kit,
         auth_port=ports.backend,
         ingestion_address=f"127.0.0.1:{ports.internal}",
-        output=kit.output.path("serve-corrupt-run"),
+        name="serve-corrupt-run",
         env={
-            **kit.log_env(),
             "POLLER_BATCH_SIZE": "5",
             "POLLER_SETTLE_SECONDS": str(settle),
             "POLLER_IDLE_WAIT_SECONDS": "0.2",
@@ -158,7 +157,7 @@ async def test_corrupt_run_is_drained_past(kit: FaultKit, go_peer: GoPeer) -> No
     # would be caught up by definition, and this test is about the end of the WAL.
     await asyncio.sleep(max(0.0, settle - (time.monotonic() - seeded_at)))
     early: list[PollerView] = []
-    backend.start()
+    await backend.start().wait_ready()
     peer = await go_peer.fleet.launch(ports, wal_dir=wal_dir, wait=False)
     await peer.wait_serving(timeout=120)
     try:
@@ -168,12 +167,12 @@ async def test_corrupt_run_is_drained_past(kit: FaultKit, go_peer: GoPeer) -> No
                 early.append(view)
             return view.caught_up and view.spans_processed >= valid
 
-        final = await backend.wait_for(at_the_end, limit=60, every=0.02)
+        final = await backend.wait_for_poller(at_the_end, limit=60, every=0.02)
         # Caught up must stay true, and nothing more arrives.
         await asyncio.sleep(1.0)
         again = await backend.poller()
     finally:
-        await backend.stop()
+        await backend.stop_async()
         await peer.stop()  # gracefully: the WAL is synced and closed
 
     assert early == []

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from harness.waiting import NeverHappenedError, free_ports, wait_until
+from harness.waiting import NeverHappenedError, wait_until
 from junjo_backend._wire.ingestion import auth_pb2_grpc
 from junjo_backend.auth.key_store import create_api_key
 from junjo_backend.database import close_engine, create_engine
@@ -35,8 +35,6 @@ from tests.postgres_cluster import PostgresCluster, throwaway_cluster
 
 from .recovery_helpers import (
     AuthProbe,
-    BackendProcess,
-    serve_command,
     tally_text,
     validate_outcome,
 )
@@ -116,23 +114,9 @@ async def test_postgresql_stopped_and_restarted_under_load(
 ) -> None:
     keys = await kit.probe_keys(database_url)
     valid = keys.valid
-    auth_port, http_port, ingestion_port = free_ports(3)
-    backend = BackendProcess(
-        serve_command(),
-        {
-            "DATABASE_URL": database_url,
-            "AUTH_GRPC_LISTEN_ADDRESS": f"127.0.0.1:{auth_port}",
-            # Nothing listens there; the poller is off, so nothing dials it but /health.
-            "INGESTION_GRPC_ADDRESS": f"127.0.0.1:{ingestion_port}",
-            "POLLER_ENABLED": "false",
-            "HTTP_HOST": "127.0.0.1",
-            "HTTP_PORT": str(http_port),
-            "GRPC_SHUTDOWN_GRACE_SECONDS": "1",
-        },
-        auth_address=f"127.0.0.1:{auth_port}",
-        output=kit.output,
-        log_env=kit.log_env,
-        cwd=kit.folder,
+    backend = kit.serve(
+        # The poller is off, so nothing dials the ingestion-service but /health.
+        {"DATABASE_URL": database_url, "POLLER_ENABLED": "false"},
         name="serve-postgres",
     )
     phases: dict[str, dict[str, Counter[str]]] = {"before": {}, "outage": {}, "after": {}}
@@ -169,7 +153,7 @@ async def test_postgresql_stopped_and_restarted_under_load(
             finally:
                 stop_probe.set()
                 await asyncio.gather(*probing)
-        assert backend.stop() == 0, backend.output()
+        assert backend.stop() == 0, backend.text()
     finally:
         backend.close()
 

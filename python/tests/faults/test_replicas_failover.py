@@ -92,11 +92,9 @@ async def setup(postgres: PostgresCluster, kit: FaultKit, go_peer: GoPeer) -> As
     def replica(name: str, auth_port: int | None = None) -> Replica:
         return Replica(
             name,
+            kit=kit,
             database_url=url,
             ingestion_address=f"127.0.0.1:{ports.internal}",
-            folder=kit.folder,
-            output=kit.output,
-            log_env=kit.log_env,
             auth_port=auth_port,
             settings=settings,
         )
@@ -177,7 +175,7 @@ async def test_leader_sigkilled_mid_drain_the_standby_finishes(setup: Setup, kit
     assert b_view["spans_processed"] == by_b, (b_view, by_b)
     assert by_a + by_b == SPANS
     rehanded = await _assert_exactly_once(setup)
-    assert b.stop() == 0, b.output()
+    assert b.stop() == 0, b.text()
     assert killed - started < LIMIT_SECONDS
     kit.table.add(
         "replicas on PostgreSQL: leader SIGKILL mid-drain",
@@ -229,8 +227,8 @@ async def test_leader_sigstopped_then_its_lock_connection_terminated(
     assert a_view["spans_processed"] == by_a
     assert b_view["spans_processed"] == by_b
     rehanded = await _assert_exactly_once(setup)
-    assert a.stop() == 0, a.output()
-    assert b.stop() == 0, b.output()
+    assert a.stop() == 0, a.text()
+    assert b.stop() == 0, b.text()
     kit.table.add(
         "replicas on PostgreSQL: leader SIGSTOP, then its lock connection terminated",
         f"{STOPPED_SECONDS:g} s stopped, 1 pg_terminate_backend, {SPANS:,} spans",
@@ -269,8 +267,8 @@ async def test_leader_frozen_longer_than_its_lease_the_standby_takes_over(
     assert a_view["role"] == "standby", a_view
     assert b_view["role"] == "leader", b_view
     rehanded = await _assert_exactly_once(setup)
-    assert a.stop() == 0, a.output()
-    assert b.stop() == 0, b.output()
+    assert a.stop() == 0, a.text()
+    assert b.stop() == 0, b.text()
     kit.table.add(
         "replicas on PostgreSQL: leader frozen (SIGSTOP) longer than its lease",
         f"{FROZEN_SECONDS:g} s stopped, lease {LEASE_SECONDS:g} s (the default), retry "
