@@ -188,3 +188,5 @@ image: ## build the backend image junjo-backend:local (on a Debian base made her
 bench: gen peer ## benchmarks (bounded); figures printed and written to bench-results/*.json
 	$(PY) python python/benchmarks/auth_bench.py
 	$(PY) python python/benchmarks/drain_bench.py
+	$(PY) python python/benchmarks/span_api_bench.py
+	$(PY) python python/benchmarks/store_postgres_bench.py

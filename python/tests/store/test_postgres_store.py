@@ -42,7 +42,7 @@ async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 async def store(engine: AsyncEngine) -> PostgresStore:
-    store = PostgresStore(engine)
+    store = PostgresStore(engine, converter="thread")
     await store.open()
     return store
 

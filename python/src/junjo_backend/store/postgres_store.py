@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import pyarrow.csv as pa_csv
 from sqlalchemy import event, text
@@ -21,6 +21,7 @@ from junjo_backend.store.api import PostgresReader
 from junjo_backend.store.base import StoreStats, StoreWrite
 from junjo_backend.store.convert import PATCH_REASON_PREFIX, ConvertedBatch
 from junjo_backend.store.duckdb_store import convert_in_thread
+from junjo_backend.store.process_pool import ProcessConverter
 from junjo_backend.store.schema import (
     PATCH_COLUMN_NAMES,
     POSTGRES_DDL,
@@ -99,9 +100,14 @@ def _csv(table: pa.Table) -> io.BytesIO:
 class PostgresStore:
     """A `SpanStore` in the backend's PostgreSQL database; see the module docstring."""
 
-    def __init__(self, engine: AsyncEngine, *, converter: Converter = convert_in_thread) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, converter: Literal["process", "thread"] = "process"
+    ) -> None:
         self._engine = engine
-        self._convert = converter
+        # As in the DuckDB store: large batches convert in worker processes (the leader
+        # starts them at open), so the event loop keeps serving auth.
+        self._pool = ProcessConverter() if converter == "process" else None
+        self._convert: Converter = self._pool or convert_in_thread
         self._spans = 0
         self._set_aside = 0
 
@@ -117,9 +123,17 @@ class PostgresStore:
                 await conn.execute(text(statement))
             self._spans = await _count(conn, SPANS_TABLE)
             self._set_aside = await _count(conn, SET_ASIDE_TABLE)
+        if self._pool is not None:
+            await self._pool.start()
 
     async def close(self) -> None:
-        """Nothing is held between writes."""
+        """Stop the conversion workers; no connection is held between writes."""
+        if self._pool is not None:
+            await self._pool.close()
+
+    def worker_pids(self) -> list[int]:
+        """The conversion workers' process ids (their RSS counts towards the backend's)."""
+        return self._pool.worker_pids() if self._pool is not None else []
 
     async def watermark(self) -> bytes | None:
         """None: the spans commit with the checkpoint, so the checkpoint is the resume point."""
