@@ -63,24 +63,38 @@ gen: setup ## regenerate the committed code: Python (+ .pyi) from proto/, the pe
 	$(BUF) generate
 	$(BUF) generate $(GO_CONTRACT) --template $(GO_GEN_TEMPLATE)
 
-# Compares with what is committed (HEAD), untracked files included: a generated file that
-# is new, changed or gone fails the check, whatever the reason (a proto edit not
-# regenerated, a hand edit, a plugin upgrade).
+# Generates into a temporary folder and compares with what is committed (HEAD): a generated
+# file that is new, changed or gone fails the check, whatever the reason (a proto edit not
+# regenerated, a hand edit, a plugin upgrade). It writes nothing in the working tree; only
+# `make gen` does.
 .PHONY: gen-check
-gen-check: gen ## fail if the committed generated code is not what `make gen` makes
+gen-check: setup ## fail if the committed generated code is not what `make gen` makes
 	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "gen-check: not a git checkout; it compares make gen's output with the committed code" >&2; exit 1; }
-	@changed=$$(git status --porcelain --untracked-files=all -- $(GENERATED)); \
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(BUF) generate -o "$$tmp/made"; \
+	$(BUF) generate $(GO_CONTRACT) --template $(GO_GEN_TEMPLATE) -o "$$tmp/made"; \
+	mkdir -p "$$tmp/committed"; \
+	git archive HEAD -- $(GENERATED) | tar -x -C "$$tmp/committed"; \
+	for side in made committed; do \
+		(cd "$$tmp/$$side" && { find $(GENERATED) -type f 2>/dev/null || true; } | LC_ALL=C sort) >"$$tmp/$$side.list"; \
+	done; \
+	changed=$$( \
+		LC_ALL=C comm -13 "$$tmp/committed.list" "$$tmp/made.list" | sed 's/^/?? /'; \
+		LC_ALL=C comm -23 "$$tmp/committed.list" "$$tmp/made.list" | sed 's/^/ D /'; \
+		LC_ALL=C comm -12 "$$tmp/committed.list" "$$tmp/made.list" | while read -r file; do \
+			cmp -s "$$tmp/made/$$file" "$$tmp/committed/$$file" || echo " M $$file"; \
+		done); \
 	if [[ -n $$changed ]]; then \
-		echo "gen-check: the committed generated code is not what make gen makes:" >&2; \
+		echo "gen-check: the committed generated code is not what make gen makes (?? new, M changed, D gone):" >&2; \
 		echo "$$changed" >&2; \
-		git --no-pager diff --stat HEAD -- $(GENERATED) >&2; \
+		(cd "$$tmp" && diff -ru committed made | head -n 200) >&2 || true; \
 		echo "gen-check: run make gen and commit the result (generated files are never edited by hand)" >&2; \
 		exit 1; \
 	fi; \
 	echo "gen-check: the committed generated code is what make gen makes"
 
 .PHONY: lint
-lint: gen actionlint ## buf lint + buf format + ruff + mypy --strict + go vet + actionlint
+lint: setup actionlint ## buf lint + buf format + ruff + mypy --strict + go vet + actionlint
 	$(BUF) lint
 	$(BUF) format -d --exit-code
 	cd python && $(UV) run --locked --no-sync ruff check .
@@ -145,15 +159,15 @@ test: lint breaking gen-check peer image ## everything CI runs: gates, Go tests,
 
 # Bounded (at most 10 minutes here); prints the fault table and writes fault-results/faults.json.
 .PHONY: faults
-faults: gen peer ## the fault suite: real servers and the Go peer under kills, restarts, floods, bad input
+faults: setup-python peer ## the fault suite: real servers and the Go peer under kills, restarts, floods, bad input
 	cd python && $(UV) run --locked --no-sync pytest -m faults tests/faults
 
 .PHONY: compat
-compat: gen ## the cross-language contract suite: the Go ingestion peer in a container
+compat: setup-python ## the cross-language contract suite: the Go ingestion peer in a container
 	cd python && $(UV) run --locked --no-sync pytest -m compat tests/compat
 
 .PHONY: peer
-peer: gen ## build the Go ingestion peer and its tools as static binaries in go-compat-tests/bin
+peer: setup-go ## build the Go ingestion peer and its tools as static binaries in go-compat-tests/bin
 	cd go-compat-tests && CGO_ENABLED=0 go build -trimpath -o bin/ ./cmd/...
 
 # The generated code is committed: running needs neither buf nor Go.
@@ -165,11 +179,11 @@ run: setup-python ## run the backend on embedded defaults (SQLite under data/, a
 .PHONY: demo
 # Options go through ARGS (make would read `--peer binary` itself): make demo ARGS="--peer binary";
 # ARGS="--backend container" runs the backend image (make image builds it).
-demo: gen peer ## the whole loop on this machine: Go peer, backend, API key, OTLP spans, drain
+demo: setup-python peer ## the whole loop on this machine: Go peer, backend, API key, OTLP spans, drain
 	$(PY) python python/scripts/demo.py $(ARGS)
 
 .PHONY: demo-check
-demo-check: gen peer image
+demo-check: setup-python peer image
 	$(PY) python python/scripts/demo.py --check --backend container --peer container
 
 # Host networking for the build: its steps download uv and the locked packages. The build
@@ -185,7 +199,7 @@ image: ## build the backend image junjo-backend:local (on a Debian base made her
 	echo "image: built $(BACKEND_IMAGE)"
 
 .PHONY: bench
-bench: gen peer ## benchmarks (bounded); figures printed and written to bench-results/*.json
+bench: setup-python peer ## benchmarks (bounded); figures printed and written to bench-results/*.json
 	$(PY) python python/benchmarks/auth_bench.py
 	$(PY) python python/benchmarks/drain_bench.py
 	$(PY) python python/benchmarks/span_api_bench.py

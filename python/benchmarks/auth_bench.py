@@ -13,7 +13,7 @@ with the valid-only run. Then, on our server only: how long a revoked key keeps
 validating, and how long a new key takes to validate.
 
 Bounded: a few seconds per point, stops by itself. Figures are printed next to the bars
-of shared/PERFORMANCE.md and written to bench-results/auth.json at the repository root.
+of docs/performance.md#auth and written to bench-results/auth.json at the repository root.
 
     uv run --no-sync python benchmarks/auth_bench.py [--seconds 4] [--rounds 3]
 """
@@ -55,7 +55,7 @@ FLOOD_CONCURRENCY = 16
 FLOOD_INVALID_RATIO = 0.9
 KEY_COUNT = 20
 
-# The bars (shared/PERFORMANCE.md).
+# The bars (docs/performance.md#auth).
 BAR_RPS_RATIO_AT_16 = 0.9
 BAR_P99_MS_AT_16 = 20.0
 BAR_FLOOD_P99_RATIO = 2.0
@@ -307,7 +307,7 @@ def print_report(doc: dict[str, Any]) -> None:
         f"new key valid after {fresh['new_key_max_s'] * 1000:.0f} ms (max)"
     )
     print(f"server CPU per call at 16, ours/bare: {doc['cpu_per_call_ratio_at_16']}")
-    print()
+    print("\nbars (docs/performance.md#auth)")
     print(f"{'bar':<28}{'value':>10}  {'bar':<8}{'met':>5}")
     for name, bar in doc["bars"].items():
         anchor = f"  (bare: {bar['anchor']})" if "anchor" in bar else ""

@@ -17,7 +17,7 @@ check, starts the peer on that WAL, then measures, each draining from the oldest
   decode      the poller's decoding alone, in memory (its default sink, ServiceTally)
 
 Bounded: every phase has a time limit and the whole run stops by itself. Figures are printed
-next to the bars of shared/PERFORMANCE.md and written to bench-results/drain.json.
+next to the bars of docs/performance.md#drain and written to bench-results/drain.json.
 
     uv run --no-sync python benchmarks/drain_bench.py [--spans 1000000] [--aio-spans 50000]
 """
@@ -65,7 +65,7 @@ RESULTS = REPO_ROOT / "bench-results" / "drain.json"
 BATCH = 1000
 PHASE_LIMIT_SECONDS = 300.0
 
-# The bars (shared/PERFORMANCE.md): against the faster of the two Go client runs of the
+# The bars (docs/performance.md#drain): against the faster of the two Go client runs of the
 # same run. The earlier absolute and "8x grpc.aio" bars are retired (a peer that decodes
 # and re-encodes like the real service bounds every client); aio figures stay as information.
 BAR_VS_GO = 0.7
@@ -308,7 +308,7 @@ def report(figures: Figures) -> dict[str, Any]:
             f"{label:<38}{rates[name]:>12,.0f}{(f'{vs:.2f}x' if vs else '-'):>9}"
             f"{figures.seconds.get(name, 0):>10.2f}{figures.counts.get(name, 0):>11,}"
         )
-    print("\nbars (shared/PERFORMANCE.md)")
+    print("\nbars (docs/performance.md#drain)")
     bar_line(f"poller >= {BAR_VS_GO}x Go client", f"{vs_go or 0:.2f}x", checks["poller_vs_go"])
     bar_line(
         f"stream_spans >= {BAR_STREAM_VS_GO}x Go client",

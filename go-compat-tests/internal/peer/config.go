@@ -1,6 +1,6 @@
 // Package peer is a stand-in for the Go ingestion-service: the public OTLP server with its
 // API-key interceptor, the WAL, and the internal ReadSpans server, wired as the deployed
-// service wires them (see shared/CONTRACT.md).
+// service wires them (see docs/go-contract.md).
 package peer
 
 import (

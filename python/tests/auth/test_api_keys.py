@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     MakeKey = Callable[..., Awaitable[NewApiKey]]
 
-# The Go backend's DDL, verbatim (shared/CONTRACT.md).
+# The Go backend's DDL, verbatim (docs/go-contract.md).
 GO_API_KEYS_DDL = (
     "CREATE TABLE api_keys (id TEXT PRIMARY KEY, key TEXT NOT NULL UNIQUE, "
     "name TEXT NOT NULL, created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)"

@@ -64,6 +64,33 @@ def test_a_new_generated_file_left_untracked_fails_gen_check(
     assert f"?? {PY_WIRE}/ingestion/extra_pb2.py" in result.stderr
 
 
+def test_a_committed_file_make_gen_does_not_make_fails_gen_check(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    repo = _repo(repo_root, tmp_path)
+    stale = f"{PY_WIRE}/ingestion/stale_pb2.py"
+    (repo.root / stale).write_text("# generated once from a proto that is gone\n")
+    repo.commit_all("a generated file whose proto was removed")
+    result = repo.make("gen-check")
+    assert result.returncode != 0
+    assert f" D {stale}" in result.stderr
+
+
+def test_gen_check_writes_nothing_in_the_working_tree(repo_root: Path, tmp_path: Path) -> None:
+    # Passing or failing, it generates elsewhere: a hand edit it reports stays as it was.
+    repo = _repo(repo_root, tmp_path)
+    assert repo.make("gen-check").returncode == 0
+    assert repo.changed(".") == ""
+    repo.edit(PEER_GO, "package ingestion", "package ingestion // edited by hand")
+    repo.commit_all("a hand edit")
+    repo.edit(PEER_GO, "// edited by hand", "// edited by hand, twice")
+    (repo.root / f"{PY_WIRE}/ingestion/scratch.txt").write_text("untracked\n")
+    before = repo.changed(".")
+    assert repo.make("gen-check").returncode != 0
+    assert repo.changed(".") == before
+    assert "edited by hand, twice" in (repo.root / PEER_GO).read_text()
+
+
 def test_a_renumbered_field_in_proto_moves_python_only(repo_root: Path, tmp_path: Path) -> None:
     # The peer's code comes from go-contract/, so it keeps speaking what Go speaks.
     repo = _repo(repo_root, tmp_path)

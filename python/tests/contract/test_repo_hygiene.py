@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 # Built from pieces, so that this file does not match itself.
-_SHARED = re.compile(r"(?<![\w.-])" + "shared" + "/")
+_SHARED_DIR = "shared" + "/"
+_SHARED = re.compile(r"(?<![\w.-])" + _SHARED_DIR)
 _NOTES_FILE = "PERFORMANCE" + ".md"
 _CLOSING_NOTES = re.compile("closing" + r"\s+" + "notes", re.IGNORECASE)
 _DATABASE_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".duckdb")
@@ -47,8 +48,8 @@ def outside_references(text: str, files: set[str]) -> list[str]:
 
 def test_the_check_finds_each_kind_of_reference() -> None:
     files = {"README.md"}
-    assert outside_references("see ../" + "shared/CONTRACT.md", files) == ["shared/"]
-    assert outside_references("bars of " + "shared/X.md", files) == ["shared/"]
+    assert outside_references("see ../" + "shared" + "/CONTRACT.md", files) == [_SHARED_DIR]
+    assert outside_references("bars of " + "shared" + "/X.md", files) == [_SHARED_DIR]
     assert outside_references("in the team's " + _NOTES_FILE, files) == [_NOTES_FILE]
     assert outside_references("in the team's " + _NOTES_FILE, {_NOTES_FILE}) == []
     assert outside_references("in the closing\n" + "notes of the issues", files)

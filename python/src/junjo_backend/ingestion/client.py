@@ -2,7 +2,7 @@
 
 Why a sync channel in a worker thread, and not the `grpc.aio` stub of the original plan:
 the default grpcio paths (aio `async for`, aio `read()`, sync iteration) hand each message
-across threads; PERFORMANCE.md measured ~175 us of CPU per message there, and on the machine
+across threads; docs/performance.md records ~175 us of CPU per message there, and on the machine
 this was written on the aio stub still took 30-60 us. A sync channel with the
 `SingleThreadedUnaryStream` option reads the stream on the calling thread with ~8 us of CPU
 per message, and `grpc.aio` ignores that option. So each call runs on its own daemon thread,
