@@ -37,22 +37,22 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from junjo_backend import __version__
 from junjo_backend.access_log import AccessLog
+from junjo_backend.addresses import bound_socket, listen_problem
 from junjo_backend.auth.server import AuthServer
 from junjo_backend.database import (
     SerialQueries,
     close_engine,
     database_label,
-    describe_database_error,
     open_database,
     sqlite_write_problem,
 )
+from junjo_backend.failures import error_line
 from junjo_backend.http_protocol import bounded_h11_protocol
 from junjo_backend.ingestion.client import IngestionClient
 from junjo_backend.invocation import cli_command
-from junjo_backend.listening import bound_socket, listen_problem
 from junjo_backend.metrics import CONTENT_TYPE, BackendMetrics
 from junjo_backend.poller.loop import PollerStatus, SpanPoller
-from junjo_backend.settings import Settings, get_settings
+from junjo_backend.settings import Settings
 from junjo_backend.span_api import access_note, install_span_api
 from junjo_backend.store.api import SpanReader, UnavailableReader
 
@@ -71,7 +71,7 @@ class StartupError(RuntimeError):
     """
 
     def __init__(self, step: str, setting: str, cause: Exception) -> None:
-        super().__init__(f"{setting}: {step} could not start: {_describe(cause)}")
+        super().__init__(f"{setting}: {step} could not start: {error_line(cause)}")
         self.step = step
 
 
@@ -125,12 +125,6 @@ async def _stop_step(
     else:
         level = logging.INFO if started.is_set() else logging.DEBUG
         log.log(level, "stopped", extra={"step": step})
-
-
-def _describe(exc: BaseException) -> str:
-    """`Type: message`, first line only, without SQL statement parameters."""
-    lines = describe_database_error(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 @contextlib.asynccontextmanager
@@ -295,7 +289,7 @@ async def _probe_database(
     try:
         await probes.run(functools.partial(_read_api_keys_table, engine), within)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
-        return DatabaseHealth(ok=False, error=_describe(exc))
+        return DatabaseHealth(ok=False, error=error_line(exc))
     return DatabaseHealth(ok=True, error=None)
 
 
@@ -347,15 +341,12 @@ class StartedBackend:
     backend: Backend | None = None
 
 
-def create_app(
-    settings: Settings | None = None, *, started: StartedBackend | None = None
-) -> FastAPI:
+def create_app(settings: Settings, *, started: StartedBackend | None = None) -> FastAPI:
     """The FastAPI app; nothing starts until its lifespan runs.
 
     Given `started` (as `serve` does, to report a failed start-up in one line), the lifespan
     hands out the backend already running there and leaves stopping it to the caller.
     """
-    resolved = settings if settings is not None else get_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[LifespanState]:
@@ -364,7 +355,7 @@ def create_app(
                 raise RuntimeError("the app was served before its backend started")
             yield {"backend": started.backend}
             return
-        async with run_backend(resolved) as backend:
+        async with run_backend(settings) as backend:
             yield {"backend": backend}
 
     app = FastAPI(title="junjo-backend", version=__version__, lifespan=lifespan)
@@ -387,7 +378,7 @@ def create_app(
         """The backend's metrics in the Prometheus text format (README: "Metrics")."""
         return RawResponse(backend.metrics.render(), media_type=CONTENT_TYPE)
 
-    install_span_api(app, resolved, lambda request: _backend(request).span_reader)
+    install_span_api(app, settings, lambda request: _backend(request).span_reader)
     return app
 
 

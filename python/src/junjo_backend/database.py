@@ -46,9 +46,11 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InvalidatePoolError, SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import asbool
+
+from junjo_backend.failures import describe_error
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -188,6 +190,7 @@ class SqliteFileWatch:
         self._create_missing = create_missing
         self._last: _FileState | None = None
         self._missing = False
+        self._unreadable = False  # said once, until the file can be read again
         self._fd: int | None = None
         self._fd_identity: tuple[int, int] | None = None
 
@@ -265,8 +268,10 @@ class SqliteFileWatch:
     ) -> None:
         try:
             state = self._state()
-        except OSError:  # unreadable for us: SQLite will say what is wrong with it
+        except OSError as exc:
+            self._note_unreadable(exc)
             return
+        self._unreadable = False
         if state is None:
             if not self._missing:
                 self._missing = True
@@ -281,6 +286,17 @@ class SqliteFileWatch:
             # Every connection opened before now is reopened at its next checkout; this one
             # is reopened at once (and checked again).
             raise InvalidatePoolError("the SQLite database file was replaced")
+
+    def _note_unreadable(self, exc: OSError) -> None:
+        # Safe to let the checkout go on: SQLite opens the file itself and fails the query
+        # with its own reason; only the check for a replaced file is skipped meanwhile.
+        if not self._unreadable:
+            self._unreadable = True
+            log.warning(
+                "cannot read the SQLite database file to check whether it was replaced; "
+                "SQLite reports what is wrong with it",
+                extra={"path": str(self._path), "error": describe_error(exc)},
+            )
 
     def _note(self, state: _FileState) -> bool:
         """Record the file's state; whether it was replaced since the last look (logged once)."""
@@ -670,19 +686,6 @@ async def close_engine(engine: AsyncEngine, *, quiet: bool = False) -> None:
             else:
                 log.warning(
                     "SQLite PRAGMA optimize on shutdown failed",
-                    extra={"error": describe_database_error(exc)},
+                    extra={"error": describe_error(exc)},
                 )
     await engine.dispose()
-
-
-def describe_database_error(exc: BaseException) -> str:
-    """A loggable description of a database failure that carries no statement parameters.
-
-    str() of a SQLAlchemy statement error includes the parameters, which for an INSERT
-    into api_keys is the new key; the driver's own message (`orig`) does not.
-    """
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        return f"{type(exc.orig).__name__}: {exc.orig}"
-    if isinstance(exc, SQLAlchemyError):
-        return type(exc).__name__
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

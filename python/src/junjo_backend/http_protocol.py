@@ -13,11 +13,12 @@ for the rare request that has one), and closes connections accepted beyond
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from junjo_backend.logs import LogRateLimit
 
 if TYPE_CHECKING:
     import asyncio
@@ -31,25 +32,8 @@ log = logging.getLogger(__name__)
 _AWAITING_REQUEST = (h11.IDLE, h11.SEND_BODY)
 
 
-class _RefusalLog:
-    """Counts connections refused over the cap; one warning per `every` seconds at most."""
-
-    def __init__(self, every: float = 10.0) -> None:
-        self._every = every
-        self._last = -every
-        self._since_last = 0
-
-    def note(self, limit: int) -> None:
-        self._since_last += 1
-        now = time.monotonic()
-        if now - self._last < self._every:
-            return
-        log.warning(
-            "too many HTTP connections: refusing new ones",
-            extra={"http_max_connections": limit, "refused": self._since_last},
-        )
-        self._last = now
-        self._since_last = 0
+# Connections refused over the cap: one warning at most this often, counting them all.
+_REFUSALS_LOGGED_EVERY_SECONDS = 10.0
 
 
 class BoundedH11Protocol(H11Protocol):
@@ -57,7 +41,7 @@ class BoundedH11Protocol(H11Protocol):
 
     header_timeout: ClassVar[float] = 10.0
     max_connections: ClassVar[int] = 1000
-    refusals: ClassVar[_RefusalLog] = _RefusalLog()
+    refusals: ClassVar[LogRateLimit] = LogRateLimit(_REFUSALS_LOGGED_EVERY_SECONDS)
 
     def __init__(
         self,
@@ -74,7 +58,12 @@ class BoundedH11Protocol(H11Protocol):
         """Accept the connection within the cap and start its first request-head deadline."""
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            self.refusals.note(self.max_connections)
+            left_out = self.refusals.admit()
+            if left_out is not None:
+                log.warning(
+                    "too many HTTP connections: refusing new ones",
+                    extra={"http_max_connections": self.max_connections, "refused": left_out + 1},
+                )
             transport.close()
             return
         self._follow_request_state()
@@ -124,5 +113,5 @@ def bounded_h11_protocol(header_timeout: float, max_connections: int) -> type[Bo
 
     ConfiguredH11Protocol.header_timeout = header_timeout
     ConfiguredH11Protocol.max_connections = max_connections
-    ConfiguredH11Protocol.refusals = _RefusalLog()
+    ConfiguredH11Protocol.refusals = LogRateLimit(_REFUSALS_LOGGED_EVERY_SECONDS)
     return ConfiguredH11Protocol

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 
 # Not extras: `message` and `asctime` are set on the record by formatting, and uvicorn
@@ -106,3 +107,36 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+class LogRateLimit:
+    """At most `burst` lines per `every` seconds about one kind of event; the rest counted.
+
+    Call `admit()` once per event: None means leave its line out (it is counted); otherwise
+    write the line, with the count returned (the events left out since the last line
+    written). A window opens at the first event after the last one has passed. `burst=0`
+    leaves every line out: the owner writes a summary of `flush()` on its own schedule.
+    """
+
+    def __init__(self, every: float, *, burst: int = 1) -> None:
+        self._every = every
+        self._burst = burst
+        self._opened: float | None = None
+        self._admitted = 0
+        self._left_out = 0
+
+    def admit(self) -> int | None:
+        """Note one event: None to leave its line out, else how many were left out before it."""
+        now = time.monotonic()
+        if self._opened is None or now - self._opened >= self._every:
+            self._opened, self._admitted = now, 0
+        if self._admitted >= self._burst:
+            self._left_out += 1
+            return None
+        self._admitted += 1
+        return self.flush()
+
+    def flush(self) -> int:
+        """How many lines were left out since the last one written; counted as written now."""
+        left_out, self._left_out = self._left_out, 0
+        return left_out

@@ -29,9 +29,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from junjo_backend.addresses import MAX_PORT, parse_address
 from junjo_backend.database import sqlite_database
 
-_MAX_PORT = 65535
 # URL schemes that hosting platforms hand out, and the async driver each one needs.
 _ASYNC_DRIVERS = {
     "postgres": "postgresql+asyncpg",
@@ -39,19 +39,6 @@ _ASYNC_DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
 }
 _SUPPORTED_DRIVERS = frozenset({"postgresql+asyncpg", "sqlite+aiosqlite"})
-
-
-def parse_address(value: str) -> tuple[str, int]:
-    """Split `host:port` (IPv6 hosts in brackets); ValueError says what is wrong."""
-    host, sep, port_text = value.strip().rpartition(":")
-    if not sep or not host or not port_text:
-        raise ValueError("expected HOST:PORT")
-    if not port_text.isdigit():
-        raise ValueError(f"port {port_text!r} is not a number")
-    port = int(port_text)
-    if port > _MAX_PORT:
-        raise ValueError(f"port {port} is out of range (0-{_MAX_PORT})")
-    return host.removeprefix("[").removesuffix("]"), port
 
 
 def _check_address(value: str) -> str:
@@ -278,7 +265,7 @@ class Settings(BaseSettings):
         default="127.0.0.1", description="where the HTTP API listens (containers: 0.0.0.0)"
     )
     http_port: int = Field(
-        default=1323, ge=0, le=_MAX_PORT, description="HTTP API port (0: any free port)"
+        default=1323, ge=0, le=MAX_PORT, description="HTTP API port (0: any free port)"
     )
     # SecretStr: masked in repr and in every dump of the settings.
     span_api_token: Annotated[SecretStr | None, BeforeValidator(_blank_is_unset)] = Field(

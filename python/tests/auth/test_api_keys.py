@@ -28,7 +28,8 @@ from junjo_backend.auth.key_store import (
     revoke_api_key,
 )
 from junjo_backend.auth.server import AuthServer
-from junjo_backend.database import close_engine, create_engine, describe_database_error, init_schema
+from junjo_backend.database import close_engine, create_engine, init_schema
+from junjo_backend.failures import describe_error
 
 from .auth_calls import auth_stub, validate
 
@@ -146,10 +147,10 @@ def test_database_errors_are_described_without_statement_parameters() -> None:
         "INSERT INTO api_keys VALUES (?)", (secret,), sqlite3.OperationalError("locked")
     )
     assert secret in str(statement_error)  # what the description must avoid
-    assert describe_database_error(statement_error) == "OperationalError: locked"
-    assert describe_database_error(SQLAlchemyError("anything")) == "SQLAlchemyError"
-    assert describe_database_error(TimeoutError()) == "TimeoutError"
-    assert describe_database_error(OSError("disk full")) == "OSError: disk full"
+    assert describe_error(statement_error) == "OperationalError: locked"
+    assert describe_error(SQLAlchemyError("anything")) == "SQLAlchemyError"
+    assert describe_error(TimeoutError()) == "TimeoutError"
+    assert describe_error(OSError("disk full")) == "OSError: disk full"
 
 
 def _go_era_file(path: Path, rows: list[tuple[str, str, str, str | None]]) -> None:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import String, delete, insert, select, type_coerce
 from sqlalchemy.exc import SQLAlchemyError
 
-from junjo_backend.database import api_keys, describe_database_error
+from junjo_backend.database import api_keys
+from junjo_backend.failures import describe_error
 
 if TYPE_CHECKING:
     from typing import Any
@@ -149,9 +150,7 @@ async def create_api_key(engine: AsyncEngine, name: str) -> NewApiKey:
             )
     except SQLAlchemyError as exc:
         # str(exc) would show the INSERT's parameters, the new key among them.
-        raise ApiKeyStoreError(
-            f"could not store the new API key: {describe_database_error(exc)}"
-        ) from None
+        raise ApiKeyStoreError(f"could not store the new API key: {describe_error(exc)}") from None
     log.info(
         "API key created", extra={"key_id": new.id, "key_fingerprint": key_fingerprint(new.key)}
     )
@@ -184,7 +183,7 @@ async def list_api_keys(engine: AsyncEngine) -> list[ApiKeyInfo]:
         async with engine.connect() as conn:
             rows = (await conn.execute(_listing_query())).all()
     except SQLAlchemyError as exc:
-        raise ApiKeyStoreError(f"could not list API keys: {describe_database_error(exc)}") from None
+        raise ApiKeyStoreError(f"could not list API keys: {describe_error(exc)}") from None
     keys = [_listed(row) for row in rows]
     keys.sort(key=lambda info: (info.created_at, info.id))
     return keys
@@ -200,9 +199,7 @@ async def revoke_api_key(engine: AsyncEngine, key_id: str) -> bool:
         async with engine.begin() as conn:
             result = await conn.execute(delete(api_keys).where(api_keys.c.id == key_id))
     except SQLAlchemyError as exc:
-        raise ApiKeyStoreError(
-            f"could not revoke the API key: {describe_database_error(exc)}"
-        ) from None
+        raise ApiKeyStoreError(f"could not revoke the API key: {describe_error(exc)}") from None
     revoked = result.rowcount > 0
     if revoked:
         log.info("API key revoked", extra={"key_id": key_id})
@@ -215,6 +212,6 @@ async def find_api_key(engine: AsyncEngine, key: str) -> ApiKeyInfo | None:
         async with engine.connect() as conn:
             row = (await conn.execute(_listing_query().where(api_keys.c.key == key))).first()
     except SQLAlchemyError as exc:
-        reason = describe_database_error(exc)
+        reason = describe_error(exc)
         raise ApiKeyStoreError(f"could not look the key up: {reason}") from None
     return None if row is None else _listed(row)

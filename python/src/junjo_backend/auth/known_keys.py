@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from junjo_backend.database import SerialQueries, api_keys, describe_database_error
+from junjo_backend.database import SerialQueries, api_keys
+from junjo_backend.failures import describe_error
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -211,12 +212,10 @@ class KnownKeys:
                 log.error(  # noqa: TRY400 (the cause is in `error`; a traceback adds nothing)
                     "cannot read API keys from the database; answering INTERNAL until a "
                     "read succeeds",
-                    extra={"error": describe_database_error(exc), "max_age_s": self._max_age},
+                    extra={"error": describe_error(exc), "max_age_s": self._max_age},
                 )
             else:
-                log.debug(
-                    "API key read failed again", extra={"error": describe_database_error(exc)}
-                )
+                log.debug("API key read failed again", extra={"error": describe_error(exc)})
             self._available = False
         else:
             if self._available is False:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import traceback
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -26,9 +26,10 @@ from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
 
 from junjo_backend._wire.ingestion import auth_pb2
+from junjo_backend.addresses import format_address, listen_problem, parse_address
 from junjo_backend.auth.known_keys import KeyStoreUnavailable, KnownKeys
 from junjo_backend.auth.metrics import AuthCallMetrics
-from junjo_backend.listening import listen_problem
+from junjo_backend.logs import LogRateLimit
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -110,7 +111,8 @@ class InternalAuthServicer:
     def __init__(self, keys: KnownKeys, metrics: AuthCallMetrics) -> None:
         self._keys = keys
         self._metrics = metrics
-        self.refused = 0  # keys answered is_valid=false since the last summary line
+        # Keys answered is_valid=false: no line each, a summary (AuthServer) of the count.
+        self.refused = LogRateLimit(math.inf, burst=0)
 
     async def ValidateApiKey(self, request: bytes, context: _Context) -> bytes:
         """is_valid=true only for a key in the database; INTERNAL when it cannot be read."""
@@ -146,7 +148,7 @@ class InternalAuthServicer:
         return self._refuse(started)
 
     def _refuse(self, started: float) -> bytes:
-        self.refused += 1
+        self.refused.admit()
         self._metrics.invalid.observe(started)
         return _INVALID
 
@@ -169,7 +171,7 @@ class CallLogInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, burst_per_second: int = 10) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._burst = burst_per_second
-        self._windows: dict[tuple[str, grpc.StatusCode], _LogWindow] = {}
+        self._limits: dict[tuple[str, grpc.StatusCode], LogRateLimit] = {}
 
     async def intercept_service(
         self,
@@ -223,27 +225,14 @@ class CallLogInterceptor(grpc.aio.ServerInterceptor):
         return logged
 
     def _log_failure(self, method: str, code: grpc.StatusCode, started: float) -> None:
-        now = time.monotonic()
-        window = self._windows.get((method, code))
-        if window is None or now - window.opened >= 1.0:
-            left_out = window.left_out if window is not None else 0
-            window = self._windows[(method, code)] = _LogWindow(opened=now, left_out=left_out)
-        if window.logged >= self._burst:
-            window.left_out += 1
+        limit = self._limits.get((method, code))
+        if limit is None:
+            limit = self._limits[(method, code)] = LogRateLimit(1.0, burst=self._burst)
+        left_out = limit.admit()
+        if left_out is None:
             return
-        window.logged += 1
         level = logging.INFO if code in _CLIENT_CODES else logging.WARNING
-        _log_call(level, method, code, started, window.left_out)
-        window.left_out = 0
-
-
-@dataclass(slots=True)
-class _LogWindow:
-    """Failure lines of one method and code in the current second (mutable by design)."""
-
-    opened: float
-    logged: int = 0
-    left_out: int = 0
+        _log_call(level, method, code, started, left_out)
 
 
 def _log_call(
@@ -259,18 +248,27 @@ def _log_call(
     log.log(level, "grpc call", extra=fields)
 
 
+def _quiet_grpc_internals() -> None:
+    internals = logging.getLogger(_GRPC_INTERNALS_LOGGER)
+    if internals.level < logging.INFO:  # NOTSET too: it would follow a DEBUG root
+        internals.setLevel(logging.INFO)
+
+
+async def _bind(server: grpc.aio.Server, address: str) -> int:
+    """Bind `address`; the port bound. When it cannot, stop `server` and say why (OSError)."""
+    try:
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:
+        await server.stop(None)
+        reason = listen_problem(address) or str(exc)
+        raise OSError(f"cannot listen on {address}: {reason}") from exc
+
+
 def _report_keeper_exit(task: asyncio.Task[None]) -> None:
     # The keeper only ends by cancellation; anything else would silently freeze health
     # and leave refreshes to the calls alone, so it is reported loudly.
     if not task.cancelled() and task.exception() is not None:
         log.error("the API key refresher stopped", exc_info=task.exception())
-
-
-def _split_address(address: str) -> tuple[str, str]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"not a host:port address: {address!r}")
-    return host, port
 
 
 class BoundedHealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
@@ -332,8 +330,11 @@ class AuthServer:
         refused_summary_seconds: float = REFUSED_SUMMARY_SECONDS,
     ) -> None:
         self._settings = settings
-        self._engine = engine
-        self._host, _ = _split_address(settings.auth_grpc_listen_address)
+        try:
+            self._host, _ = parse_address(settings.auth_grpc_listen_address)
+        except ValueError as exc:
+            address = settings.auth_grpc_listen_address
+            raise ValueError(f"not a host:port address: {address!r} ({exc})") from None
         self._keys = KnownKeys(engine, max_age=settings.api_key_cache_max_age_seconds)
         self._metrics = metrics if metrics is not None else AuthCallMetrics(CollectorRegistry())
         self._servicer = InternalAuthServicer(self._keys, self._metrics)
@@ -356,7 +357,7 @@ class AuthServer:
     @property
     def address(self) -> str:
         """`host:port` as bound, e.g. `127.0.0.1:41234` for a configured `127.0.0.1:0`."""
-        return f"{self._host}:{self._port}"
+        return format_address(self._host, self._port)
 
     @property
     def running(self) -> bool:
@@ -387,9 +388,26 @@ class AuthServer:
         if self._server is not None:
             raise RuntimeError("AuthServer.start() called twice")
         await self._keys.refresh()
-        internals = logging.getLogger(_GRPC_INTERNALS_LOGGER)
-        if internals.level < logging.INFO:  # NOTSET too: it would follow a DEBUG root
-            internals.setLevel(logging.INFO)
+        _quiet_grpc_internals()
+        server = await self._build_server()
+        port = await _bind(server, self._settings.auth_grpc_listen_address)
+        await server.start()
+        self._server = server
+        self._port = port
+        self._keeper = asyncio.create_task(self._keep_keys_fresh(), name="api-keys-keeper")
+        self._keeper.add_done_callback(_report_keeper_exit)
+        log.info(
+            "auth gRPC server listening",
+            extra={
+                "address": self.address,
+                "keys": self._keys.size,
+                "database_ok": self.database_ok,
+                "reflection": self._settings.grpc_reflection_enabled,
+            },
+        )
+
+    async def _build_server(self) -> grpc.aio.Server:
+        """The server with its services (health already published), not yet bound."""
         server = grpc.aio.server(
             interceptors=[CallLogInterceptor()],
             options=[
@@ -418,27 +436,7 @@ class AuthServer:
                 ],
                 server,
             )
-        address = self._settings.auth_grpc_listen_address
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            await server.stop(None)
-            reason = listen_problem(address) or str(exc)
-            raise OSError(f"cannot listen on {address}: {reason}") from exc
-        await server.start()
-        self._server = server
-        self._port = port
-        self._keeper = asyncio.create_task(self._keep_keys_fresh(), name="api-keys-keeper")
-        self._keeper.add_done_callback(_report_keeper_exit)
-        log.info(
-            "auth gRPC server listening",
-            extra={
-                "address": self.address,
-                "keys": self._keys.size,
-                "database_ok": self.database_ok,
-                "reflection": self._settings.grpc_reflection_enabled,
-            },
-        )
+        return server
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving: health goes NOT_SERVING, calls under way get `grace` seconds.
@@ -481,7 +479,7 @@ class AuthServer:
     def _summarize_refused(self) -> None:
         """One INFO line with how many keys were refused since the last one (none: no line)."""
         now = time.monotonic()
-        refused, self._servicer.refused = self._servicer.refused, 0
+        refused = self._servicer.refused.flush()
         if refused:
             log.info(
                 "API keys refused: not in the database (is_valid=false)",

@@ -20,11 +20,11 @@ from junjo_backend.database import (
     close_engine,
     create_engine,
     database_label,
-    describe_database_error,
     init_schema,
     sqlite_file,
     sqlite_write_problem,
 )
+from junjo_backend.failures import describe_error
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -120,7 +120,7 @@ async def open_command_database(
             f"no answer within {settings.database_connect_timeout_seconds:g} s "
             "(DATABASE_CONNECT_TIMEOUT_SECONDS)"
             if isinstance(exc, TimeoutError)
-            else describe_database_error(exc)
+            else describe_error(exc)
         )
         raise CommandError(f"database {label} unavailable: {reason}") from None
     return engine

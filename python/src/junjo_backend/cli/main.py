@@ -15,6 +15,7 @@ import traceback
 from typing import TYPE_CHECKING
 
 from junjo_backend import __version__
+from junjo_backend.addresses import parse_address
 from junjo_backend.cli.console import (
     EXIT_BAD_SETTINGS,
     EXIT_FAILED,
@@ -22,8 +23,9 @@ from junjo_backend.cli.console import (
     CommandError,
     Console,
 )
+from junjo_backend.failures import error_line
 from junjo_backend.logs import configure_logging
-from junjo_backend.settings import Settings, SettingsError, get_settings, parse_address
+from junjo_backend.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -214,11 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.finish("interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 (the last resort: one line, the traceback at DEBUG)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        console.finish(
-            f"unexpected {type(exc).__name__}{': ' + first if first else ''} "
-            "(LOG_LEVEL=DEBUG shows the traceback)"
-        )
+        console.finish(f"unexpected {error_line(exc)} (LOG_LEVEL=DEBUG shows the traceback)")
         if debug:
             traceback.print_exc(file=console.err)
         return EXIT_FAILED

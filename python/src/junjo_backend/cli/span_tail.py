@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -21,9 +20,9 @@ from junjo_backend.database import (
     close_engine,
     create_engine,
     database_label,
-    describe_database_error,
     sqlite_file,
 )
+from junjo_backend.failures import describe_error
 from junjo_backend.ingestion.client import MAX_BATCH_SIZE, IngestionClient
 from junjo_backend.ingestion.errors import IngestionError, IngestionUnavailableError
 from junjo_backend.ingestion.spans import ResourceCatalog, SpanRecord, ulid_millis, ulid_time
@@ -46,7 +45,6 @@ _PROGRESS_EVERY_SECONDS = 2.0
 # How long one reachability probe may take, and the pause between probes while waiting.
 _PROBE_SECONDS = 1.0
 _PROBE_INTERVAL_SECONDS = 0.5
-_RESOURCES_REMEMBERED = 4096
 
 
 def _timestamp(unix_nanos: int) -> str:
@@ -83,19 +81,7 @@ class _SpanPrinter:
         self._out = out
         self._as_json = as_json
         self._catalog = ResourceCatalog()
-        self._resource_attributes: dict[bytes, dict[str, object]] = {}
         self._header_written = as_json
-
-    def _resource(self, resource_bytes: bytes) -> dict[str, object]:
-        attributes = self._resource_attributes.get(resource_bytes)
-        if attributes is None:
-            if len(self._resource_attributes) >= _RESOURCES_REMEMBERED:
-                self._resource_attributes.clear()
-            resource = resource_pb2.Resource.FromString(resource_bytes)
-            attributes = self._resource_attributes[resource_bytes] = _attributes(
-                resource.attributes
-            )
-        return attributes
 
     def print(self, record: SpanRecord) -> None:
         """Write one line for `record`.
@@ -105,6 +91,7 @@ class _SpanPrinter:
         """
         span = record.span()
         service = self._catalog.service_name(record.resource_bytes)
+        resource = self._catalog.resource(record.resource_bytes)
         start = span.start_time_unix_nano
         duration_ms = max(0, span.end_time_unix_nano - start) / 1e6
         if self._as_json:
@@ -126,7 +113,7 @@ class _SpanPrinter:
                         "message": span.status.message,
                     },
                     "attributes": _attributes(span.attributes),
-                    "resource": self._resource(record.resource_bytes),
+                    "resource": _attributes(resource.attributes),
                 },
                 ensure_ascii=False,
             )
@@ -193,7 +180,7 @@ async def _checkpoint_of(settings: Settings, note: Callable[[str], None]) -> byt
                 return await load_checkpoint(conn)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
         note(
-            f"could not read the poller's checkpoint ({describe_database_error(exc)}); "
+            f"could not read the poller's checkpoint ({describe_error(exc)}); "
             "starting at the oldest entry"
         )
         return None

@@ -44,11 +44,12 @@ from junjo_backend.ingestion.errors import (
     rpc_status,
 )
 from junjo_backend.ingestion.spans import SpanRecord
-from junjo_backend.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable, Iterator
     from types import TracebackType
+
+    from junjo_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +281,8 @@ class IngestionClient:
     without progress; other failures raise an `IngestionError` carrying the status code.
     """
 
-    def __init__(self, address: str | None = None, *, settings: Settings | None = None) -> None:
-        self._settings = settings or get_settings()
+    def __init__(self, address: str | None = None, *, settings: Settings) -> None:
+        self._settings = settings
         self.address = address or self._settings.ingestion_grpc_address
         self._channel: grpc.Channel | None = None
         self._stub: ingestion_pb2_grpc.InternalIngestionServiceStub | None = None
@@ -443,7 +444,7 @@ class IngestionClient:
             except ValueError:  # closed channel
                 outcome = (False, "the ingestion client was closed")
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting
-                loop.call_soon_threadsafe(_settle, answered, outcome)
+                loop.call_soon_threadsafe(_answer_once, answered, outcome)
 
         self._start_worker(probe)
         reachable, failure = await answered
@@ -582,9 +583,10 @@ def _join_all(workers: list[threading.Thread], seconds: float) -> int:
     return sum(worker.is_alive() for worker in workers)
 
 
-def _settle(
+def _answer_once(
     future: asyncio.Future[tuple[bool, str | None]], outcome: tuple[bool, str | None]
 ) -> None:
+    """Resolve the probe's future with its outcome, unless it was cancelled meanwhile."""
     if not future.done():
         future.set_result(outcome)
 

@@ -67,7 +67,7 @@ class SpanRecord:
 
 
 class ResourceCatalog:
-    """Decoded resources by their serialized bytes.
+    """Decoded resources, and their service names, by their serialized bytes.
 
     Every span from one process carries the same resource bytes, so a WAL with millions of
     spans holds a handful of distinct resources: decoding each once saves most of the
@@ -77,18 +77,25 @@ class ResourceCatalog:
 
     def __init__(self, max_entries: int = 4096) -> None:
         self._max_entries = max_entries
-        self._service_names: dict[bytes, str] = {}
+        self._entries: dict[bytes, tuple[resource_pb2.Resource, str]] = {}
+
+    def _entry(self, resource_bytes: bytes) -> tuple[resource_pb2.Resource, str]:
+        entry = self._entries.get(resource_bytes)
+        if entry is None:
+            resource = _decode_resource(resource_bytes)
+            if len(self._entries) >= self._max_entries:
+                self._entries.clear()
+            entry = self._entries[resource_bytes] = (resource, service_name_of(resource))
+        return entry
 
     def service_name(self, resource_bytes: bytes) -> str:
         """The service name of a serialized resource; raises `DecodeError` on bad bytes."""
-        name = self._service_names.get(resource_bytes)
-        if name is None:
-            name = service_name_of(_decode_resource(resource_bytes))
-            if len(self._service_names) >= self._max_entries:
-                self._service_names.clear()
-            self._service_names[resource_bytes] = name
-        return name
+        return self._entry(resource_bytes)[1]
+
+    def resource(self, resource_bytes: bytes) -> resource_pb2.Resource:
+        """The decoded resource, shared by every caller (read it, never change it)."""
+        return self._entry(resource_bytes)[0]
 
     def __len__(self) -> int:
         """How many distinct resources are cached."""
-        return len(self._service_names)
+        return len(self._entries)

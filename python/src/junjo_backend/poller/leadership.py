@@ -63,13 +63,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from junjo_backend.database import (
-    describe_database_error,
     poller_leadership,
     poller_lease,
     postgres_connect_args,
     session_name,
     sqlite_file,
 )
+from junjo_backend.failures import describe_error
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -329,7 +329,7 @@ class PostgresLeadership(PollerLeadership):
                 if not lost.is_set():
                     log.warning(
                         "the poller's lock connection to PostgreSQL failed; leadership is lost",
-                        extra={"error": describe_database_error(error)},
+                        extra={"error": describe_error(error)},
                     )
                     lost.set()
                 return

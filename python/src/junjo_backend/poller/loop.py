@@ -64,9 +64,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from junjo_backend.backoff import backoff_delay
-from junjo_backend.database import describe_database_error
+from junjo_backend.failures import error_line
 from junjo_backend.ingestion.client import MAX_BATCH_SIZE
-from junjo_backend.ingestion.spans import ulid_millis
+from junjo_backend.ingestion.spans import ulid_millis, ulid_time
 from junjo_backend.poller.checkpoint import load_checkpoint, save_checkpoint
 from junjo_backend.poller.horizon import SettleHorizon, monotonic_ms
 from junjo_backend.poller.leadership import LeadershipLost, PollerLeadership, leadership_for
@@ -256,9 +256,7 @@ class SpanPoller:
             caught_up=caught_up,
             backlog_age_seconds=backlog,
             last_key=checkpoint,
-            last_key_received_at=None
-            if checkpoint is None
-            else datetime.fromtimestamp(ulid_millis(checkpoint) / 1000, UTC),
+            last_key_received_at=None if checkpoint is None else ulid_time(checkpoint),
             spans_processed=self._spans_processed,
             batches_committed=self._batches_committed,
             entries_skipped=self._entries_skipped,
@@ -365,7 +363,7 @@ class SpanPoller:
                 continue
             except Exception as error:  # noqa: BLE001 (any failure: back off, retry from the checkpoint)
                 failures += 1
-                await self._back_off(error, failures)
+                await self._wait_after_failure(error, failures)
                 continue
             failures = 0
             short = await self._after_read(read, short)
@@ -384,12 +382,12 @@ class SpanPoller:
                 age = 0.0
             await asyncio.sleep(_PROBE_EVERY_SECONDS - age)
 
-    async def _back_off(self, error: Exception, failures: int) -> None:
+    async def _wait_after_failure(self, error: Exception, failures: int) -> None:
         """Report a failed drain and wait before retrying from the checkpoint."""
         self._caught_up = False
         # One line naming the cause: never a statement's text or parameters.
-        self._last_error = describe_database_error(error).splitlines()[0]
-        delay = self._backoff(failures)
+        self._last_error = error_line(error)
+        delay = self._retry_delay(failures)
         log.warning(
             "span poller batch failed; retrying from the checkpoint",
             extra={"error": self._last_error, "retry_in_seconds": round(delay, 3)},
@@ -441,14 +439,27 @@ class SpanPoller:
                 self._set_role("leader")
                 return True
         except Exception as error:  # noqa: BLE001 (a failed try is retried like a busy lock)
-            self._last_error = describe_database_error(error).splitlines()[0]
+            self._last_error = error_line(error)
             log.warning(
                 "span poller could not try for leadership; retrying",
                 extra={"error": self._last_error},
             )
-            with contextlib.suppress(Exception):
-                await self._leadership.release()
+            await self._release_after_failed_try()
         return False
+
+    async def _release_after_failed_try(self) -> None:
+        """Drop whatever a failed try took; a failure here is logged and not raised.
+
+        That is safe: `release` marks this replica "not leader" before it drops the lock,
+        and the next try releases again before it takes the lock (leadership.py).
+        """
+        try:
+            await self._leadership.release()
+        except Exception:
+            log.debug(
+                "span poller could not release after a failed try; the next try releases again",
+                exc_info=True,
+            )
 
     async def _step_down(self) -> None:
         """Let go of a lost (or doubtful) leadership, become a standby, and yield a while.
@@ -601,7 +612,7 @@ class SpanPoller:
         if self._stop_requested.is_set():
             raise _Stopping
 
-    def _backoff(self, failures: int) -> float:
+    def _retry_delay(self, failures: int) -> float:
         """Delay before retry number `failures`."""
         return backoff_delay(
             failures,

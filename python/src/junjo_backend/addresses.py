@@ -1,10 +1,28 @@
-"""Listening addresses: the one way the backend binds one, and says why it cannot."""
+"""`host:port` addresses: parsing and writing one, binding one, and saying why it cannot be."""
 
 from __future__ import annotations
 
 import socket
 
-from junjo_backend.settings import parse_address
+MAX_PORT = 65535
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """Split `host:port` (IPv6 hosts in brackets); ValueError says what is wrong."""
+    host, sep, port_text = value.strip().rpartition(":")
+    if not sep or not host or not port_text:
+        raise ValueError("expected HOST:PORT")
+    if not port_text.isdigit():
+        raise ValueError(f"port {port_text!r} is not a number")
+    port = int(port_text)
+    if port > MAX_PORT:
+        raise ValueError(f"port {port} is out of range (0-{MAX_PORT})")
+    return host.removeprefix("[").removesuffix("]"), port
+
+
+def format_address(host: str, port: int) -> str:
+    """`host:port`, an IPv6 host in brackets: what `parse_address` reads back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def bound_socket(host: str, port: int, *, backlog: int | None = None) -> socket.socket:
