@@ -3,19 +3,9 @@
 The tables keep the Go backend's layout column for column, so a database file written by
 the Go backend opens as it is, and `create_all` leaves existing tables alone.
 
-A SQLite file can be replaced under a running server (an operator restores a backup: by
-deleting the file and copying another in, or by copying over it). A pooled connection
-keeps the file it opened, so without a check it would read a deleted file forever while
-the CLI writes to the new one. `SqliteFileWatch` ties each pooled connection to the file
-it opened and reopens the pool when the file at the path is another one, is missing, or
-was rewritten in place; after start-up, `open_database`'s engine never creates the file
-(a missing file is an error, not a fresh empty database in the middle of a restore).
-
-The poller's checkpoint lives in the same file. Across a replacement the poller keeps the
-position it holds in memory: while the file is missing its commits fail and it retries
-from that position, and its next commit writes the position into the new file (an older
-checkpoint in a restored backup is overwritten, not replayed). That is the position
-consistent with what the default sink has counted, which it keeps in memory.
+A SQLite file may be replaced under a running server (a backup restored): `SqliteFileWatch`
+reopens the pool when the file at the path changes, and after start-up `open_database`'s
+engine never creates the file (docs/design/sqlite-file-watch.md).
 """
 
 from __future__ import annotations
@@ -88,7 +78,7 @@ poller_state = Table(
     Column("last_key", LargeBinary),
 )
 
-# One row (id = 1): the poller's fencing token (leadership.py). A table of its own, so that
+# One row (id = 1): the poller's fencing token (poller/leadership.py). A table of its own, so that
 # poller_state keeps the Go backend's layout; the Go backend never reads it.
 poller_leadership = Table(
     "poller_leadership",
@@ -163,26 +153,10 @@ class _FileState:
 class SqliteFileWatch:
     """Ties each pooled SQLite connection to the file it opened; reopens them when it changes.
 
-    Checked at every checkout (a stat and a read of the 100-byte header, a few microseconds;
-    the auth server checks out a connection only when it refreshes its key snapshot):
-
-    - the path holds no file: the checkout fails, so the query fails (with
-      `create_missing=False` the reconnect cannot create one);
-    - the path holds another file than the connection opened (deleted and copied in):
-      every pooled connection is reopened;
-    - the same file was rewritten in place (its change counter went back, or it stopped
-      being a database and became one again): every pooled connection is reopened too.
-
-    Each change is logged once, at WARNING. A rewrite in place that moves the change
-    counter forward is not told apart from a write; rollback mode reads it correctly anyway.
-
-    The header is read through one descriptor kept open per file, never one opened and
-    closed at each look: SQLite's locks are POSIX record locks, which belong to the process
-    and are all released when it closes *any* descriptor of the file. Closing one at a
-    checkout dropped the lock of a transaction another pooled connection had under way,
-    and other processes then read and wrote the file in the middle of it ("disk I/O
-    error", and a risk of corruption). The kept descriptor is closed only once its file is
-    no longer the one at the path, or when the engine is disposed.
+    Checked at every checkout: no file at the path fails the checkout; another file, or the
+    same one rewritten in place, reopens every pooled connection. Each change is logged once,
+    at WARNING. The header is read through one descriptor kept open per file, never one per
+    look (SQLite's POSIX locks): docs/design/sqlite-file-watch.md.
     """
 
     def __init__(self, path: Path, *, create_missing: bool) -> None:

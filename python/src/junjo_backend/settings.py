@@ -209,7 +209,7 @@ class Settings(BaseSettings):
     poller_max_backoff_seconds: float = Field(
         default=30.0, gt=0, description="ceiling of the retry backoff after errors"
     )
-    # The ingestion-service commits entries out of key order; see poller.py.
+    # The ingestion-service commits entries out of key order: docs/design/settle-window.md.
     poller_settle_seconds: float = Field(
         default=1.0,
         ge=0,

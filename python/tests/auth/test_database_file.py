@@ -4,6 +4,7 @@ file replaced (deleted and copied in, or rewritten in place) is noticed at the n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import subprocess
@@ -132,3 +133,42 @@ async def test_the_watch_keeps_the_locks_of_a_transaction_under_way(tmp_path: Pa
         await close_engine(engine)
     assert "got the write lock" not in outcome.stdout
     assert "database is locked" in outcome.stderr
+
+
+UNREADABLE = "cannot read the SQLite database file to check whether it was replaced"
+
+
+async def test_a_file_the_watch_cannot_read_is_said_once_until_it_can_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A folder at the path opens for reading, but reading its header fails (EISDIR): a
+    # real OSError inside the watch, with no mock.
+    caplog.set_level(logging.WARNING, "junjo_backend.database")
+    path = tmp_path / "junjo.db"
+    engine = await open_database(f"sqlite+aiosqlite:///{path}")
+    saved = tmp_path / "saved.db"
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        shutil.copyfile(path, saved)
+
+        def unreadable_looks() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.getMessage().startswith(UNREADABLE)]
+
+        for _ in range(2):  # once per stretch, however many checkouts look
+            path.unlink()
+            path.mkdir()
+            for _ in range(3):
+                with contextlib.suppress(Exception):  # SQLite's own failure, if any
+                    async with engine.connect() as conn:
+                        await conn.execute(text("SELECT 1"))
+            path.rmdir()
+            shutil.copyfile(saved, path)
+            async with engine.connect() as conn:  # readable again
+                await conn.execute(text("SELECT 1"))
+        looks = unreadable_looks()
+        assert len(looks) == 2
+        assert looks[0].__dict__["path"] == str(path)
+        assert "IsADirectoryError" in str(looks[0].__dict__["error"])
+    finally:
+        await close_engine(engine)

@@ -1,4 +1,4 @@
-"""API keys: generation and the key store in the `api_keys` table (its CLI: key_commands.py).
+"""API keys: generation and the key store in the `api_keys` table (its CLI: cli/key_commands.py).
 
 Keys are made like the Go backend made them (64 characters of `[0-9A-Za-z]` from a
 CSPRNG, URL-safe random ids) and stored in the same table layout, so keys issued by

@@ -1,41 +1,12 @@
 """The set of API keys in the `api_keys` table, as recently read: what the auth server answers from.
 
-Why a snapshot of the whole set, and not a query or a per-key cache per call: the Go
-ingestion-service asks about every key it has not seen valid (so every bad key, at the
-rate clients send them), and a SQL round trip per call cannot keep up with a bare gRPC
-server (benchmarks/auth_bench.py measures it). A cache of answers per key does not help
-against a flood of random invalid keys, which never repeat. The set of issued keys is
-small, so reading all of it is cheap, and a set lookup answers any key, valid or not,
-without touching the database.
+A snapshot of the whole set, not a query per call (docs/design/known-keys.md has why):
 
-Freshness rules (times are when a read *started*, so anything committed before it is in
-the snapshot):
-
-- An answer comes from a snapshot at most `max_age` old; an older one is refreshed first
-  and, if that fails, the call fails (`KeyStoreUnavailable`), never guesses. So a revoked
-  key stops validating within `max_age`.
-- A failed read discards the snapshot: every call fails until a read succeeds. The
-  snapshot exists to spare a query per call, not to ride out an outage: once a read has
-  failed, the database may be gone or replaced (a backup restored, its file missing for a
-  moment), and the Go backend answered INTERNAL for any database error. Keeping old "yes"
-  answers would validate keys the database no longer holds; the cost is that a short
-  outage refuses a little earlier (the ingestion-service keeps keys it saw valid).
-- A key missing from a snapshot older than `miss_refresh_after` triggers a refresh, so a
-  key created a moment ago validates almost at once, while a flood of invalid keys costs
-  at most about one read per `miss_refresh_after` (about 20 reads/s at the default).
-- Reads are single-flight: a caller joins the read under way when it started late enough
-  for it, else starts one. A failed read is an outcome like a successful one: it answers
-  (with KeyStoreUnavailable) every call it is fresh enough for, so an outage costs at most
-  one read per `max_age`, not a query storm.
-
-Why this is the simplest structure that keeps the three guarantees: the only state is the
-latest read's outcome (its start time, and its keys or the fact that it failed) and the
-read under way. "Fresh enough" is one comparison of a start time, so each guarantee is one
-rule: staleness (`max_age`), new keys (`miss_refresh_after`), bounded reads (single flight
-plus remembered failures). Dropping any part loses one of them: without the miss refresh
-a new key is refused for up to `max_age` (an exporter's first batch, which OTLP does not
-retry); without single flight a flood of unknown keys is a read per call; without the
-remembered failure an outage is a read per call.
+- an answer comes from a snapshot at most `max_age` old, or the call fails
+  (`KeyStoreUnavailable`): a revoked key stops validating within `max_age`;
+- a failed read discards the snapshot: every call fails until a read succeeds;
+- a key missing from a snapshot older than `miss_refresh_after` triggers a refresh;
+- reads are single-flight, and a failed read answers every call it is fresh enough for.
 """
 
 from __future__ import annotations

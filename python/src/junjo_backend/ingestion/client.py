@@ -1,23 +1,10 @@
 """Client for the Go ingestion-service's `InternalIngestionService.ReadSpans` server stream.
 
-Why a sync channel in a worker thread, and not the `grpc.aio` stub of the original plan:
-the default grpcio paths (aio `async for`, aio `read()`, sync iteration) hand each message
-across threads; docs/performance.md records ~175 us of CPU per message there, and on the machine
-this was written on the aio stub still took 30-60 us. A sync channel with the
-`SingleThreadedUnaryStream` option reads the stream on the calling thread with ~8 us of CPU
-per message, and `grpc.aio` ignores that option. So each call runs on its own daemon thread,
-which turns messages into `SpanRecord`s and hands them to the event loop in chunks through a
-bounded buffer, so a fast stream never piles up in memory and the loop is never blocked.
-Measured against a Go server: one `call_soon_threadsafe` per message cost ~22 us of CPU per
-message in all; chunks of 16 cost ~11 us, chunks of 256 or 1024 ~10 us.
-`benchmarks/drain_bench.py` compares this client with the aio one in the same run.
-
-Taking raw bytes (no response deserializer) and parsing them ourselves measured no faster
-once the three fields are read, so the generated `ReadSpansResponse.FromString` decodes.
-
-Retries are written here rather than left to the channel's service config, because a server
-stream that breaks after its first message cannot be retried by gRPC: it has to be resumed
-with a new request that starts after the last key the caller was given.
+Each call runs a sync channel with `SingleThreadedUnaryStream` on a daemon thread of its
+own, which hands `SpanRecord`s to the event loop in chunks through a bounded buffer: the
+grpc.aio stub costs several times the CPU per message (docs/design/transport.md has the
+measurements). A stream that breaks is resumed by this client with a new request after the
+last key it handed out, since gRPC cannot retry a server stream once a message has come.
 """
 
 from __future__ import annotations

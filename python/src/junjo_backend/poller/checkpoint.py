@@ -2,7 +2,7 @@
 
 One row, id 1, `last_key` a BLOB, as the Go backend kept it, so a database either backend
 wrote resumes where the other stopped. The poller writes it in the same transaction as its
-sink's writes (poller.py).
+sink's writes (loop.py).
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """The span poller: drains the ingestion-service's WAL into a sink, durably and in order.
 
-Delivery is at least once, in key order, with no gap up to the horizon below. For each
-batch the sink runs inside a database transaction, and the batch's last key is written to
-`poller_state` (row id 1, the Go backend's layout) in that same transaction, so a crash at
-any point either keeps both the sink's writes and the new checkpoint or neither; after a
-restart the poller reads again after the last committed key.
+Delivery is at least once, in key order, with no gap for an entry committed within the
+settle window of its key's time (the horizon, below). For each batch the sink runs inside a database transaction, and the batch's last key is
+written to `poller_state` (row id 1, the Go backend's layout) in that same transaction, so
+a crash at any point either keeps both the sink's writes and the new checkpoint or neither;
+after a restart the poller reads again after the last committed key.
 
-Unlike the Go backend (100 spans every 5 s, at most 20 spans/s), the poller reads one long
-stream and commits every `POLLER_BATCH_SIZE` records while the stream keeps filling a
-bounded buffer behind it, and it waits (`POLLER_IDLE_WAIT_SECONDS`) only once caught up.
+Unlike the Go backend (100 spans every 5 s), the poller reads one long stream and commits
+every `POLLER_BATCH_SIZE` records while the stream keeps filling a bounded buffer behind
+it, and it waits (`POLLER_IDLE_WAIT_SECONDS`) only once caught up.
 
 The horizon. The ingestion-service takes a WAL key (a monotonic ULID) before it commits the
 entry, and commits concurrent requests in any order, so a read can see key K+1 before K
@@ -20,33 +20,12 @@ delivered, however far apart the clocks are. A read stops at its first unsettled
 read it again once it has settled; now and then it reads on to the end instead, to see the
 newest keys. The reasoning: docs/design/settle-window.md.
 
-Caught up (defined here, once): nothing older than the settle window is unread. A read
-proves it when it either asked for the largest batch the wire allows and its stream ended
-OK (`ingestion_client.MAX_BATCH_SIZE`: the only proof of the end of the WAL, since the
-server counts undecodable entries toward `batch_size` and sends nothing for them), or it
-stopped at an entry still inside the settle window; the proof holds for max(W, idle wait)
-+ 1 s from the read's start (the longest a poller that keeps up goes between two such
-reads), and then lapses: a read that streams for seconds under load is behind. Not known
-(None) on a standby and while the ingestion-service is unreachable or answers with errors.
-The poller reads in bounded windows; a window that comes back short is followed at once by
-a read of the largest size, which passes any run of undecodable entries. When that read
-finds an entry that had settled before the short read was requested, the short window was
-exhausted by entries the server skipped: `entries_skipped` counts them (a lower bound, as
-skips inside the largest read are invisible on the wire).
-
-Backlog age (what `/health` and `/metrics` report as lag): 0 when caught up; while behind,
-the age of the oldest entry the poller has read but not yet processed (between two batches
-of one drain, the age of the last processed one, which bounds it); with nothing read since
-the last proof, the oldest an unread entry can be (time since the proof's read, plus W);
-not known (None) on a standby and before anything was read.
-
-Replicas. Several backends on one database run a poller each, but only the leader drains
-(leadership.py): a standby tries for leadership every `POLLER_LEADER_RETRY_SECONDS` and
-keeps its view of the checkpoint fresh meanwhile. A replica that becomes leader reads the
-checkpoint again (the previous leader moved it; a checkpoint older than the position this
-process holds is a restored backup and is not replayed), and every commit is fenced: it
-fails unless this replica still leads. A leader that learns it lost its lock stops at the next
-record or pause and becomes a standby.
+Caught up: nothing older than the settle window is unread; the proof lapses
+max(W, idle wait) + 1 s after the read that gave it, and it is not known (None) on a
+standby and while the ingestion-service is unreachable or answers with errors.
+`entries_skipped` counts what later reads prove the server skipped (a lower bound). Both,
+and the backlog age, are defined in docs/design/settle-window.md. Of several replicas only
+the leader drains, and every commit is fenced: docs/design/leadership.md.
 """
 
 from __future__ import annotations
@@ -430,8 +409,9 @@ class SpanPoller:
             async with self._engine.connect() as conn:
                 stored = await load_checkpoint(conn)
             # The later of the two: another leader moved it on, or a SQLite file restored
-            # from a backup moved it back, which is overwritten, not replayed (database.py).
-            # As a standby, this is its view of the leader's progress, for /health.
+            # from a backup moved it back, which is overwritten, not replayed
+            # (docs/design/sqlite-file-watch.md). As a standby, this is its view of the
+            # leader's progress, for /health.
             if self._checkpoint is None or (stored is not None and stored > self._checkpoint):
                 self._checkpoint = stored
             self._last_error = None
