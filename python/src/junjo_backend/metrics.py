@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from junjo_backend.auth.known_keys import KnownKeys
     from junjo_backend.ingestion.client import IngestionClient
-    from junjo_backend.poller.loop import SpanPoller
+    from junjo_backend.poller.loop import PollerStatus, SpanPoller
 
 # The text format every Prometheus version scrapes.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -90,55 +90,8 @@ class BackendCollector:
 
     def _poller_metrics(self, poller: SpanPoller) -> Iterator[Metric]:
         status = poller.status
-        yield _gauge("junjo_poller_running", "1 while the span poller runs", status.running)
-        yield _counter(
-            "junjo_poller_spans_processed",
-            "WAL entries delivered to the sink and checkpointed",
-            status.spans_processed,
-        )
-        yield _counter(
-            "junjo_poller_batches_committed",
-            "Checkpoint transactions committed",
-            status.batches_committed,
-        )
-        yield _counter(
-            "junjo_poller_entries_skipped",
-            "WAL entries the ingestion-service skipped (they do not decode), as the "
-            "poller's reads prove it: a lower bound",
-            status.entries_skipped,
-        )
-        yield _gauge(
-            "junjo_poller_leader",
-            "1 while this replica leads (drains the WAL), 0 while it stands by",
-            status.role == "leader",
-        )
-        if status.role_since is not None:
-            yield _gauge(
-                "junjo_poller_role_changed_timestamp_seconds",
-                "When this replica became the leader (Unix seconds; absent on a standby)",
-                status.role_since.timestamp(),
-            )
-        caught_up = status.caught_up
-        yield _gauge(
-            "junjo_poller_caught_up",
-            "1 when nothing older than the settle window is unread, 0 when behind, NaN while "
-            "not known (a standby; the ingestion-service unreachable or failing)",
-            math.nan if caught_up is None else float(caught_up),
-        )
-        if status.last_key_received_at is not None:
-            yield _gauge(
-                "junjo_poller_checkpoint_timestamp_seconds",
-                "When the ingestion-service received the last processed span (its WAL key's "
-                "time, Unix seconds)",
-                status.last_key_received_at.timestamp(),
-            )
-        if status.backlog_age_seconds is not None:
-            yield _gauge(
-                "junjo_poller_backlog_age_seconds",
-                "0 when caught up; while behind, the age of the oldest span read but not yet "
-                "processed (absent while not known)",
-                status.backlog_age_seconds,
-            )
+        yield from _poller_progress(status)
+        yield from _poller_position(status)
 
     def _ingestion_metrics(self, ingestion: IngestionClient) -> Iterator[Metric]:
         reachable = ingestion.reachable
@@ -161,6 +114,63 @@ class BackendCollector:
         for code, count in sorted(ingestion.stream_errors.items()):
             errors.add_metric([code], count)
         yield errors
+
+
+def _poller_progress(status: PollerStatus) -> Iterator[Metric]:
+    """Whether the poller runs and leads, and what it has done since start."""
+    yield _gauge("junjo_poller_running", "1 while the span poller runs", status.running)
+    yield _counter(
+        "junjo_poller_spans_processed",
+        "WAL entries delivered to the sink and checkpointed",
+        status.spans_processed,
+    )
+    yield _counter(
+        "junjo_poller_batches_committed",
+        "Checkpoint transactions committed",
+        status.batches_committed,
+    )
+    yield _counter(
+        "junjo_poller_entries_skipped",
+        "WAL entries the ingestion-service skipped (they do not decode), as the "
+        "poller's reads prove it: a lower bound",
+        status.entries_skipped,
+    )
+    yield _gauge(
+        "junjo_poller_leader",
+        "1 while this replica leads (drains the WAL), 0 while it stands by",
+        status.role == "leader",
+    )
+    if status.role_since is not None:
+        yield _gauge(
+            "junjo_poller_role_changed_timestamp_seconds",
+            "When this replica became the leader (Unix seconds; absent on a standby)",
+            status.role_since.timestamp(),
+        )
+
+
+def _poller_position(status: PollerStatus) -> Iterator[Metric]:
+    """Where the poller stands: caught up or how far behind, and its checkpoint's time."""
+    caught_up = status.caught_up
+    yield _gauge(
+        "junjo_poller_caught_up",
+        "1 when nothing older than the settle window is unread, 0 when behind, NaN while "
+        "not known (a standby; the ingestion-service unreachable or failing)",
+        math.nan if caught_up is None else float(caught_up),
+    )
+    if status.last_key_received_at is not None:
+        yield _gauge(
+            "junjo_poller_checkpoint_timestamp_seconds",
+            "When the ingestion-service received the last processed span (its WAL key's "
+            "time, Unix seconds)",
+            status.last_key_received_at.timestamp(),
+        )
+    if status.backlog_age_seconds is not None:
+        yield _gauge(
+            "junjo_poller_backlog_age_seconds",
+            "0 when caught up; while behind, the age of the oldest span read but not yet "
+            "processed (absent while not known)",
+            status.backlog_age_seconds,
+        )
 
 
 class BackendMetrics:
