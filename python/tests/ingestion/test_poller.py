@@ -14,6 +14,7 @@ from harness.waiting import wait_until
 from junjo_backend.ingestion.client import MAX_BATCH_SIZE, IngestionClient
 from junjo_backend.ingestion.spans import ulid_millis
 from junjo_backend.poller.checkpoint import load_checkpoint, save_checkpoint
+from junjo_backend.poller.leadership import PollerLeadership
 from junjo_backend.poller.loop import PollerStatus, SpanPoller
 from junjo_backend.poller.sinks import ServiceTally
 
@@ -448,3 +449,51 @@ async def test_default_sink_counts_spans_per_service_and_logs_totals(
     summaries = [r for r in caplog.records if r.getMessage() == "span totals"]
     assert summaries
     assert summaries[-1].__dict__["services"]["web"]["spans"] == 21
+
+
+class _LockThatCannotBeLetGo(PollerLeadership):
+    """A stand-in lock (on purpose, not a real one): no real lock of ours fails to be let go,
+    since the PostgreSQL one discards a dead session and the file lock closes a descriptor
+    it holds, so the only way to reach that failure is a lock written to fail."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.drops = 0  # tries to let go of it: every try for leadership starts with one
+        self.broken = True
+
+    async def _take_lock(self) -> bool:
+        raise OSError("the lock cannot be taken")
+
+    async def _drop_lock(self) -> None:
+        self.drops += 1
+        if self.broken:
+            raise OSError("the lock cannot be let go")
+
+
+async def test_a_release_that_fails_after_a_failed_try_is_logged_and_the_poller_tries_again(
+    client: IngestionClient,
+    engine: AsyncEngine,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, "junjo_backend.poller.loop")
+    leadership = _LockThatCannotBeLetGo(engine)
+    poller = SpanPoller(
+        client,
+        engine,
+        settings=settings.model_copy(update={"poller_leader_retry_seconds": 0.05}),
+        leadership=leadership,
+    )
+    await poller.start()
+    try:
+        await wait_until(lambda: leadership.drops >= 4)  # two tries, each followed by a release
+        assert poller.status.running is True
+    finally:
+        leadership.broken = False  # stop() lets go of it for real
+        await poller.stop()
+    released = [
+        r for r in caplog.records if r.getMessage().startswith("span poller could not release")
+    ]
+    assert released
+    assert all(r.levelno == logging.DEBUG and r.exc_info for r in released)
+    assert "the next try releases again" in released[0].getMessage()

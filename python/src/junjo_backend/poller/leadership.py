@@ -1,48 +1,14 @@
 """Which replica drains the WAL: a lock that one process holds at a time, and a fencing token.
 
-Several replicas can run on one database (`docker compose up --scale`, two pods). Every one
-serves auth; exactly one, the leader, runs the poller's drain; the others are standbys and
-try for leadership every `POLLER_LEADER_RETRY_SECONDS`. No coordinator of our own: the
-database (PostgreSQL) or the kernel (SQLite, one machine) decides.
-
-- PostgreSQL: a session advisory lock, `pg_try_advisory_lock(LOCK_CLASS, LOCK_OBJECT)`, taken
-  on a connection of its own (an engine with no pool: the connection is never shared with
-  queries, never recycled). PostgreSQL releases the lock when that session ends: a killed
-  replica's socket is closed by its kernel and the server ends the session at once, so the
-  standby's next try succeeds. The leader learns it lost the session from asyncpg's
-  termination callback, or from its lease renewal when the connection dies silently;
-  either way it stops draining at once.
-- The lease (PostgreSQL). A frozen leader (SIGSTOP, a long pause, a frozen VM) keeps its
-  session and so its lock. So the leader renews a lease, the row `poller_lease`, with the
-  database's clock (`renewed_at = now()`), on its lock connection, from a task of its own
-  (not the drain's), every third of `POLLER_LEADER_LEASE_SECONDS` (or every retry interval,
-  if sooner). A standby that finds the lock held by the session named in the lease, and the
-  lease unrenewed for `POLLER_LEADER_LEASE_SECONDS`, ends every session carrying the
-  leader's `application_name` (`session_name()`: the lock session and its data sessions,
-  which may hold the epoch row's lock or uncommitted rows) and takes the lock. When the
-  frozen leader wakes, its sessions are gone and its epoch superseded: the fencing below
-  refuses any commit it still tries. Ending another session needs the same database role
-  (or `pg_signal_backend`), as every replica of one deployment has.
-- SQLite: `flock` on a lock file beside the database, `.<database file name>.poller-lock`
-  (a dot file: an operator's `rm data/junjo.db*` does not match it, nor does `rm data/*`).
-  The database file itself is never opened outside SQLite: SQLite's locks are POSIX record
-  locks, which a process loses when it closes any descriptor of the file. An flock belongs
-  to the open file, not to the process, and is released when the process dies. A frozen
-  process (SIGSTOP) keeps it: on one host nothing can tell a frozen process from a slow
-  one without killing it, and nothing drains until it resumes or dies.
-
-Fencing. A lock says who may lead now, not whether a transaction started by a leader that
-has since lost the lock may still commit. So the table `poller_leadership` (id 1; the Go
-layout of `poller_state` is left alone) holds an epoch: a replica that becomes leader bumps
-it, in a transaction of its own, before it reads the checkpoint; every checkpoint commit
-runs, last before COMMIT, `UPDATE poller_leadership SET epoch = epoch WHERE id = 1 AND
-epoch = <its own>`. A commit whose epoch was bumped finds no row and rolls back. The UPDATE
-also takes the row's write lock (a row lock on PostgreSQL, the database's write lock on
-SQLite) until the commit ends, so a successor's bump waits for an old leader's batch that
-got that far and only then reads the checkpoint, which includes that batch: no batch is
-committed twice. On PostgreSQL the commit then checks `pg_locks` that the lock
-connection's session still holds the lock, so a batch under way when that connection was
-terminated fails, even before a standby has taken over.
+Every replica on a database serves auth; exactly one, the leader, runs the poller's drain,
+and the others try for leadership every `POLLER_LEADER_RETRY_SECONDS`. The lock:
+PostgreSQL, a session advisory lock on a connection of its own, with a lease the leader
+renews (`poller_lease`, `POLLER_LEADER_LEASE_SECONDS`) so that a frozen leader is taken
+over (`PostgresLeadership`); SQLite, `flock` on `.<database file name>.poller-lock` beside
+the database (`FileLockLeadership`). A replica that becomes leader bumps the epoch in
+`poller_leadership`; `fence`, run last in every checkpoint commit, makes a commit by a
+replica that no longer leads roll back. Why, and what it guarantees:
+docs/design/leadership.md.
 """
 
 from __future__ import annotations
