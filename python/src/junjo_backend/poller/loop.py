@@ -1,10 +1,11 @@
 """The span poller: drains the ingestion-service's WAL into a sink, durably and in order.
 
 Delivery is at least once, in key order, with no gap for an entry committed within the
-settle window of its key's time (the horizon, below). For each batch the sink runs inside a database transaction, and the batch's last key is
-written to `poller_state` (row id 1, the Go backend's layout) in that same transaction, so
-a crash at any point either keeps both the sink's writes and the new checkpoint or neither;
-after a restart the poller reads again after the last committed key.
+settle window of its key's time (the horizon, below). For each batch the sink runs inside
+a database transaction, and the batch's last key is written to `poller_state` (row id 1,
+the Go backend's layout) in that same transaction, so a crash at any point either keeps
+both the sink's writes and the new checkpoint or neither; after a restart the poller reads
+again after the last committed key.
 
 Unlike the Go backend (100 spans every 5 s), the poller reads one long stream and commits
 every `POLLER_BATCH_SIZE` records while the stream keeps filling a bounded buffer behind
