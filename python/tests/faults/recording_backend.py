@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from junjo_backend import app
 from junjo_backend.cli import main as cli
 from junjo_backend.poller.loop import SpanPoller
+from junjo_backend.store.postgres_store import PostgresStore
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -60,11 +61,17 @@ LEDGER_SCHEMA = (
 
 
 class RecordingSink:
-    """Writes every batch it is handed to the ledger tables, in the poller's transaction."""
+    """Writes every batch it is handed to the ledger tables, in the poller's transaction.
 
-    def __init__(self, run: int, delivered: Path) -> None:
+    On PostgreSQL it also stores the batch in the PostgreSQL span store, in that same
+    transaction (as the store sink does), so the replica rows count the `spans` table too.
+    """
+
+    def __init__(self, run: int, delivered: Path, store: PostgresStore | None = None) -> None:
         self._run = run
         self._delivered = delivered
+        self._store = store
+        self._store_open = False
 
     async def handle(self, batch: Sequence[SpanRecord], conn: AsyncConnection) -> None:
         """Note the delivery in the file, then record the batch and its keys in the database."""
@@ -79,6 +86,11 @@ class RecordingSink:
             )
         )
         await conn.execute(recorded_keys.insert(), [{"key": record.key} for record in batch])
+        if self._store is not None:
+            if not self._store_open:
+                await self._store.open()
+                self._store_open = True
+            await self._store.write(batch, conn)
 
 
 class RecordingPoller(SpanPoller):
@@ -93,8 +105,11 @@ class RecordingPoller(SpanPoller):
         settings: Settings,
         leadership: PollerLeadership | None = None,
     ) -> None:
+        postgres = make_url(settings.database_url).get_backend_name() == "postgresql"
         recording = RecordingSink(
-            int(os.environ["JUNJO_FAULT_RUN"]), Path(os.environ["JUNJO_FAULT_DELIVERED"])
+            int(os.environ["JUNJO_FAULT_RUN"]),
+            Path(os.environ["JUNJO_FAULT_DELIVERED"]),
+            PostgresStore(engine, converter="thread") if postgres else None,
         )
         super().__init__(client, engine, recording, settings=settings, leadership=leadership)
 

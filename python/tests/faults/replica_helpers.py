@@ -134,6 +134,25 @@ class PostgresLedger:
         async with self._engine.connect() as conn:
             return bool(await conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}))
 
+    async def span_store(self) -> tuple[int, int, int, int]:
+        """The PostgreSQL span store: spans, distinct (trace_id, span_id), patches, distinct
+        patches by content (a redelivered patch under a new id would count twice)."""
+        async with self._engine.connect() as conn:
+            spans, distinct_spans = (
+                await conn.execute(
+                    text("SELECT count(*), count(DISTINCT (trace_id, span_id)) FROM spans")
+                )
+            ).one()
+            patches, distinct_patches = (
+                await conn.execute(
+                    text(
+                        "SELECT count(*), count(DISTINCT (trace_id, span_id, event_time, "
+                        "patch_json::text)) FROM state_patches"
+                    )
+                )
+            ).one()
+        return int(spans), int(distinct_spans), int(patches), int(distinct_patches)
+
     async def check(self) -> LedgerCheck:
         """Duplicates and overlaps across everything committed."""
         async with self._engine.connect() as conn:

@@ -147,6 +147,10 @@ async def _assert_exactly_once(setup: Setup) -> int:
     assert check.spans == check.distinct_keys == SPANS, check
     assert (check.min_key, check.max_key) == (setup.seeded.first_key, setup.seeded.last_key)
     assert await setup.ledger.checkpoint() == setup.seeded.last_key
+    # The PostgreSQL span store, written in the same transactions: exactly the WAL's spans.
+    spans, distinct_spans, patches, distinct_patches = await setup.ledger.span_store()
+    assert spans == distinct_spans == SPANS, (spans, distinct_spans)
+    assert patches == distinct_patches, (patches, distinct_patches)
     handed = setup.a.handed + setup.b.handed
     # Across replicas: N, plus at most the one batch the fault rolled back.
     assert SPANS <= handed <= SPANS + POLLER_BATCH_SIZE, (setup.a.handed, setup.b.handed)
