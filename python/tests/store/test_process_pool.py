@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from junjo_backend.store.convert import convert_batch
+from junjo_backend.store.convert import convert_batch, convert_rows
 from junjo_backend.store.duckdb_store import DuckDBStore
 from junjo_backend.store.process_pool import ProcessConverter, merge
 from tests.store.golden import batches
@@ -22,7 +22,7 @@ def test_merged_slices_keep_the_first_of_each_span_across_slices() -> None:
     first = [record(1, events=[set_state("{}")]), record(2)]
     # The next slice repeats span 1 (with another patch) and adds span 3.
     second = [record(3, span_n=1, events=[set_state("{}"), set_state("[]")]), record(4)]
-    merged = merge([convert_batch(first), convert_batch(second)])
+    merged = merge([convert_rows(first), convert_rows(second)])
     whole = convert_batch(first + second)
     assert merged.spans.equals(whole.spans)
     assert merged.patches.equals(whole.patches)
@@ -36,6 +36,10 @@ async def test_worker_processes_convert_as_this_process_does() -> None:
         await converter.start()
         assert len(converter.worker_pids()) == 2
         converted = await converter(EVERY_GOLDEN_RECORD)
+        # A worker never loads pyarrow (55 MB of RSS each): it sends back plain tuples.
+        assert converter._pool is not None
+        loaded = converter._pool.submit(eval, "'pyarrow' in __import__('sys').modules")
+        assert loaded.result(timeout=60) is False
     finally:
         await converter.close()
     assert converter.worker_pids() == []

@@ -12,26 +12,25 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-import pyarrow as pa
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from junjo_backend.ingestion.spans import NO_SERVICE_NAME, SERVICE_NAME_ATTRIBUTE
+from junjo_backend.ingestion.spans import NO_SERVICE_NAME, SERVICE_NAME_ATTRIBUTE, SpanRecord
 from junjo_backend.store.gojson import (
     GoJsonError,
     JsonValue,
     duckdb_json_valid,
     go_json,
 )
-from junjo_backend.store.schema import PATCHES_ARROW, SPANS_ARROW
+from junjo_backend.store.schema import arrow_schemas
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
+    import pyarrow as pa
     from opentelemetry.proto.common.v1 import common_pb2
 
-    from junjo_backend.ingestion.spans import SpanRecord
 
 # Our own fixed namespace for patch ids: never change it, or redelivered patches of a
 # stored span would get new ids and be stored twice.
@@ -351,6 +350,8 @@ def _set_aside(record: SpanRecord, trace_id: str, span_id: str, reason: str) -> 
 
 
 def _table(rows: list[tuple[object, ...]], schema: pa.Schema) -> pa.Table:
+    import pyarrow as pa  # noqa: PLC0415 (only where Arrow is built: see arrow_schemas)
+
     columns: list[Sequence[object]] = (
         list(zip(*rows, strict=True)) if rows else [() for _ in range(len(schema))]
     )
@@ -391,8 +392,19 @@ class _Batch:
         self.set_aside.extend(aside)
 
 
-def convert_batch(records: Sequence[SpanRecord]) -> ConvertedBatch:
-    """Convert `records` (in key order) to rows; what Go could not store is set aside.
+@dataclass(frozen=True, slots=True)
+class ConvertedRows:
+    """A batch's rows as Python tuples (in Go's column order): `convert_batch` before Arrow."""
+
+    spans: list[tuple[object, ...]]
+    patches: list[tuple[object, ...]]
+    set_aside: list[SetAside]
+    last_key: bytes
+    records: int
+
+
+def convert_rows(records: Sequence[SpanRecord]) -> ConvertedRows:
+    """Convert `records` (in key order) to row tuples; what Go could not store is set aside.
 
     Within one batch the first stored (trace_id, span_id) is kept, with its patches once.
     """
@@ -407,10 +419,30 @@ def convert_batch(records: Sequence[SpanRecord]) -> ConvertedBatch:
     batch = _Batch(service_of)
     for record in records:
         batch.add(record)
+    last_key = records[-1].key if records else b""
+    return ConvertedRows(batch.spans, batch.patches, batch.set_aside, last_key, len(records))
+
+
+def convert_fields(fields: list[tuple[bytes, bytes, bytes]]) -> ConvertedRows:
+    """`convert_rows` of the records with these (key, span, resource) bytes (a worker's task)."""
+    return convert_rows([SpanRecord(*row) for row in fields])
+
+
+def to_arrow(rows: ConvertedRows) -> ConvertedBatch:
+    """The rows as Arrow tables."""
+    spans_schema, patches_schema = arrow_schemas()
     return ConvertedBatch(
-        spans=_table(batch.spans, SPANS_ARROW),
-        patches=_table(batch.patches, PATCHES_ARROW),
-        set_aside=batch.set_aside,
-        last_key=records[-1].key if records else b"",
-        records=len(records),
+        spans=_table(rows.spans, spans_schema),
+        patches=_table(rows.patches, patches_schema),
+        set_aside=rows.set_aside,
+        last_key=rows.last_key,
+        records=rows.records,
     )
+
+
+def convert_batch(records: Sequence[SpanRecord]) -> ConvertedBatch:
+    """Convert `records` (in key order) to rows; what Go could not store is set aside.
+
+    Within one batch the first stored (trace_id, span_id) is kept, with its patches once.
+    """
+    return to_arrow(convert_rows(records))

@@ -2,9 +2,10 @@
 
 Conversion is pure Python and holds the GIL: in a thread of the backend it would slow
 `ValidateApiKey` while the store writes, and it would use one core. Worker processes
-(spawned, so they inherit no gRPC or DuckDB state) each convert a slice of a large batch;
-the slices are put back together in order, keeping the first of each span id across
-them. Small batches are converted in a thread: shipping them costs more than it saves.
+(spawned, so they inherit no gRPC or DuckDB state) each convert a slice of a large batch
+to row tuples (they never load pyarrow: 55 MB a process); the slices are put back
+together in order, keeping the first of each span id across them, and made Arrow here.
+Small batches are converted in a thread: shipping them costs more than it saves.
 See `docs/design/span-store.md`.
 """
 
@@ -15,57 +16,47 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Final
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from junjo_backend.ingestion.spans import SpanRecord
-from junjo_backend.store.convert import ConvertedBatch, convert_batch
+from junjo_backend.store.convert import (
+    ConvertedBatch,
+    ConvertedRows,
+    convert_batch,
+    convert_fields,
+    to_arrow,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from junjo_backend.ingestion.spans import SpanRecord
 
 DEFAULT_WORKERS: Final = 2
 # Below this many records a batch is converted in a thread of this process.
 DEFAULT_MIN_RECORDS: Final = 2_000
 
 
-def _ids(table: pa.Table) -> pa.Array:
-    """Each row's "trace_id/span_id" (neither holds a "/": they are hex)."""
-    joined = pc.binary_join_element_wise(table["trace_id"], table["span_id"], "/")
-    return joined.combine_chunks()
-
-
-def _without(table: pa.Table, ids: pa.Array, seen: pa.Array) -> pa.Table:
-    return table.filter(pc.invert(pc.is_in(ids, value_set=seen)))
-
-
-def merge(parts: Sequence[ConvertedBatch]) -> ConvertedBatch:
+def merge(parts: Sequence[ConvertedRows]) -> ConvertedBatch:
     """Converted slices of one batch, in order, as one: the first of each span id is kept."""
-    spans = [parts[0].spans]
-    patches = [parts[0].patches]
-    seen = _ids(parts[0].spans)
-    for part in parts[1:]:
-        part_spans, part_patches = part.spans, part.patches
-        span_ids = _ids(part_spans)
-        if pc.any(pc.is_in(span_ids, value_set=seen)).as_py():
-            part_spans = _without(part_spans, span_ids, seen)
-            part_patches = _without(part_patches, _ids(part_patches), seen)
-            span_ids = _ids(part_spans)
-        spans.append(part_spans)
-        patches.append(part_patches)
-        seen = pa.concat_arrays([seen, span_ids])
-    return ConvertedBatch(
-        spans=pa.concat_tables(spans),
-        patches=pa.concat_tables(patches),
-        set_aside=[row for part in parts for row in part.set_aside],
-        last_key=parts[-1].last_key,
-        records=sum(part.records for part in parts),
+    spans: list[tuple[object, ...]] = []
+    patches: list[tuple[object, ...]] = []
+    seen: set[tuple[object, object]] = set()
+    for part in parts:
+        ids = [(row[0], row[1]) for row in part.spans]
+        if seen.isdisjoint(ids):
+            spans.extend(part.spans)
+            patches.extend(part.patches)
+        else:  # a span id an earlier slice holds: that one is the first
+            spans.extend(row for row, span in zip(part.spans, ids, strict=True) if span not in seen)
+            patches.extend(row for row in part.patches if (row[2], row[3]) not in seen)
+        seen.update(ids)
+    return to_arrow(
+        ConvertedRows(
+            spans=spans,
+            patches=patches,
+            set_aside=[row for part in parts for row in part.set_aside],
+            last_key=parts[-1].last_key,
+            records=sum(part.records for part in parts),
+        )
     )
-
-
-def _convert_fields(fields: list[tuple[bytes, bytes, bytes]]) -> ConvertedBatch:
-    """In a worker: `convert_batch` of the records with these (key, span, resource) bytes."""
-    return convert_batch([SpanRecord(*row) for row in fields])
 
 
 class ProcessConverter:
@@ -93,7 +84,7 @@ class ProcessConverter:
         pool = self._started()
         loop = asyncio.get_running_loop()
         await asyncio.gather(
-            *(loop.run_in_executor(pool, _convert_fields, []) for _ in range(self._workers))
+            *(loop.run_in_executor(pool, convert_fields, []) for _ in range(self._workers))
         )
 
     async def __call__(self, records: Sequence[SpanRecord]) -> ConvertedBatch:
@@ -108,7 +99,7 @@ class ProcessConverter:
         slices = [fields[start : start + size] for start in range(0, len(fields), size)]
         pool = self._pool
         parts = await asyncio.gather(
-            *(loop.run_in_executor(pool, _convert_fields, part) for part in slices)
+            *(loop.run_in_executor(pool, convert_fields, part) for part in slices)
         )
         return merge(parts)
 

@@ -8,9 +8,11 @@ conversion builds follow the same column lists. See `docs/design/span-store.md`.
 
 from __future__ import annotations
 
-from typing import Final
+from functools import cache
+from typing import TYPE_CHECKING, Final
 
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SPANS_TABLE: Final = "spans"
 STATE_PATCHES_TABLE: Final = "state_patches"
@@ -74,22 +76,34 @@ STATE_PATCHES_INDEXES: Final[tuple[tuple[str, str], ...]] = (
 SPAN_COLUMN_NAMES: Final = tuple(name for name, _ in SPANS_COLUMNS)
 PATCH_COLUMN_NAMES: Final = tuple(name for name, _ in STATE_PATCHES_COLUMNS)
 
-_TIME = pa.timestamp("us", tz="UTC")
-# Arrow types per SQL type: timestamps built from integers in UTC, so DuckDB's session time
-# zone never enters; every JSON column is text (validated by the conversion).
-_ARROW_TYPES: Final = {"TIMESTAMPTZ": _TIME, "INTEGER": pa.int32()}
-
 
 def _arrow_schema(columns: tuple[tuple[str, str], ...]) -> pa.Schema:
+    # Imported here: a conversion worker process builds no Arrow and need not load it.
+    import pyarrow as pa  # noqa: PLC0415
+
+    # Timestamps built from integers in UTC, so DuckDB's session time zone never enters;
+    # every JSON column is text (validated by the conversion).
+    types = {"TIMESTAMPTZ": pa.timestamp("us", tz="UTC"), "INTEGER": pa.int32()}
     fields = []
     for name, sql in columns:
         base = sql.split(" ", 1)[0].split("(", 1)[0]
-        fields.append(pa.field(name, _ARROW_TYPES.get(base, pa.string()), "NOT NULL" not in sql))
+        fields.append(pa.field(name, types.get(base, pa.string()), "NOT NULL" not in sql))
     return pa.schema(fields)
 
 
-SPANS_ARROW: Final = _arrow_schema(SPANS_COLUMNS)
-PATCHES_ARROW: Final = _arrow_schema(STATE_PATCHES_COLUMNS)
+@cache
+def arrow_schemas() -> tuple[pa.Schema, pa.Schema]:
+    """The Arrow schemas of `spans` and `state_patches` rows, in Go's column order."""
+    return _arrow_schema(SPANS_COLUMNS), _arrow_schema(STATE_PATCHES_COLUMNS)
+
+
+def __getattr__(name: str) -> pa.Schema:
+    """`SPANS_ARROW` and `PATCHES_ARROW`, made on first use (see `arrow_schemas`)."""
+    if name == "SPANS_ARROW":
+        return arrow_schemas()[0]
+    if name == "PATCHES_ARROW":
+        return arrow_schemas()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _create_table(name: str, columns: tuple[tuple[str, str], ...], tail: str) -> str:
