@@ -6,6 +6,7 @@ Each case works in a scratch git repository (scratch_repo.py) and runs the real 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from typing import TYPE_CHECKING
@@ -110,9 +111,13 @@ def test_the_contract_suite_fails_when_proto_drifts_from_the_peer(
     repo.edit(INGESTION, "uint32 batch_size = 2;", "uint32 batch_size = 4;")
     assert repo.make("gen").returncode == 0
     drifted_src = tmp_path / "src"
-    (drifted_src / "junjo_backend").mkdir(parents=True)
-    for module in (repo_root / "python/src/junjo_backend").glob("*.py"):
-        (drifted_src / "junjo_backend" / module.name).write_bytes(module.read_bytes())
+    # The whole package (its sub-packages too), with the drifted generated code in place of
+    # the committed one.
+    shutil.copytree(
+        repo_root / "python/src/junjo_backend",
+        drifted_src / "junjo_backend",
+        ignore=shutil.ignore_patterns("_wire", "__pycache__"),
+    )
     (drifted_src / "junjo_backend" / "_wire").symlink_to(repo.root / PY_WIRE)
     # Coverage must not follow the child: its files are gone by the time the report runs.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COV", "JUNJO_COMPAT"))}
