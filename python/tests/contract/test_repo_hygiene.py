@@ -5,6 +5,7 @@
   meant is written into the repository's own docs (docs/).
 - Database files live only in test data under python/tests; the top level ignores them, and
   everything the targets write (coverage, results, binaries) is ignored too.
+- Only `make gen` writes the committed generated code: no other target depends on it.
 """
 
 from __future__ import annotations
@@ -110,3 +111,36 @@ def test_what_the_targets_write_is_ignored(repo_root: Path) -> None:
     )
     ignored = set(checked.stdout.split())
     assert [path for path in written if path not in ignored] == []
+
+
+def prerequisites(makefile: str) -> dict[str, set[str]]:
+    """Each rule's target and the targets it depends on, from `target: deps ## ...` lines."""
+    rules: dict[str, set[str]] = {}
+    for target, deps in re.findall(r"^([a-z][a-z-]*):(?!=)([^#\n]*)", makefile, re.MULTILINE):
+        rules.setdefault(target, set()).update(deps.split())
+    return rules
+
+
+def _reached(rules: dict[str, set[str]], target: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [target]
+    while todo:
+        for dep in rules.get(todo.pop(), set()) - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_only_gen_writes_the_generated_code(repo_root: Path) -> None:
+    # The code is committed: nothing but `make gen` (and gen-check, in a temporary folder,
+    # tests/contract/test_generated_code.py) regenerates it.
+    rules = prerequisites((repo_root / "Makefile").read_text())
+    for target in ("lint", "test", "gen-check", "faults", "compat", "peer", "demo", "bench"):
+        assert target in rules, target
+        assert "gen" not in _reached(rules, target), target
+
+
+def test_the_check_follows_prerequisites() -> None:
+    rules = prerequisites("lint: setup actionlint ## lint\nactionlint: gen\nPY := x\ngen: setup\n")
+    assert rules == {"lint": {"setup", "actionlint"}, "actionlint": {"gen"}, "gen": {"setup"}}
+    assert "gen" in _reached(rules, "lint")
