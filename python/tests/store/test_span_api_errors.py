@@ -183,3 +183,22 @@ async def test_a_store_closed_under_a_read_is_503(store_file: Path) -> None:
 )
 def test_which_hosts_are_loopback(host: str, *, loopback: bool) -> None:
     assert is_loopback_host(host) is loopback
+
+
+async def test_postgresql_tables_not_made_yet_are_503_then_a_loss_is_500(
+    postgres_url: str,
+) -> None:
+    # A replica that answers before any leader opened the store: no tables yet.
+    engine = create_engine(postgres_url)
+    try:
+        async with _client(PostgresReader(engine)) as client:
+            assert "do not exist yet" in _error(await client.get("/otel/span-service-names"), 503)
+            await fill_postgres(postgres_url, expected_rows())
+            assert (await client.get("/otel/span-service-names")).status_code == 200
+            async with engine.begin() as conn:
+                await conn.execute(text("DROP TABLE state_patches"))
+                await conn.execute(text("DROP TABLE spans"))
+            # Tables that were there and are gone: the database failed, not "not yet".
+            assert _error(await client.get("/otel/span-service-names"), 500)
+    finally:
+        await close_engine(engine)

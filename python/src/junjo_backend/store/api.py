@@ -157,6 +157,9 @@ WORKFLOW_SPANS: Final = SpanQuery(
 )
 
 
+_UNDEFINED_TABLE: Final = "42P01"  # PostgreSQL's SQLSTATE for a missing table
+
+
 class SpanReadError(Exception):
     """The database failed to answer; `str()` is one line without SQL or credentials."""
 
@@ -211,17 +214,25 @@ class PostgresReader:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._opened = False  # once the tables were seen, a missing one is a real failure
 
     async def fetch(self, query: SpanQuery, params: dict[str, str]) -> list[tuple[Any, ...]]:
         """Run `query` on a pooled connection."""
         try:
             async with self._engine.connect() as conn:
                 result = await conn.execute(text(query.for_postgres()), params)
-                return [tuple(row) for row in result]
+                rows = [tuple(row) for row in result]
+                self._opened = True
+                return rows
         except (SQLAlchemyError, OSError) as exc:
             # SQLAlchemy's text holds the statement and its parameters: log the driver's
             # first line only, answer with the type.
             cause = getattr(exc, "orig", None) or exc
+            if getattr(cause, "sqlstate", None) == _UNDEFINED_TABLE and not self._opened:
+                raise StoreUnavailable(
+                    "the span tables do not exist yet: the poller's leader creates them when "
+                    "it opens the store"
+                ) from exc
             log.warning("span query failed", extra={"error": _first_line(cause)})
             raise SpanReadError(f"span store query failed ({type(cause).__name__})") from exc
 
