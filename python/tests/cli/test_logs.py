@@ -8,9 +8,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from typing import TYPE_CHECKING
 
@@ -18,6 +15,7 @@ import pytest
 
 from junjo_backend.auth.key_store import generate_api_key
 from junjo_backend.settings import Settings
+from tests.serve_process import ServeProcess
 
 from .test_operator_errors import _SETTING_NAMES
 
@@ -27,7 +25,6 @@ if TYPE_CHECKING:
 # One logfmt pair: key=bare-value or key="quoted value with \" escapes".
 _LOGFMT_PAIR = r'[A-Za-z_][A-Za-z0-9_.]*=(?:"(?:[^"\\]|\\.)*"|[^\s"=]+)'
 LOGFMT_LINE = re.compile(rf"^{_LOGFMT_PAIR}(?: {_LOGFMT_PAIR})*$")
-READY = "junjo-backend ready"
 _SLOG_LEVELS = {"DEBUG", "INFO", "WARN", "ERROR"}
 
 
@@ -40,54 +37,30 @@ def serve_once(
     requests: tuple[tuple[str, str], ...] = _PROBES,
     env: dict[str, str] | None = None,
 ) -> list[str]:
-    """Start `serve`, send `requests` (method, path), stop it with SIGINT; its stderr lines."""
-    base = {k: v for k, v in os.environ.items() if k not in _SETTING_NAMES}
-    env = {
-        **base,
-        "LOG_FORMAT": log_format,
-        "AUTH_GRPC_LISTEN_ADDRESS": "127.0.0.1:0",
-        "HTTP_PORT": "0",
-        "INGESTION_GRPC_ADDRESS": "127.0.0.1:1",  # nothing there: the poller retries
-        "DATABASE_URL": "sqlite:///data/junjo.db",  # rewritten, with a note
-        **(env or {}),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "junjo_backend", "serve"],
-        env=env,
+    """Start `serve`, send `requests` (method, path), stop it with SIGINT; its output lines
+    (stdout and stderr: serve writes only logs, to stderr)."""
+    process = ServeProcess(
+        {
+            "LOG_FORMAT": log_format,
+            "DATABASE_URL": "sqlite:///data/junjo.db",  # rewritten, with a note
+            **(env or {}),
+        },
         cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        output=tmp_path / "serve.log",
+        # No setting from this machine's environment: the defaults, and ours on top.
+        environ={k: v for k, v in os.environ.items() if k not in _SETTING_NAMES},
     )
-    lines: list[str] = []
-    try:
-        assert process.stderr is not None
-        deadline = time.monotonic() + 60
-        port = None
-        while time.monotonic() < deadline and port is None:
-            line = process.stderr.readline()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
-            if READY in line:
-                found = re.search(r"http_port.? ?[=:] ?(\d+)", line)
-                assert found is not None, line
-                port = int(found.group(1))
-        assert port is not None, "\n".join(lines)
+    with process:
+        port = process.start().wait_ready_sync().http_port
         for method, path in requests:
             # /health may answer 503 (no ingestion-service), others 404 or 405: still requests.
             request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
             with contextlib.suppress(urllib.error.HTTPError):
                 urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 (http, above)
-        process.send_signal(signal.SIGINT)
-        _, rest = process.communicate(timeout=60)
-        lines.extend(rest.splitlines())
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, "\n".join(lines)
+        process.signal(signal.SIGINT)
+        code = process.wait()
+    lines = process.lines()
+    assert code == 0, "\n".join(lines)
     return lines
 
 
