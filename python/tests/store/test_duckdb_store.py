@@ -303,3 +303,16 @@ async def test_cursors_read_what_writes_committed_and_end_with_the_store(
         cursor.execute("SELECT count(*) FROM spans")
     with pytest.raises(StoreUnavailable, match="is not open in this process"):
         store.cursor()
+
+
+async def test_running_out_of_memory_names_the_limit(tmp_path: Path, engine: AsyncEngine) -> None:
+    store = DuckDBStore(tmp_path / "otel_data.db", memory_limit="16MB", converter="thread")
+    await store.open()
+    try:
+        batch = [record(n, padding=3000, events=[set_state("{}")]) for n in range(6000)]
+        with pytest.raises(StoreWriteError, match=r"memory_limit 16MB is too small for this file"):
+            await write(store, engine, batch)
+        assert store.stats().spans_stored == 0
+        assert await store.watermark() == b""
+    finally:
+        await store.close()

@@ -317,6 +317,10 @@ class DuckDBStore:
             self._reopen = True
             _rollback(db)
             text = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if (
+                "failed to allocate" in text
+            ):  # DuckDB out of memory (its indexes grow with the file)
+                text += f" (memory_limit {self._memory_limit} is too small for this file)"
             raise StoreWriteError(f"{self._path}: the batch was not stored: {text}") from error
         self._watermark = converted.last_key
         self._spans += written.stored
