@@ -88,7 +88,10 @@ def _postgres_rows(traces: int) -> str:
         start=f"to_timestamp(({_BASE_US} + t * 1000000 + i * 1000) / 1e6)",
         end=f"to_timestamp(({_BASE_US} + t * 1000000 + i * 1000 + 500) / 1e6)",
         json="::json",
-        source=f"generate_series(0, {traces - 1}) AS t, generate_series(0, {TRACE_SPANS - 1}) AS i",
+        source=(
+            f"generate_series(0::bigint, {traces - 1}) AS t, "
+            f"generate_series(0::bigint, {TRACE_SPANS - 1}) AS i"
+        ),
     )
 
 

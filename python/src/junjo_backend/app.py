@@ -54,7 +54,8 @@ from junjo_backend.metrics import CONTENT_TYPE, BackendMetrics
 from junjo_backend.poller.loop import PollerStatus, SpanPoller
 from junjo_backend.settings import Settings
 from junjo_backend.span_api import access_note, install_span_api
-from junjo_backend.store.api import SpanReader, UnavailableReader
+from junjo_backend.store.api import DuckDBReader, PostgresReader, SpanReader, UnavailableReader
+from junjo_backend.store.duckdb_store import DuckDBStore
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +151,32 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
         metrics.watch(auth_server.known_keys, poller, ingestion)
 
         steps.started.set()
-        backend = Backend(settings, engine, auth_server, ingestion, poller, metrics)
+        reader = span_reader(settings, engine, None)
+        backend = Backend(
+            settings, engine, auth_server, ingestion, poller, metrics, span_reader=reader
+        )
         stack.push_async_callback(backend.probes.close)
         yield backend
         log.info("shutting down")
     log.info("shut down")
+
+
+def span_reader(settings: Settings, engine: AsyncEngine, store: object | None) -> SpanReader:
+    """What answers the /otel routes in this process (docs/design/span-api.md).
+
+    PostgreSQL: every replica reads through its engine. DuckDB: the store object, which
+    only the poller's leader holds open (a standby's cursor is refused with the reason).
+    """
+    kind = settings.span_store_kind
+    if kind == "database" or settings.span_store == "database":
+        return PostgresReader(engine)
+    if isinstance(store, DuckDBStore):
+        return DuckDBReader(store.cursor)
+    if kind == "duckdb":
+        return UnavailableReader(
+            "the DuckDB span store is not open in this process: only the poller's leader opens it"
+        )
+    return UnavailableReader(SPANS_NOT_KEPT)
 
 
 @dataclass(frozen=True, slots=True)

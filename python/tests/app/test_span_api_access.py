@@ -10,14 +10,14 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import httpx
+import pytest
 
-from junjo_backend.app import SPANS_NOT_KEPT
 from junjo_backend.auth.key_store import create_api_key
 from junjo_backend.database import close_engine, open_database
+from tests.store.golden_api import expected_rows, fill_postgres
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     from tests.serve_process import ServeProcess
 
@@ -25,17 +25,18 @@ if TYPE_CHECKING:
 
 TOKEN = "span-api-token-for-tests-7f3a9c"  # noqa: S105 (a test value)
 ROUTE = "/otel/span-service-names"
+GOLDEN_SERVICES = ["NO_SERVICE_NAME", "svc-0", "svc-1", "svc-2", "svc-a", "svc-b", "svc-bad"]
 
 
 def _http_port(process: ServeProcess) -> int:
-    port = process.wait_for("junjo-backend ready")["http_port"]
+    port = process.wait_ready_sync().wait_for("junjo-backend ready")["http_port"]
     assert isinstance(port, int)
     return port
 
 
-def _ingestion_key(database_path: Path) -> str:
+def _ingestion_key(database_url: str) -> str:
     async def make() -> str:
-        engine = await open_database(f"sqlite+aiosqlite:///{database_path}")
+        engine = await open_database(database_url)
         try:
             return (await create_api_key(engine, "an app that writes spans")).key
         finally:
@@ -50,18 +51,26 @@ def _get(port: int, authorization: str | None) -> httpx.Response:
 
 
 def _granted(response: httpx.Response) -> bool:
-    """The request got past the access check: the store answered (SQLite without a span
-    store wired in keeps no spans: 503 with that reason)."""
-    if response.status_code == 503:
-        return bool(response.json() == {"error": SPANS_NOT_KEPT})
-    return response.status_code == 200 and isinstance(response.json(), list)
+    """The request got past the access check: the golden store's service names came back."""
+    return response.status_code == 200 and response.json() == GOLDEN_SERVICES
+
+
+@pytest.fixture
+async def store_url(postgres_url: str) -> str:
+    """A PostgreSQL database holding the golden spans (every replica reads it)."""
+    await fill_postgres(postgres_url, expected_rows())
+    return postgres_url
+
+
+def _on(url: str, **env: str) -> dict[str, str]:
+    return {"DATABASE_URL": url, "SPAN_STORE": "database", "POLLER_ENABLED": "false", **env}
 
 
 def test_without_a_token_a_non_loopback_host_closes_the_routes(
-    serve_process: Start, database_path: Path
+    serve_process: Start, store_url: str
 ) -> None:
-    key = _ingestion_key(database_path)
-    process = serve_process({"HTTP_HOST": "0.0.0.0", "POLLER_ENABLED": "false"})  # noqa: S104
+    key = _ingestion_key(store_url)
+    process = serve_process(_on(store_url, HTTP_HOST="0.0.0.0"))  # noqa: S104
     port = _http_port(process)
     closed = process.wait_for("span API (/otel/...) closed")
     assert closed["level"] in {"WARN", "WARNING"}
@@ -75,10 +84,10 @@ def test_without_a_token_a_non_loopback_host_closes_the_routes(
     assert httpx.get(f"http://127.0.0.1:{port}/ping", timeout=10).text == "pong"
 
 
-def test_with_a_token_only_that_token_opens_them(serve_process: Start, database_path: Path) -> None:
-    key = _ingestion_key(database_path)
-    env = {"HTTP_HOST": "0.0.0.0", "POLLER_ENABLED": "false", "SPAN_API_TOKEN": TOKEN}  # noqa: S104
-    process = serve_process({**env, "LOG_LEVEL": "DEBUG"})
+def test_with_a_token_only_that_token_opens_them(serve_process: Start, store_url: str) -> None:
+    key = _ingestion_key(store_url)
+    env = _on(store_url, HTTP_HOST="0.0.0.0", SPAN_API_TOKEN=TOKEN, LOG_LEVEL="DEBUG")  # noqa: S104
+    process = serve_process(env)
     port = _http_port(process)
     process.wait_for("span API (/otel/...) needs `Authorization: Bearer <SPAN_API_TOKEN>`")
 
@@ -101,8 +110,8 @@ def test_with_a_token_only_that_token_opens_them(serve_process: Start, database_
     assert not any(TOKEN in line for line in process.lines()), "the token was logged"
 
 
-def test_a_loopback_host_leaves_them_open(serve_process: Start) -> None:
-    process = serve_process({"HTTP_HOST": "127.0.0.1", "POLLER_ENABLED": "false"})
+def test_a_loopback_host_leaves_them_open(serve_process: Start, store_url: str) -> None:
+    process = serve_process(_on(store_url, HTTP_HOST="127.0.0.1"))
     port = _http_port(process)
     process.wait_for("span API (/otel/...) open: HTTP_HOST=127.0.0.1 is loopback")
     assert _granted(_get(port, None))
