@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,3 +97,20 @@ async def test_a_dead_worker_fails_the_batch_and_is_replaced() -> None:
         assert converter.worker_pids() != [pid]
     finally:
         await converter.close()
+
+
+async def test_a_store_whose_workers_cannot_start_converts_in_a_thread(
+    tmp_path: Path, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker process that cannot be started (the interpreter gone, say): only a bad
+    # executable path makes that happen here.
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    store = DuckDBStore(tmp_path / "otel_data.db")
+    await store.open()
+    try:
+        assert store.worker_pids() == []
+        batch = [record(n) for n in range(600)]
+        async with engine.begin() as conn:
+            assert (await store.write(batch, conn)).stored == 600
+    finally:
+        await store.close()

@@ -27,7 +27,7 @@ from junjo_backend.store.convert import (
     convert_batch,
     is_patch_set_aside,
 )
-from junjo_backend.store.process_pool import ProcessConverter
+from junjo_backend.store.process_pool import ConversionError, ProcessConverter
 from junjo_backend.store.schema import (
     DUCKDB_TABLES,
     SET_ASIDE_TABLE,
@@ -179,7 +179,13 @@ class DuckDBStore:
             if self._db is None:
                 await asyncio.to_thread(self._open_sync)
             if self._pool is not None:
-                await self._pool.start()
+                try:
+                    await self._pool.start()
+                except (OSError, ConversionError):
+                    # Converting in a thread is slower, and still correct.
+                    log.warning("span store conversion workers did not start", exc_info=True)
+                    await self._pool.close()
+                    self._pool, self._convert = None, convert_in_thread
 
     async def close(self) -> None:
         """Close the file, after any write in progress; closing twice is harmless."""
