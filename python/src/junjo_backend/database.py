@@ -527,7 +527,7 @@ def write_access_problem(path: Path) -> str | None:
     often belongs to root: the message names the folder, the uid and the fixes.
     """
     folder = path.parent
-    while not folder.exists() and folder != folder.parent:
+    while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
         return None  # a file stands where a folder must be: the create step names it

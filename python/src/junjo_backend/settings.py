@@ -67,6 +67,12 @@ def _blank_is_unset(value: object) -> object:
 
 Address = Annotated[str, AfterValidator(_check_address)]
 
+# Secrets, marked on their Field (`json_schema_extra={"secret": SECRET}`): `junjo-backend
+# config` and any other report of the settings mask them. SECRET hides the whole value,
+# SECRET_URL only the URL's password. (A `SecretStr` field is masked whole as well.)
+SECRET = "whole"  # noqa: S105 (a marker's name, not a password)
+SECRET_URL = "url-password"  # noqa: S105 (a marker's name)
+
 # DuckDB's memory_limit syntax: a number and a unit (it reads 1000- and 1024-based units).
 _MEMORY_LIMIT = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)", re.IGNORECASE)
 
@@ -139,6 +145,7 @@ class Settings(BaseSettings):
         default="sqlite+aiosqlite:///data/junjo.db",
         description="SQLAlchemy URL of the API key and checkpoint database; a relative SQLite "
         "path is relative to the working folder; postgres:// URLs get the asyncpg driver",
+        json_schema_extra={"secret": SECRET_URL},
     )
     database_connect_timeout_seconds: float = Field(
         default=10.0, gt=0, description="how long opening a database connection may take"

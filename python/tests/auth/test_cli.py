@@ -153,7 +153,7 @@ def test_revoke_deletes_the_key_and_an_unknown_id_fails(
     assert f"revoked API key {new['id']}" in err
     status, out, err = run_cli("api-keys", "revoke", new["id"])
     assert status == 1
-    assert err.splitlines()[0].startswith("error: no API key with id")
+    assert err.splitlines()[0].startswith("error: no API key has that id")
     _, out, _ = run_cli("api-keys", "list")
     assert new["id"] not in out
 
@@ -183,7 +183,7 @@ def test_an_unusable_database_is_one_error_line(
 
 def test_a_blank_name_is_refused(run_cli: Callable[..., tuple[int, str, str]]) -> None:
     status, _, err = run_cli("api-keys", "create", " ")
-    assert status == 1
+    assert status == 2
     assert err.splitlines()[0] == "error: an API key needs a name"
 
 

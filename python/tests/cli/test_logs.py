@@ -79,8 +79,15 @@ def test_json_mode_writes_only_json_objects_under_our_logger_names(tmp_path: Pat
 
 
 def test_text_mode_is_logfmt(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("HTTP_PROT=1324\n")  # a typo: warned about in the log
     lines = serve_once(tmp_path, "text")
     assert lines
+    assert [line for line in lines if " level=WARN " in line and "HTTP_PROT" in line] == [
+        next(line for line in lines if "HTTP_PROT" in line)
+    ]
+    assert any(
+        'msg=".env: HTTP_PROT is not a setting (did you mean HTTP_PORT?)"' in line for line in lines
+    )
     bad = [line for line in lines if not LOGFMT_LINE.match(line)]
     assert not bad
     assert any("logger=junjo_backend.http" in line for line in lines)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 import string
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -61,6 +63,32 @@ class NewApiKey:
 
 class ApiKeyStoreError(Exception):
     """The key store could not complete an operation; the message names no key."""
+
+
+_KEY_RUN = re.compile(f"[{KEY_ALPHABET}]{{{KEY_LENGTH},}}")
+
+
+def looks_like_api_key(text: str) -> bool:
+    """Whether `text` holds something shaped like a key (64 or more of `[0-9A-Za-z]` in a row).
+
+    What a command refuses as a name or an id, and never repeats: a key pasted in the wrong
+    place must not be stored where `list` shows it, nor echoed in an error.
+    """
+    return _KEY_RUN.search(text) is not None
+
+
+def key_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a key, or None; the reason never repeats the name."""
+    if not name.strip():
+        return "an API key needs a name"
+    if looks_like_api_key(name):
+        return (
+            "the name looks like an API key (64 letters and digits), so it is not stored "
+            "(names are shown by `list`); name the key after the app that uses it"
+        )
+    if any(unicodedata.category(char) in {"Cc", "Cf"} for char in name):
+        return "the name holds control characters (they would break `list`)"
+    return None
 
 
 def generate_api_key() -> str:
@@ -126,9 +154,10 @@ def _as_utc(value: object) -> datetime:
 
 async def create_api_key(engine: AsyncEngine, name: str) -> NewApiKey:
     """Store a new key named `name` and return it (the only time the key is returned)."""
+    problem = key_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
     name = name.strip()
-    if not name:
-        raise ValueError("an API key needs a name")
     created_at = datetime.now(UTC)
     new = NewApiKey(
         id=new_key_id(),

@@ -25,6 +25,7 @@ from junjo_backend.database import (
     sqlite_write_problem,
 )
 from junjo_backend.failures import describe_error
+from junjo_backend.invocation import cli_command
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -41,6 +42,10 @@ EXIT_INTERRUPTED = 130
 
 class CommandError(Exception):
     """A command failed for a reason the operator can act on; the message is one line."""
+
+
+class UsageError(CommandError):
+    """The command line itself is wrong (exit 2, as for a bad setting); one line."""
 
 
 @dataclass(slots=True)
@@ -77,23 +82,26 @@ class Console:
 
 
 async def open_command_database(
-    settings: Settings, console: Console, *, create: bool
+    settings: Settings, console: Console, *, create: bool, writes: bool = False
 ) -> AsyncEngine:
     """An engine on the configured database, checked by one connection.
 
-    With `create` false (read-only commands) a missing SQLite file is an error, and neither
-    the file nor its folder is made. The database used is noted on stderr in one line.
+    With `create` false (every command but `api-keys create`) a missing SQLite file is an
+    error, and neither the file nor its folder is made: a write then would leave an empty
+    database where a restore is under way. A command that `writes` (or creates) is refused
+    first when this uid cannot write the file or its folder. The database used is noted on
+    stderr in one line.
     """
     label = database_label(settings.database_url)
     console.note(f"database: {label}")
     path = sqlite_file(settings.database_url)
     if path is not None and not create and not path.exists():
         raise CommandError(
-            f"DATABASE_URL: no database at {path} (`junjo-backend serve` or "
+            f"DATABASE_URL: no database at {path} (`{cli_command()} serve` or "
             "`api-keys create` makes one; run from the folder the server runs in, or set "
             "DATABASE_URL to an absolute path)"
         )
-    problem = sqlite_write_problem(settings.database_url) if create else None
+    problem = sqlite_write_problem(settings.database_url) if create or writes else None
     if problem is not None:
         raise CommandError(f"DATABASE_URL: {problem}")
     try:

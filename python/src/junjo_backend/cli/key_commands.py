@@ -16,11 +16,14 @@ from junjo_backend.auth.key_store import (
     ApiKeyStoreError,
     create_api_key,
     find_api_key,
+    key_name_problem,
     list_api_keys,
+    looks_like_api_key,
     revoke_api_key,
 )
-from junjo_backend.cli.console import CommandError, open_command_database
+from junjo_backend.cli.console import CommandError, UsageError, open_command_database
 from junjo_backend.database import close_engine
+from junjo_backend.invocation import cli_command
 
 if TYPE_CHECKING:
     import argparse
@@ -29,9 +32,6 @@ if TYPE_CHECKING:
 
     from junjo_backend.cli.console import Console
     from junjo_backend.settings import Settings
-
-# Commands that only read: they never create the database or its folder.
-_READ_ONLY = frozenset({"list", "check"})
 
 
 def _as_json(info: ApiKeyInfo) -> dict[str, str]:
@@ -79,7 +79,7 @@ async def _list(engine: AsyncEngine, args: argparse.Namespace, console: Console)
     elif keys:
         console.data(_listing_table(keys))
     else:
-        console.note("no API keys; create one with: junjo-backend api-keys create NAME")
+        console.note(f"no API keys; create one with: {cli_command()} api-keys create NAME")
 
 
 async def _check(engine: AsyncEngine, args: argparse.Namespace, console: Console) -> int:
@@ -101,7 +101,10 @@ async def _revoke(
     engine: AsyncEngine, args: argparse.Namespace, console: Console, settings: Settings
 ) -> None:
     if not await revoke_api_key(engine, args.id):
-        raise CommandError(f"no API key with id {args.id!r} (see: junjo-backend api-keys list)")
+        # Never the id as given: it may be anything pasted, a key among them.
+        raise CommandError(f"no API key has that id (see: {cli_command()} api-keys list)")
+    if args.json:
+        console.data(json.dumps({"id": args.id, "revoked": True}) + "\n")
     console.note(
         f"revoked API key {args.id}: the auth server refuses it within "
         f"{settings.api_key_cache_max_age_seconds:g} s; an ingestion-service that accepted it "
@@ -109,12 +112,29 @@ async def _revoke(
     )
 
 
+def _refuse_key_shaped_arguments(args: argparse.Namespace) -> None:
+    """A name that cannot be one, or a key given as an id: exit 2, repeating none of it."""
+    if args.api_keys_command == "create":
+        problem = key_name_problem(args.name)
+        if problem is not None:
+            raise UsageError(problem)
+    if args.api_keys_command == "revoke" and looks_like_api_key(args.id):
+        raise UsageError(
+            "that is an API key, not a key's id (not repeated here); `api-keys list` shows "
+            "the ids, and `api-keys check` reads a key on stdin and names its id"
+        )
+
+
 async def run_api_keys_command(
     settings: Settings, args: argparse.Namespace, console: Console
 ) -> int:
     """Run one `api-keys` action; returns the exit status (errors raise `CommandError`)."""
     action = args.api_keys_command
-    engine = await open_command_database(settings, console, create=action not in _READ_ONLY)
+    _refuse_key_shaped_arguments(args)
+    # Only `create` makes a database; `revoke` writes to one that must exist already.
+    engine = await open_command_database(
+        settings, console, create=action == "create", writes=action == "revoke"
+    )
     try:
         if action == "create":
             await _create(engine, args, console)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import traceback
@@ -16,12 +17,15 @@ from typing import TYPE_CHECKING
 
 from junjo_backend import __version__
 from junjo_backend.addresses import parse_address
+from junjo_backend.cli.arguments import KeySafeParser, parse_command_line
+from junjo_backend.cli.config_command import env_file_warnings
 from junjo_backend.cli.console import (
     EXIT_BAD_SETTINGS,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     CommandError,
     Console,
+    UsageError,
 )
 from junjo_backend.failures import error_line
 from junjo_backend.logs import configure_logging
@@ -31,10 +35,17 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import TypeAlias
 
+log = logging.getLogger(__name__)
+
 
 def _settings_help() -> str:
     """Every setting with its default and meaning, from the settings' own descriptions."""
-    lines = ["settings (environment variables, or .env in the working folder; any case):"]
+    header = (
+        "settings (environment variables, or .env in the working folder; any case). The "
+        "values below are the defaults, whatever is set here; `junjo-backend config` prints "
+        "the values in effect and where each comes from:"
+    )
+    lines = [header]
     for name, field in Settings.model_fields.items():
         default = field.default
         shown = str(default).lower() if isinstance(default, bool) else str(default)
@@ -62,22 +73,29 @@ def _address(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line grammar."""
-    parser = argparse.ArgumentParser(prog="junjo-backend", description=__doc__.split("\n")[0])
+    """The command-line grammar (its errors never repeat a value that could be a key)."""
+    parser = KeySafeParser(prog="junjo-backend", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    quiet = argparse.ArgumentParser(add_help=False)
+    quiet = KeySafeParser(add_help=False)
     quiet.add_argument(
         "-q", "--quiet", action="store_true", help="no informational lines on stderr"
     )
     _add_serve(commands)
     _add_api_keys(commands, quiet)
     _add_spans(commands, quiet)
+    config = commands.add_parser(
+        "config",
+        parents=[quiet],
+        help="print the settings in effect and where each comes from (secrets masked); "
+        "exit 2 when one is invalid",
+    )
+    config.add_argument("--json", action="store_true", help="print a JSON array")
     return parser
 
 
 # argparse has no public name for what add_subparsers returns.
-_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # noqa: SLF001
+_Commands: TypeAlias = "argparse._SubParsersAction[KeySafeParser]"  # noqa: SLF001
 
 
 def _add_serve(commands: _Commands) -> None:
@@ -90,7 +108,7 @@ def _add_serve(commands: _Commands) -> None:
     )
 
 
-def _add_api_keys(commands: _Commands, quiet: argparse.ArgumentParser) -> None:
+def _add_api_keys(commands: _Commands, quiet: KeySafeParser) -> None:
     keys = commands.add_parser("api-keys", help="create, list, check and revoke API keys")
     key_commands = keys.add_subparsers(dest="api_keys_command", required=True, metavar="ACTION")
     create = key_commands.add_parser(
@@ -112,9 +130,10 @@ def _add_api_keys(commands: _Commands, quiet: argparse.ArgumentParser) -> None:
     check.add_argument("--json", action="store_true", help="print the match as a JSON object")
     revoke = key_commands.add_parser("revoke", parents=[quiet], help="delete a key by its id")
     revoke.add_argument("id", help="the key's id, as `list` shows it")
+    revoke.add_argument("--json", action="store_true", help="print the revoked id as a JSON object")
 
 
-def _add_spans(commands: _Commands, quiet: argparse.ArgumentParser) -> None:
+def _add_spans(commands: _Commands, quiet: KeySafeParser) -> None:
     spans = commands.add_parser("spans", help="look at spans in the ingestion-service's WAL")
     span_commands = spans.add_subparsers(dest="spans_command", required=True, metavar="ACTION")
     tail = span_commands.add_parser(
@@ -159,6 +178,10 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
             for note in settings.notes:
                 console.note(note)
             raise CommandError(str(exc)) from exc
+    if args.command == "config":
+        from junjo_backend.cli.config_command import run_config  # noqa: PLC0415
+
+        return run_config(settings, args, console)
     if args.command == "api-keys":
         from junjo_backend.cli.key_commands import run_api_keys_command  # noqa: PLC0415
 
@@ -181,10 +204,44 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
 
 
 def _log_level(args: argparse.Namespace, settings: Settings) -> str:
-    """`serve` logs at LOG_LEVEL; the other commands at WARNING unless LOG_LEVEL is set."""
-    if args.command == "serve" or "log_level" in settings.model_fields_set:
+    """The level a command logs at.
+
+    `serve`: LOG_LEVEL. The data commands never log at INFO (compose sets LOG_LEVEL=INFO
+    for the server, and a command's output is its data): WARNING, or DEBUG and ERROR when
+    LOG_LEVEL asks for them; `-q` keeps only errors.
+    """
+    if args.command == "serve":
         return settings.log_level
-    return "WARNING"
+    if getattr(args, "quiet", False):
+        return "ERROR"
+    return settings.log_level if settings.log_level in {"DEBUG", "ERROR"} else "WARNING"
+
+
+def _settings(args: argparse.Namespace, console: Console) -> Settings | None:
+    """The settings, with logging set up; None (the error written) when one is invalid.
+
+    `.env` keys that are not settings are warned about whatever the outcome: in the log
+    for `serve` (its stderr is log lines only), otherwise as `warning:` lines, which `-q`
+    keeps.
+    """
+    warnings = env_file_warnings()
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        for line in warnings:
+            console.warn(line)
+        console.finish(str(exc))
+        return None
+    configure_logging(_log_level(args, settings), settings.log_format)
+    for line in warnings:
+        if args.command == "serve":
+            log.warning(line)
+        else:
+            console.warn(line)
+    if args.command != "serve":
+        for note in settings.notes:
+            console.note(note)
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,25 +250,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # logfmt and one-JSON-object-per-line output. Silenced unless the operator asks for them
     # (GRPC_VERBOSITY=ERROR, or DEBUG with GRPC_TRACE). Set before grpc is first imported.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     console = Console(quiet=getattr(args, "quiet", False))
     debug = os.environ.get("LOG_LEVEL", "").strip().upper() == "DEBUG"
-    try:
-        settings = get_settings()
-    except SettingsError as exc:
-        console.finish(str(exc))
+    settings = _settings(args, console)
+    if settings is None:
         return EXIT_BAD_SETTINGS
-    if args.command != "serve":
-        for note in settings.notes:
-            console.note(note)
-    configure_logging(_log_level(args, settings), settings.log_format)
     try:
         status = _run(args, settings, console)
     except CommandError as exc:
         console.finish(str(exc))
         if debug:
             traceback.print_exc(file=console.err)
-        return EXIT_FAILED
+        return EXIT_BAD_SETTINGS if isinstance(exc, UsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         console.finish("interrupted")
         return EXIT_INTERRUPTED

@@ -317,6 +317,8 @@ async def run_tail(
     Errors are one `error:` line on stderr; informational lines follow on stderr unless `quiet`.
     """
     err = err or sys.stderr
+    # An error names where the address came from: the option, or the setting.
+    source = "--address" if address else "INGESTION_GRPC_ADDRESS"
     address = address or settings.ingestion_grpc_address
     settings = _tail_settings(settings, address, timeout)
     tail = _Tail(
@@ -335,7 +337,7 @@ async def run_tail(
         async with IngestionClient(settings=settings) as client:
             await tail.run(client)
     except (_ServiceUnreachable, IngestionError) as error:
-        err.write(f"error: INGESTION_GRPC_ADDRESS: {_failure(error, address, timeout)}\n")
+        err.write(f"error: {source}: {_failure(error, address, timeout)}\n")
         return EXIT_FAILED
     except BrokenPipeError:  # `| head` closed the pipe: the reader has what it wanted
         return 0
