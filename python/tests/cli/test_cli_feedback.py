@@ -60,6 +60,14 @@ def test_a_key_as_an_argument_is_never_repeated(tmp_path: Path, argv: tuple[str,
     assert not (tmp_path / "data").exists()
 
 
+def test_a_piece_of_a_key_as_an_argument_is_not_repeated_either(tmp_path: Path) -> None:
+    piece = generate_api_key()[:20]
+    result = run_cli(tmp_path, "api-keys", "check", piece)
+    assert result.returncode == 2
+    assert first_error_line(result) == ("error: unrecognized arguments: <20 characters, not shown>")
+    assert piece[:12] not in result.stderr
+
+
 def test_an_argument_error_still_shows_short_values(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "api-keys", "lst")
     assert result.returncode == 2
