@@ -48,3 +48,22 @@ def test_the_check_reads_a_drifted_table() -> None:
         "LOG_LEVEL": "INFO",
     }
     assert readme_defaults(readme)["HTTP_HOST"] != shown(Settings.model_fields["http_host"].default)
+
+
+def test_the_migration_table_names_real_settings_with_their_defaults(repo_root: Path) -> None:
+    section = (repo_root / "README.md").read_text().split("## Migrating from the Go backend", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    ours = [
+        row.split(" | ")[-1]
+        for row in section.splitlines()
+        if row.startswith("| ") and " | " in row
+    ]
+    named = {name for cell in ours for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", cell)}
+    fields = {name.upper(): field.default for name, field in Settings.model_fields.items()}
+    assert named, "no setting named in the migration table"
+    assert named <= set(fields), named - set(fields)
+    # A default the table gives right after a setting's name is the real one.
+    for name, given in re.findall(r"`([A-Z][A-Z0-9_]+)` `([^`]+)`", section):
+        assert given == shown(fields[name]), name
+    assert "/dbdata/sqlite/app_data.db" in section
+    assert "/dbdata/duckdb/otel_data.db" in section
