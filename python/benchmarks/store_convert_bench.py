@@ -44,11 +44,13 @@ def _batches(spans: int, batch: int) -> Iterator[list[SpanRecord]]:
 
 def convert_only(spans: int, batch: int) -> float:
     """Spans/s of convert_batch over every batch, in this process (making them not timed)."""
-    elapsed = 0.0
+    elapsed = cpu = 0.0
     for chunk in _batches(spans, batch):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         convert_batch(chunk)
         elapsed += time.perf_counter() - started
+        cpu += time.process_time() - cpu_started
+    print(f"  CPU per span: {cpu / spans * 1e6:.0f} µs")
     return spans / elapsed
 
 
@@ -61,11 +63,21 @@ def rss_mb(pid: int) -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-async def sample_rss(store: DuckDBStore, peak: list[float]) -> None:
-    """Keep the peak of this process's RSS plus the conversion workers'."""
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def sample(store: DuckDBStore, peak: list[float], workers_cpu: dict[int, float]) -> None:
+    """Keep the peak of this process's RSS plus the workers', and each worker's CPU time."""
     while True:
-        total = rss_mb(os.getpid()) + sum(rss_mb(pid) for pid in store.worker_pids())
-        peak[0] = max(peak[0], total)
+        pids = store.worker_pids()
+        peak[0] = max(peak[0], rss_mb(os.getpid()) + sum(rss_mb(pid) for pid in pids))
+        workers_cpu.update({pid: cpu_seconds(pid) for pid in pids})
         await asyncio.sleep(0.2)
 
 
@@ -78,18 +90,27 @@ async def store_write(
     store = DuckDBStore(workdir / f"{converter}-otel.db", converter=converter)
     await store.open()
     peak = [0.0]
-    sampler = asyncio.create_task(sample_rss(store, peak))
+    workers_cpu: dict[int, float] = {}
+    sampler = asyncio.create_task(sample(store, peak, workers_cpu))
     try:
-        elapsed = 0.0
+        workers_before = {pid: cpu_seconds(pid) for pid in store.worker_pids()}
+        elapsed = cpu = 0.0
         for chunk in _batches(spans, batch):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             async with engine.begin() as conn:
                 await store.write(chunk, conn)
             elapsed += time.perf_counter() - started
+            cpu += time.process_time() - cpu_started
+        workers_cpu.update({pid: cpu_seconds(pid) for pid in store.worker_pids()})
     finally:
         sampler.cancel()
         await store.close()
         await close_engine(engine, quiet=True)
+    worker_seconds = sum(workers_cpu.values()) - sum(workers_before.values())
+    print(
+        f"  CPU per span: this process {cpu / spans * 1e6:.0f} µs,"
+        f" workers {worker_seconds / spans * 1e6:.0f} µs"
+    )
     return spans / elapsed, peak[0]
 
 
