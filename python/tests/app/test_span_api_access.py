@@ -14,6 +14,7 @@ import pytest
 
 from junjo_backend.auth.key_store import create_api_key
 from junjo_backend.database import close_engine, open_database
+from junjo_backend.settings import Settings
 from tests.store.golden_api import expected_rows, fill_postgres
 
 if TYPE_CHECKING:
@@ -115,3 +116,18 @@ def test_a_loopback_host_leaves_them_open(serve_process: Start, store_url: str) 
     port = _http_port(process)
     process.wait_for("span API (/otel/...) open: HTTP_HOST=127.0.0.1 is loopback")
     assert _granted(_get(port, None))
+
+
+def test_the_token_is_masked_wherever_settings_are_shown() -> None:
+    settings = Settings(span_api_token=TOKEN, _env_file=None)
+    assert settings.span_api_token is not None
+    assert settings.span_api_token.get_secret_value() == TOKEN
+    for shown in (
+        repr(settings),
+        str(settings),
+        settings.model_dump_json(),
+        str(settings.model_dump()),
+    ):
+        assert TOKEN not in shown
+    # An empty value (`SPAN_API_TOKEN=` in a .env) is no token, not one anybody could send.
+    assert Settings(span_api_token="  ", _env_file=None).span_api_token is None  # noqa: S106
