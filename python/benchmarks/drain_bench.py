@@ -458,6 +458,8 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
             settings = Settings(
                 database_url=f"sqlite+aiosqlite:///{workdir / 'poller.db'}",
                 ingestion_grpc_address=address,
+                # The drain's own bars: the count-only sink (store_bench.py measures the store).
+                span_store="none",
             )
             print(f"peer at {address}; draining {arguments.spans:,} entries per client")
             await measure(

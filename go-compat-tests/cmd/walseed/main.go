@@ -7,6 +7,11 @@
 // -corrupt-after valid entries; count stays the number of valid entries, and the output
 // adds "corrupt":C. With -census it writes nothing and prints {"entries":N}, the number of
 // keys in the WAL (read without their values, so a few million take seconds).
+//
+// With -shape junjo the spans are shaped like the Junjo SDK's (junjo.go): a workflow span
+// and its node spans, with `set_state` events and state JSON of a few hundred bytes. With
+// -records FILE it writes every record of a golden batches file (JSONL, {"records": [{"span",
+// "resource"}]}, base64) in order under new keys instead, and count is how many it wrote.
 package main
 
 import (
@@ -56,18 +61,28 @@ func main() {
 	corrupt := flag.Int("corrupt", 0, "a run of this many undecodable entries")
 	corruptAfter := flag.Int("corrupt-after", 0, "valid entries written before the corrupt run")
 	census := flag.Bool("census", false, "count the WAL's entries (decodable or not), write nothing")
+	shape := flag.String("shape", "synthetic", "synthetic (padded spans) or junjo (Junjo SDK-shaped)")
+	records := flag.String("records", "", "write the records of this golden batches file instead")
 	flag.Parse()
-	if *path == "" || *count < 0 || *services < 1 || *corrupt < 0 || *corruptAfter < 0 || *corruptAfter > *count {
+	if *path == "" || *count < 0 || *services < 1 || *corrupt < 0 || *corruptAfter < 0 || *corruptAfter > *count ||
+		(*shape != "synthetic" && *shape != "junjo") {
 		flag.Usage()
 		os.Exit(2)
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	var out any
 	var err error
-	if *census {
+	switch {
+	case *census:
 		out, err = takeCensus(*path)
-	} else {
-		out, err = seed(*path, *count, *spanBytes, *resourceBytes, *services, *corrupt, *corruptAfter, logger)
+	case *records != "":
+		out, err = seedRecords(*path, *records, logger)
+	default:
+		spanFor := func(i int) *tracepb.Span { return syntheticSpan(i, *spanBytes) }
+		if *shape == "junjo" {
+			spanFor = junjoSpans()
+		}
+		out, err = seed(*path, *count, spanFor, *resourceBytes, *services, *corrupt, *corruptAfter, logger)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "walseed:", err)
@@ -103,7 +118,21 @@ func takeCensus(path string) (censusResult, error) {
 	return out, err
 }
 
-func seed(path string, count, spanBytes, resourceBytes, services, corrupt, corruptAfter int, logger *slog.Logger) (result, error) {
+// seedRecords writes the records of a golden batches file.
+func seedRecords(path, records string, logger *slog.Logger) (result, error) {
+	store, err := wal.Open(path, logger)
+	if err != nil {
+		return result{}, err
+	}
+	defer store.Close() //nolint:errcheck // Sync below reports what matters
+	var res result
+	if err := writeRecords(store, records, &res); err != nil {
+		return result{}, err
+	}
+	return res, store.Sync()
+}
+
+func seed(path string, count int, spanFor func(int) *tracepb.Span, resourceBytes, services, corrupt, corruptAfter int, logger *slog.Logger) (result, error) {
 	store, err := wal.Open(path, logger)
 	if err != nil {
 		return result{}, err
@@ -118,7 +147,7 @@ func seed(path string, count, spanBytes, resourceBytes, services, corrupt, corru
 		}
 	}
 	res := result{Count: count, Corrupt: corrupt}
-	if err := writeValid(store, 0, corruptAfter, spanBytes, resources, &res); err != nil {
+	if err := writeValid(store, 0, corruptAfter, spanFor, resources, &res); err != nil {
 		return result{}, err
 	}
 	if corrupt > 0 {
@@ -133,19 +162,19 @@ func seed(path string, count, spanBytes, resourceBytes, services, corrupt, corru
 			return result{}, err
 		}
 	}
-	if err := writeValid(store, corruptAfter, count, spanBytes, resources, &res); err != nil {
+	if err := writeValid(store, corruptAfter, count, spanFor, resources, &res); err != nil {
 		return result{}, err
 	}
 	return res, store.Sync()
 }
 
 // writeValid writes valid entries number from..to-1, noting the first and last keys in res.
-func writeValid(store *wal.WAL, from, to, spanBytes int, resources [][]byte, res *result) error {
+func writeValid(store *wal.WAL, from, to int, spanFor func(int) *tracepb.Span, resources [][]byte, res *result) error {
 	services := len(resources)
 	for start := from; start < to; start += entriesPerBatch {
 		batch := store.NewBatch()
 		for i := start; i < min(start+entriesPerBatch, to); i++ {
-			span, err := proto.Marshal(syntheticSpan(i, spanBytes))
+			span, err := proto.Marshal(spanFor(i))
 			if err != nil {
 				batch.Cancel()
 				return err

@@ -56,6 +56,12 @@ from junjo_backend.settings import Settings
 from junjo_backend.span_api import access_note, install_span_api
 from junjo_backend.store.api import DuckDBReader, PostgresReader, SpanReader, UnavailableReader
 from junjo_backend.store.duckdb_store import DuckDBStore
+from junjo_backend.store_wiring import (
+    SpanStoreHealth,
+    StoreChoice,
+    build_span_store,
+    span_store_health,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,7 @@ class Backend:
     ingestion: IngestionClient | None  # None when POLLER_ENABLED=false
     poller: SpanPoller | None
     metrics: BackendMetrics
+    span_store: StoreChoice
     started_at: float = field(default_factory=time.monotonic)  # for /health's uptime
     # /health's database probes: each answers within its timeout, one in the database at a time.
     probes: SerialQueries = field(default_factory=SerialQueries)
@@ -141,9 +148,11 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
         auth_server = await _start_auth_server(settings, engine, metrics, steps)
         ingestion: IngestionClient | None = None
         poller: SpanPoller | None = None
+        span_store = StoreChoice("none", None, None)
         if settings.poller_enabled:
             ingestion = await _start_ingestion_client(settings, steps)
-            poller = await _start_poller(settings, ingestion, engine, steps)
+            span_store = _span_store(settings)
+            poller = await _start_poller(settings, ingestion, engine, span_store, steps)
         else:
             log.info(
                 "span poller disabled (POLLER_ENABLED=false); the ingestion-service is not dialled"
@@ -151,9 +160,16 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
         metrics.watch(auth_server.known_keys, poller, ingestion)
 
         steps.started.set()
-        reader = span_reader(settings, engine, None)
+        reader = span_reader(settings, engine, span_store.store)
         backend = Backend(
-            settings, engine, auth_server, ingestion, poller, metrics, span_reader=reader
+            settings,
+            engine,
+            auth_server,
+            ingestion,
+            poller,
+            metrics,
+            span_store,
+            span_reader=reader,
         )
         stack.push_async_callback(backend.probes.close)
         yield backend
@@ -231,11 +247,30 @@ async def _start_ingestion_client(settings: Settings, steps: _Steps) -> Ingestio
     return ingestion
 
 
+def _span_store(settings: Settings) -> StoreChoice:
+    """The span store SPAN_STORE asks for (opened later, by the poller once it leads)."""
+    with _startup_step("span store", "SPAN_STORE"):
+        choice = build_span_store(settings)
+    if choice.store is None:
+        log.warning(
+            "SPAN_STORE=none: drained spans are counted and kept nowhere",
+            extra={"span_store": choice.kind},
+        )
+    else:
+        # Only the poller's leader opens it: a file held elsewhere is reported there.
+        log.info("span store", extra={"span_store": choice.kind, "path": choice.location})
+    return choice
+
+
 async def _start_poller(
-    settings: Settings, ingestion: IngestionClient, engine: AsyncEngine, steps: _Steps
+    settings: Settings,
+    ingestion: IngestionClient,
+    engine: AsyncEngine,
+    span_store: StoreChoice,
+    steps: _Steps,
 ) -> SpanPoller:
     with _startup_step("span poller", "DATABASE_URL"):
-        poller = SpanPoller(ingestion, engine, settings=settings)
+        poller = SpanPoller(ingestion, engine, settings=settings, store=span_store.store)
         steps.stop_later("span poller", poller.stop)
         await poller.start()
     return poller
@@ -276,8 +311,8 @@ class Health(_Frozen):
 
     `unavailable` (HTTP 503) when the database or the auth server is down: the
     ingestion-service cannot validate keys. `degraded` (HTTP 200) when only the ingestion
-    side is down or failing, or the poller is not running: auth still serves, spans wait in
-    the WAL.
+    side is down or failing, the poller is not running or the span store cannot be opened:
+    auth still serves, spans wait in the WAL.
     """
 
     status: Literal["ok", "degraded", "unavailable"]
@@ -287,6 +322,7 @@ class Health(_Frozen):
     auth_server: AuthServerHealth
     ingestion: IngestionHealth
     poller: PollerStatus
+    span_store: SpanStoreHealth
 
 
 async def _read_api_keys_table(engine: AsyncEngine) -> None:
@@ -328,10 +364,13 @@ async def check_health(backend: Backend) -> Health:
     )
     poller = backend.poller.status if backend.poller is not None else PollerStatus.disabled()
     reachable = backend.ingestion.reachable if backend.ingestion is not None else None
+    span_store = span_store_health(backend.span_store, backend.poller)
     status: Literal["ok", "degraded", "unavailable"] = "ok"
     if not (database.ok and auth_health.running):
         status = "unavailable"
-    elif poller.enabled and not (reachable and poller.running and poller.last_error is None):
+    elif poller.enabled and not (
+        reachable and poller.running and poller.last_error is None and span_store.error is None
+    ):
         status = "degraded"
     return Health(
         status=status,
@@ -343,6 +382,7 @@ async def check_health(backend: Backend) -> Health:
             address=backend.settings.ingestion_grpc_address, reachable=reachable
         ),
         poller=poller,
+        span_store=span_store,
     )
 
 

@@ -27,6 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 
 from junjo_backend import __version__
 from junjo_backend.auth.metrics import AuthCallMetrics
+from junjo_backend.ingestion.spans import ulid_time
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -71,6 +72,7 @@ class BackendCollector:
         yield from self._key_metrics()
         if self._poller is not None:
             yield from self._poller_metrics(self._poller)
+            yield from self._store_metrics(self._poller)
         if self._ingestion is not None:
             yield from self._ingestion_metrics(self._ingestion)
 
@@ -92,6 +94,42 @@ class BackendCollector:
         status = poller.status
         yield from _poller_progress(status)
         yield from _poller_position(status)
+
+    def _store_metrics(self, poller: SpanPoller) -> Iterator[Metric]:
+        store = poller.store
+        if store is None:  # SPAN_STORE=none: nothing is kept, nothing to show
+            return
+        totals = store.stats()
+        yield _gauge(
+            "junjo_store_open",
+            "1 while this replica holds the span store open (its leader does)",
+            poller.store_open,
+        )
+        yield _gauge(
+            "junjo_store_unavailable",
+            "1 while the span store could not be opened at the last try (the poller does not "
+            "drain)",
+            poller.store_error is not None,
+        )
+        yield _gauge(
+            "junjo_store_spans", "Rows in the span store's spans table", totals.spans_stored
+        )
+        yield _gauge(
+            "junjo_store_spans_set_aside",
+            "Spans the store set aside (input the Go backend could not store)",
+            totals.set_aside,
+        )
+        if totals.size_bytes is not None:
+            yield _gauge(
+                "junjo_store_size_bytes", "The span store's size on disk", totals.size_bytes
+            )
+        if totals.watermark is not None:
+            yield _gauge(
+                "junjo_store_watermark_timestamp_seconds",
+                "When the ingestion-service received the last span the store holds (its "
+                "watermark's WAL key time, Unix seconds)",
+                ulid_time(totals.watermark).timestamp(),
+            )
 
     def _ingestion_metrics(self, ingestion: IngestionClient) -> Iterator[Metric]:
         reachable = ingestion.reachable

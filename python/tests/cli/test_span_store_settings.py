@@ -6,16 +6,14 @@ SPAN_STORE, before anything is created.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import pytest
 
 from junjo_backend.settings import Settings
+from junjo_backend.store_wiring import build_span_store, duckdb_file
 
 from .test_operator_errors import first_error_line, run_cli
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 _POSTGRES = "postgresql://junjo:s3cret-pw@127.0.0.1:1/junjo"
 
@@ -76,3 +74,21 @@ def _settings(**values: object) -> Settings:
 )
 def test_what_span_store_resolves_to(values: dict[str, object], kind: str) -> None:
     assert _settings(**values).span_store_kind == kind
+
+
+def test_the_duckdb_file_is_beside_the_sqlite_database_unless_absolute(tmp_path: Path) -> None:
+    beside = _settings(database_url=f"sqlite:///{tmp_path / 'db' / 'junjo.db'}")
+    assert duckdb_file(beside) == tmp_path / "db" / "otel_data.db"
+    relative = _settings(
+        database_url=f"sqlite:///{tmp_path / 'junjo.db'}", span_store_duckdb_path="spans/x.db"
+    )
+    assert duckdb_file(relative) == tmp_path / "spans" / "x.db"
+    absolute = _settings(span_store_duckdb_path=str(tmp_path / "elsewhere.db"))
+    assert duckdb_file(absolute) == tmp_path / "elsewhere.db"
+    # The default database URL is relative to the working folder, and so is its folder.
+    assert duckdb_file(_settings()) == Path.cwd() / "data" / "otel_data.db"
+
+
+def test_none_builds_no_store() -> None:
+    choice = build_span_store(_settings(span_store="none"))
+    assert (choice.kind, choice.store, choice.location) == ("none", None, None)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from junjo_backend.ingestion.client import IngestionClient
     from junjo_backend.ingestion.spans import SpanRecord
     from junjo_backend.poller.leadership import PollerLeadership
-    from junjo_backend.poller.sinks import SpanSink
+    from junjo_backend.poller.sinks import PollerStore, SpanSink
     from junjo_backend.settings import Settings
 
 _ledger = MetaData()
@@ -104,6 +104,7 @@ class RecordingPoller(SpanPoller):
         *,
         settings: Settings,
         leadership: PollerLeadership | None = None,
+        store: PollerStore | None = None,  # noqa: ARG002 (the recording sink replaces it)
     ) -> None:
         postgres = make_url(settings.database_url).get_backend_name() == "postgresql"
         recording = RecordingSink(

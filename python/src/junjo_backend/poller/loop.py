@@ -27,6 +27,17 @@ standby and while the ingestion-service is unreachable or answers with errors.
 `entries_skipped` counts what later reads prove the server skipped (a lower bound). Both,
 and the backlog age, are defined in docs/design/settle-window.md. Of several replicas only
 the leader drains, and every commit is fenced: docs/design/leadership.md.
+
+The span store. Only the leader opens it (DuckDB lets one process hold its file): when it
+takes leadership, and it closes it when it steps down or stops. It resumes from the earlier
+of the checkpoint and the store's watermark (the last WAL key the store holds), so a store
+that lacks rows (deleted, restored from a backup) is refilled from the WAL and an older
+checkpoint replays only what the store lacks; a new, empty store is refilled from the
+WAL's start, and a store with no watermark (a file made by the Go backend, or a store that
+commits with the checkpoint) resumes from the checkpoint, so the WAL is not replayed over
+a Go file's rows. A store that cannot be opened (another process holds the file) keeps the
+poller from leading, so nothing is consumed with nowhere to keep it; it tries again every
+`POLLER_LEADER_RETRY_SECONDS`.
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from junjo_backend.ingestion.spans import ulid_millis, ulid_time
 from junjo_backend.poller.checkpoint import load_checkpoint, save_checkpoint
 from junjo_backend.poller.horizon import SettleHorizon, monotonic_ms
 from junjo_backend.poller.leadership import LeadershipLost, PollerLeadership, leadership_for
-from junjo_backend.poller.sinks import ServiceTally, SpanSink
+from junjo_backend.poller.sinks import PollerStore, ServiceTally, SpanSink, StoreSink
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -187,10 +198,20 @@ class SpanPoller:
         *,
         settings: Settings,
         leadership: PollerLeadership | None = None,
+        store: PollerStore | None = None,
     ) -> None:
         self._client = client
         self._engine = engine
-        self._sink: SpanSink = sink if sink is not None else ServiceTally()
+        self._store = store
+        self._store_open = False
+        self._store_error: str | None = None
+        if sink is None:
+            sink = ServiceTally()
+            if store is not None:
+                sink = StoreSink(
+                    store, sigkill_after_commits=settings.test_only_sigkill_after_store_commits
+                )
+        self._sink: SpanSink = sink
         self._settings = settings
         self._task: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
@@ -223,6 +244,21 @@ class SpanPoller:
     def sink(self) -> SpanSink:
         """The sink batches go to."""
         return self._sink
+
+    @property
+    def store(self) -> PollerStore | None:
+        """The span store (None: count only)."""
+        return self._store
+
+    @property
+    def store_open(self) -> bool:
+        """Whether this replica holds the span store open (only while it leads)."""
+        return self._store_open
+
+    @property
+    def store_error(self) -> str | None:
+        """Why the span store could not be opened at the last try; None once it opened."""
+        return self._store_error
 
     @property
     def status(self) -> PollerStatus:
@@ -313,6 +349,8 @@ class SpanPoller:
             await asyncio.wait({task})
         self._task = None
         try:
+            # The store first: a successor that takes leadership can open the file at once.
+            await self._close_store()
             await self._leadership.close()
         finally:
             self._set_role("standby")
@@ -404,19 +442,19 @@ class SpanPoller:
         return False
 
     async def _try_to_lead(self) -> bool:
-        """One try for leadership; as leader, read the checkpoint the last leader left."""
+        """One try for leadership; as leader, open the store and pick where to resume."""
         try:
             leads = await self._leadership.acquire()
             async with self._engine.connect() as conn:
-                stored = await load_checkpoint(conn)
-            # The later of the two: another leader moved it on, or a SQLite file restored
-            # from a backup moved it back, which is overwritten, not replayed
-            # (docs/design/sqlite-file-watch.md). As a standby, this is its view of the
-            # leader's progress, for /health.
-            if self._checkpoint is None or (stored is not None and stored > self._checkpoint):
-                self._checkpoint = stored
+                # As a standby, its view of the leader's progress, for /health.
+                self._checkpoint = await load_checkpoint(conn)
             self._last_error = None
+            if leads and not await self._open_store():
+                # Nowhere to keep spans: let another replica lead, try again later.
+                await self._leadership.release()
+                return False
             if leads:
+                self._checkpoint = await self._resume_point(self._checkpoint)
                 self._set_role("leader")
                 return True
         except Exception as error:  # noqa: BLE001 (a failed try is retried like a busy lock)
@@ -425,6 +463,8 @@ class SpanPoller:
                 "span poller could not try for leadership; retrying",
                 extra={"error": self._last_error},
             )
+            with contextlib.suppress(Exception):
+                await self._close_store()
             await self._release_after_failed_try()
         return False
 
@@ -450,10 +490,63 @@ class SpanPoller:
         """
         self._caught_up = False
         try:
+            await self._close_store()
             await self._leadership.release()
         finally:
             self._set_role("standby")
         await self._pause(self._settings.poller_leader_retry_seconds * 2)
+
+    async def _open_store(self) -> bool:
+        """Open the span store (if any, and not open yet); False, with the reason noted, if not."""
+        if self._store is None or self._store_open:
+            return True
+        try:
+            await self._store.open()
+        except Exception as error:  # noqa: BLE001 (any failure: no drain, retried)
+            # StoreUnavailable's message is the line (file and holder); else the error's.
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else None
+            reason = reason or error_line(error)
+            # Once per outage at WARNING (at start-up: the line naming file and holder).
+            level = logging.DEBUG if reason == self._store_error else logging.WARNING
+            log.log(
+                level,
+                "span store unavailable; the poller does not drain until it opens",
+                extra={
+                    "reason": reason,
+                    "retry_in_seconds": self._settings.poller_leader_retry_seconds,
+                },
+            )
+            self._store_error = reason
+            return False
+        if self._store_error is not None:
+            log.info("span store open; the poller drains again")
+        self._store_open, self._store_error = True, None
+        return True
+
+    async def _close_store(self) -> None:
+        if self._store is not None and self._store_open:
+            self._store_open = False
+            await self._store.close()
+
+    async def _resume_point(self, checkpoint: bytes | None) -> bytes | None:
+        """The earlier of the checkpoint and the store's watermark (module docstring).
+
+        None is the WAL's start, and so is a watermark of b"" (a store that holds nothing of
+        the WAL yet). No watermark (None: a Go-made file, or a store that commits with the
+        checkpoint): the checkpoint.
+        """
+        if self._store is None or checkpoint is None:
+            return checkpoint
+        watermark = await self._store.watermark()
+        if watermark is None:
+            return checkpoint
+        if watermark < checkpoint:
+            log.info(
+                "the span store holds less than the checkpoint; replaying what it lacks",
+                extra={"watermark": watermark.hex() or None, "checkpoint": checkpoint.hex()},
+            )
+            return watermark or None  # b"": a store that holds nothing of the WAL yet
+        return checkpoint
 
     def _set_role(self, role: Literal["leader", "standby"]) -> None:
         if role == self._role:

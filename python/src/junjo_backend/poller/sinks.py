@@ -1,8 +1,14 @@
-"""Where the poller delivers spans: the sink protocol, and the default sink (counts per service)."""
+"""Where the poller delivers spans: the sink protocol, the count-only sink, the store sink.
+
+The span stores live in `junjo_backend.store` (the poller never imports it): `PollerStore`
+is what the poller needs of one, and `store.base.SpanStore` has it.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -115,3 +121,93 @@ class ServiceTally:
             },
         )
         self._spans_since_summary = 0
+
+
+class StoreTotals(Protocol):
+    """A span store's totals (`store.base.StoreStats`)."""
+
+    @property
+    def spans_stored(self) -> int:
+        """Rows in `spans`."""
+        ...
+
+    @property
+    def set_aside(self) -> int:
+        """Rows set aside."""
+        ...
+
+    @property
+    def size_bytes(self) -> int | None:
+        """Size on disk; None when unknown."""
+        ...
+
+    @property
+    def watermark(self) -> bytes | None:
+        """The last WAL key it holds."""
+        ...
+
+
+class PollerStore(Protocol):
+    """What the poller needs of a span store (`store.base.SpanStore`; see there)."""
+
+    async def open(self) -> None:
+        """Open it; raises (`StoreUnavailable`) with a one-line reason when it cannot."""
+        ...
+
+    async def close(self) -> None:
+        """Let go of it (closing twice is harmless)."""
+        ...
+
+    async def watermark(self) -> bytes | None:
+        """The last WAL key it holds; b"" when it holds none; None: resume from the checkpoint."""
+        ...
+
+    async def write(self, batch: Sequence[SpanRecord], conn: AsyncConnection) -> object:
+        """Store `batch` inside the checkpoint's transaction; raises on any failure."""
+        ...
+
+    def stats(self) -> StoreTotals:
+        """Its totals, without touching the database."""
+        ...
+
+
+class StoreSink:
+    """Keeps every batch in a span store, and counts it per service as `ServiceTally` does.
+
+    `store.write` runs inside the checkpoint's transaction, before the checkpoint commits
+    (a DuckDB store commits its own transaction first): a failure raises, and the poller
+    retries the batch from the checkpoint.
+    """
+
+    def __init__(
+        self,
+        store: PollerStore,
+        *,
+        tally: ServiceTally | None = None,
+        sigkill_after_commits: int = 0,
+    ) -> None:
+        self._store = store
+        self._tally = tally or ServiceTally()
+        self._sigkill_after = sigkill_after_commits
+        self._commits = 0
+
+    @property
+    def store(self) -> PollerStore:
+        """The store batches go to."""
+        return self._store
+
+    @property
+    def tally(self) -> ServiceTally:
+        """The per-service counts."""
+        return self._tally
+
+    async def handle(self, batch: Sequence[SpanRecord], conn: AsyncConnection) -> None:
+        """Store the batch, then count it."""
+        await self._store.write(batch, conn)
+        self._commits += 1
+        if self._sigkill_after and self._commits >= self._sigkill_after:
+            # TEST_ONLY_SIGKILL_AFTER_STORE_COMMITS (the fault suite): die exactly between
+            # the store's commit and the checkpoint's, which no outside signal can aim at.
+            log.warning("TEST_ONLY_SIGKILL_AFTER_STORE_COMMITS: killing this process now")
+            os.kill(os.getpid(), signal.SIGKILL)
+        await self._tally.handle(batch, conn)
