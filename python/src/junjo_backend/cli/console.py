@@ -87,10 +87,9 @@ async def open_command_database(
     """An engine on the configured database, checked by one connection.
 
     With `create` false (every command but `api-keys create`) a missing SQLite file is an
-    error, and neither the file nor its folder is made: a write then would leave an empty
-    database where a restore is under way. A command that `writes` (or creates) is refused
-    first when this uid cannot write the file or its folder. The database used is noted on
-    stderr in one line.
+    error and nothing is made (a write would leave an empty database mid-restore). A command
+    that `writes` or creates is refused first when this uid cannot write the file or its
+    folder. The database used is noted on stderr in one line.
     """
     label = database_label(settings.database_url)
     console.note(f"database: {label}")

@@ -317,8 +317,7 @@ async def run_tail(
     Errors are one `error:` line on stderr; informational lines follow on stderr unless `quiet`.
     """
     err = err or sys.stderr
-    # An error names where the address came from: the option, or the setting.
-    source = "--address" if address else "INGESTION_GRPC_ADDRESS"
+    source = "--address" if address else "INGESTION_GRPC_ADDRESS"  # what an error blames
     address = address or settings.ingestion_grpc_address
     settings = _tail_settings(settings, address, timeout)
     tail = _Tail(
