@@ -196,9 +196,18 @@ def test_config_prints_each_setting_with_its_source_and_secrets_masked(tmp_path:
     assert rows["LOG_LEVEL"].split() == ["LOG_LEVEL=WARNING", "(environment)"]
     assert rows["LOG_FORMAT"].split() == ["LOG_FORMAT=text", "(default)"]
     assert "s3cret-pass" not in result.stdout + result.stderr
-    as_json = run_cli(tmp_path, "config", "--json", env={"DATABASE_URL": url})
+    token = "span-token-" + generate_api_key()
+    as_json = run_cli(
+        tmp_path, "config", "--json", env={"DATABASE_URL": url, "SPAN_API_TOKEN": token}
+    )
+    assert token[-12:] not in as_json.stdout + as_json.stderr
     report = {row["name"]: row for row in json.loads(as_json.stdout)}
     assert report["DATABASE_URL"]["value"] == "postgresql+asyncpg://junjo:***@db.example:5432/junjo"
+    assert report["SPAN_API_TOKEN"] == {
+        "name": "SPAN_API_TOKEN",
+        "value": "***",
+        "source": "environment",
+    }
     assert report["POLLER_BATCH_SIZE"] == {
         "name": "POLLER_BATCH_SIZE",
         "value": "500",
