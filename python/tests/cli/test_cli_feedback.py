@@ -137,6 +137,11 @@ def test_spans_tail_blames_the_address_option(tmp_path: Path) -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [errors[0]]
     assert errors[0].startswith(f"error: --address: nothing answered at {address}")
+    quiet = run_cli(
+        tmp_path, "spans", "tail", "-q", "--from-start", "--address", address, "--timeout", "1"
+    )
+    assert quiet.returncode == 1
+    assert quiet.stderr.splitlines() == errors  # -q: no "waiting for ..." line
 
 
 @pytest.mark.parametrize("argv", [("api-keys", "create", "app"), ("api-keys", "list"), ("config",)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import sys
@@ -300,6 +301,14 @@ def _failure(error: Exception, address: str, timeout: float) -> str:
     return f"the ingestion-service at {address}: {error}"
 
 
+class _Discard(io.StringIO):
+    """A stream that keeps nothing (the informational lines of `spans tail -q`)."""
+
+    def write(self, text: str) -> int:
+        """Drop `text`."""
+        return len(text)
+
+
 async def run_tail(
     settings: Settings,
     *,
@@ -320,6 +329,7 @@ async def run_tail(
     source = "--address" if address else "INGESTION_GRPC_ADDRESS"  # what an error blames
     address = address or settings.ingestion_grpc_address
     settings = _tail_settings(settings, address, timeout)
+    info = _Discard() if quiet else err  # -q: only the spans and the error line
     tail = _Tail(
         address=address,
         timeout=timeout,
@@ -327,9 +337,9 @@ async def run_tail(
         from_start=from_start,
         idle_wait=settings.poller_idle_wait_seconds,
         out=out,
-        err=err,
+        err=info,
         printer=_SpanPrinter(out, as_json=as_json),
-        progress=_CatchUpProgress(err),
+        progress=_CatchUpProgress(info),
     )
     try:
         tail.after = None if from_start else await _checkpoint_of(settings, tail.notes.append)
@@ -346,7 +356,6 @@ async def run_tail(
         log.debug("spans tail interrupted", extra={"exit_status": EXIT_INTERRUPTED})
         return EXIT_INTERRUPTED
     finally:
-        if not quiet:
-            for line in tail.notes:
-                err.write(line + "\n")
+        for line in tail.notes:
+            info.write(line + "\n")
     return 0
