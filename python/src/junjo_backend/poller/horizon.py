@@ -30,11 +30,21 @@ class SettleHorizon:
         self.window_ms = window_ms
         self._offset_ms: float | None = None  # seen_at - key time, of the best sighting
         self._seen_at_ms = 0.0
+        self._first_seen_at_ms: float | None = None  # the first sighting of all
 
     @property
     def known(self) -> bool:
         """Whether any key has been seen (before that, nothing has settled by this rule)."""
         return self._offset_ms is not None
+
+    def settled_once(self, at_ms: float) -> bool:
+        """Whether a key seen first of all has had W since: before that, what is held may be old.
+
+        Until then the offset is only an upper bound taken from whatever keys came first (a
+        backlog's, at start-up), so entries waiting to settle cannot be told from new ones.
+        """
+        first = self._first_seen_at_ms
+        return first is not None and at_ms - first >= self.window_ms
 
     def _offset_at(self, at_ms: float) -> float | None:
         """The best offset as of `at_ms`, widened for the clocks' rate difference since."""
@@ -45,6 +55,8 @@ class SettleHorizon:
     def see(self, key_ms: int, seen_at_ms: float) -> None:
         """A key of this time was received at `seen_at_ms` (so it was committed by then)."""
         offset = seen_at_ms - key_ms
+        if self._first_seen_at_ms is None:
+            self._first_seen_at_ms = seen_at_ms
         best = self._offset_at(seen_at_ms)
         if best is None or offset <= best:
             self._offset_ms, self._seen_at_ms = offset, seen_at_ms

@@ -165,13 +165,16 @@ class _Read:
     first_key_ms: int | None = None  # key time of the first record sent
     unsettled_ms: int | None = None  # key time of the record the read stopped at
     ended: bool = False  # the stream ended OK (not stopped early, not failed)
+    mature: bool = False  # the horizon's first sighting was W old when the read started
 
     @property
     def caught_up(self) -> bool:
         """The definition of caught up (module docstring)."""
         # A stop proves it only once something had settled by the horizon: before any key
         # was seen, a stop says only that the rest is within W of the newest key read.
-        stopped = self.unsettled_ms is not None and self.cutoff_ms is not None
+        # And only once the horizon itself has settled: entries held in the first W after
+        # the first sighting may be a backlog's, older than the window by the service's clock.
+        stopped = self.unsettled_ms is not None and self.cutoff_ms is not None and self.mature
         return stopped or (self.ended and self.asked == MAX_BATCH_SIZE)
 
     @property
@@ -575,6 +578,7 @@ class SpanPoller:
             windowed=windowed,
             cutoff_ms=cutoff,
             look_ahead=look_ahead,
+            mature=self._horizon.settled_once(now * 1000),
         )
 
     def _until_settled(self, key_ms: int) -> float:
