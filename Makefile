@@ -204,3 +204,4 @@ bench: setup-python peer ## benchmarks (bounded); figures printed and written to
 	$(PY) python python/benchmarks/drain_bench.py
 	$(PY) python python/benchmarks/span_api_bench.py
 	$(PY) python python/benchmarks/store_postgres_bench.py
+	$(PY) python python/benchmarks/store_bench.py

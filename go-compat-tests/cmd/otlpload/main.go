@@ -77,6 +77,7 @@ func main() {
 	duration := flag.Duration("duration", 0, "stop after this long (0: no bound)")
 	services := flag.Int("services", 4, "distinct service.name values, one per stream in turn")
 	timeout := flag.Duration("timeout", 10*time.Second, "deadline of each Export call")
+	unique := flag.Bool("unique", false, "new span ids in every request (a span store keeps each id once); otherwise a stream resends the same spans")
 	follow := flag.String("follow", "", "the internal (ReadSpans) address: also follow the WAL's head")
 	settle := flag.Duration("settle", 0, "the follower passes only keys older than this")
 	flag.Parse()
@@ -86,7 +87,7 @@ func main() {
 		flag.Usage()
 		os.Exit(2)
 	}
-	out, err := run(*addr, key, *streams, *batch, *spans, *duration, *services, *timeout, *follow, *settle)
+	out, err := run(*addr, key, *streams, *batch, *spans, *duration, *services, *timeout, *unique, *follow, *settle)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "otlpload:", err)
 		os.Exit(1)
@@ -133,7 +134,7 @@ type tally struct {
 }
 
 func run(addr, key string, streams, batch int, spans int64, duration time.Duration, services int,
-	timeout time.Duration, follow string, settle time.Duration) (report, error) {
+	timeout time.Duration, unique bool, follow string, settle time.Duration) (report, error) {
 	var plan budget
 	if spans > 0 {
 		plan.limited = true
@@ -159,7 +160,7 @@ func run(addr, key string, streams, batch int, spans int64, duration time.Durati
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := stream(addr, key, batch, fmt.Sprintf("otlpload-%d", s%services), timeout, &plan, &counts); err != nil {
+			if err := stream(addr, key, batch, fmt.Sprintf("otlpload-%d", s%services), timeout, unique, &plan, &counts); err != nil {
 				errOnce.Do(func() { firstErr = err })
 			}
 		}()
@@ -192,7 +193,7 @@ func run(addr, key string, streams, batch int, spans int64, duration time.Durati
 }
 
 // stream is one exporter: Export calls one after another until the budget says stop.
-func stream(addr, key string, batch int, service string, timeout time.Duration, plan *budget, counts *tally) error {
+func stream(addr, key string, batch int, service string, timeout time.Duration, unique bool, plan *budget, counts *tally) error {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return err
@@ -207,7 +208,7 @@ func stream(addr, key string, batch int, service string, timeout time.Duration, 
 			return nil
 		}
 		req := full
-		if n < batch {
+		if n < batch || unique {
 			req = request(service, n)
 		}
 		ctx, cancel := context.WithTimeout(base, timeout)
