@@ -151,7 +151,7 @@ async def run_backend(settings: Settings) -> AsyncIterator[Backend]:
         span_store = StoreChoice("none", None, None)
         if settings.poller_enabled:
             ingestion = await _start_ingestion_client(settings, steps)
-            span_store = _span_store(settings)
+            span_store = _span_store(settings, engine)
             poller = await _start_poller(settings, ingestion, engine, span_store, steps)
         else:
             log.info(
@@ -247,10 +247,10 @@ async def _start_ingestion_client(settings: Settings, steps: _Steps) -> Ingestio
     return ingestion
 
 
-def _span_store(settings: Settings) -> StoreChoice:
+def _span_store(settings: Settings, engine: AsyncEngine) -> StoreChoice:
     """The span store SPAN_STORE asks for (opened later, by the poller once it leads)."""
     with _startup_step("span store", "SPAN_STORE"):
-        choice = build_span_store(settings)
+        choice = build_span_store(settings, engine)
     if choice.store is None:
         log.warning(
             "SPAN_STORE=none: drained spans are counted and kept nowhere",

@@ -128,9 +128,8 @@ def async_database_url(value: str) -> str:
 
 SpanStoreChoice = Literal["auto", "duckdb", "database", "none"]
 
-# What SPAN_STORE=auto means with PostgreSQL: the PostgreSQL store (issue 19) once it is in
-# this build, "none" until then. The one place to change when it lands.
-AUTO_STORE_WITH_POSTGRESQL: Literal["database", "none"] = "none"
+# What SPAN_STORE=auto means with PostgreSQL: the PostgreSQL store (store/postgres_store.py).
+AUTO_STORE_WITH_POSTGRESQL: Literal["database", "none"] = "database"
 
 
 class Settings(BaseSettings):
@@ -245,7 +244,7 @@ class Settings(BaseSettings):
     span_store: Annotated[SpanStoreChoice, BeforeValidator(_lower)] = Field(
         default="auto",
         description="where drained spans are kept: auto (DuckDB with a SQLite DATABASE_URL; "
-        "with PostgreSQL, the PostgreSQL store once it exists, until then none), duckdb, "
+        "with PostgreSQL, the PostgreSQL store, in the checkpoint's transaction), duckdb, "
         "database (PostgreSQL only) or none (count only: keeps nothing)",
     )
     span_store_duckdb_path: str = Field(

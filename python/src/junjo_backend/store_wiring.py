@@ -19,6 +19,8 @@ from junjo_backend.database import sqlite_file
 from junjo_backend.ingestion.spans import ulid_time
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from junjo_backend.poller.loop import SpanPoller
     from junjo_backend.settings import Settings
     from junjo_backend.store.base import SpanStore
@@ -47,8 +49,12 @@ def duckdb_file(settings: Settings) -> Path:
     return folder / path
 
 
-def build_span_store(settings: Settings) -> StoreChoice:
-    """The store `SPAN_STORE` asks for (nothing is opened here: only the leader opens it)."""
+def build_span_store(settings: Settings, engine: AsyncEngine | None = None) -> StoreChoice:
+    """The store `SPAN_STORE` asks for (nothing is opened here: only the leader opens it).
+
+    The PostgreSQL store writes through the poller's connections and reads through `engine`
+    (the backend's), which it needs.
+    """
     kind = settings.span_store_kind
     if kind == "duckdb":
         from junjo_backend.store.duckdb_store import DuckDBStore  # noqa: PLC0415 (duckdb loads only when used)
@@ -57,10 +63,11 @@ def build_span_store(settings: Settings) -> StoreChoice:
         store = DuckDBStore(path, memory_limit=settings.span_store_duckdb_memory_limit)
         return StoreChoice(kind, store, str(path))
     if kind == "database":
-        # Issue 19: the PostgreSQL store, written through the checkpoint's transaction.
-        raise StoreNotBuilt(
-            "database: the PostgreSQL span store is not in this build yet; use auto or none"
-        )
+        if engine is None:
+            raise StoreNotBuilt("database: the PostgreSQL span store needs the backend's engine")
+        from junjo_backend.store.postgres_store import PostgresStore  # noqa: PLC0415
+
+        return StoreChoice(kind, PostgresStore(engine), None)
     return StoreChoice(kind, None, None)
 
 

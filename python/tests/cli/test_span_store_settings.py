@@ -65,7 +65,7 @@ def _settings(**values: object) -> Settings:
     [
         ({}, "duckdb"),
         ({"span_store": "AUTO"}, "duckdb"),
-        ({"database_url": _POSTGRES}, "none"),  # until the PostgreSQL store is in this build
+        ({"database_url": _POSTGRES}, "database"),
         ({"span_store": "database", "database_url": _POSTGRES}, "database"),
         ({"span_store": "Duckdb"}, "duckdb"),
         ({"span_store": "none"}, "none"),
