@@ -49,7 +49,12 @@ def dbdata() -> Iterator[Path]:
 
 def _run_as_other(cwd: Path, database: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     user = "nobody" if os.geteuid() == 0 else None
-    base = {k: v for k, v in os.environ.items() if k not in _SETTING_NAMES}
+    # Coverage does not follow: the other uid cannot write its data file beside ours.
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _SETTING_NAMES and not k.startswith(("COV_", "COVERAGE_"))
+    }
     return subprocess.run(
         [*as_user(user), sys.executable, "-m", "junjo_backend", *argv],
         env={**base, **_QUIET_PORTS, "DATABASE_URL": f"sqlite+aiosqlite:///{database}"},

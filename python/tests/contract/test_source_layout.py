@@ -20,7 +20,8 @@ MAX_FUNCTION_LINES = 50
 
 # Each unit's layer: a module may import its own unit and units of lower layers only.
 # Units not named here are core (layer 0): settings, database, logs, _wire, ... The span
-# API's routes stand beside the metrics collector: above the store they read, below app.
+# API's routes and the store's wiring (which store the settings pick) stand beside the
+# metrics collector: above the store they read or build, below app.
 LAYERS = {
     "ingestion": 1,
     "auth": 2,
@@ -28,6 +29,7 @@ LAYERS = {
     "store": 2,
     "metrics": 3,
     "span_api": 3,
+    "store_wiring": 3,
     "app": 4,
     "cli": 5,
     "__main__": 6,
