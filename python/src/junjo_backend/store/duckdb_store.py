@@ -24,10 +24,13 @@ from junjo_backend.store.base import StoreStats, StoreUnavailable, StoreWrite
 from junjo_backend.store.convert import (
     ConvertedBatch,
     SetAside,
-    convert_batch,
     is_patch_set_aside,
 )
-from junjo_backend.store.process_pool import ConversionError, ProcessConverter
+from junjo_backend.store.process_pool import (
+    ConversionError,
+    ProcessConverter,
+    convert_in_thread,
+)
 from junjo_backend.store.schema import (
     DUCKDB_TABLES,
     SET_ASIDE_TABLE,
@@ -37,13 +40,12 @@ from junjo_backend.store.schema import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Sequence
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from junjo_backend.ingestion.spans import SpanRecord
-
-    Converter = Callable[[Sequence[SpanRecord]], Awaitable[ConvertedBatch]]
+    from junjo_backend.store.process_pool import Converter
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +102,6 @@ def open_failure(path: Path, error: duckdb.Error) -> StoreUnavailable:
         )
     first_line = message.splitlines()[0] if message else type(error).__name__
     return StoreUnavailable(f"{path} cannot be opened: {first_line}")
-
-
-async def convert_in_thread(records: Sequence[SpanRecord]) -> ConvertedBatch:
-    """Convert off the event loop, in a thread of this process (holds the GIL meanwhile)."""
-    return await asyncio.to_thread(convert_batch, records)
 
 
 def _set_aside_table(rows: list[SetAside]) -> pa.Table:

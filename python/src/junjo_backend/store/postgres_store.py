@@ -19,9 +19,8 @@ from sqlalchemy import event, text
 
 from junjo_backend.store.api import PostgresReader
 from junjo_backend.store.base import StoreStats, StoreWrite
-from junjo_backend.store.convert import PATCH_REASON_PREFIX, ConvertedBatch
-from junjo_backend.store.duckdb_store import convert_in_thread
-from junjo_backend.store.process_pool import ProcessConverter
+from junjo_backend.store.convert import PATCH_REASON_PREFIX
+from junjo_backend.store.process_pool import ProcessConverter, convert_in_thread
 from junjo_backend.store.schema import (
     PATCH_COLUMN_NAMES,
     POSTGRES_DDL,
@@ -32,14 +31,13 @@ from junjo_backend.store.schema import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Callable, Sequence
 
     import pyarrow as pa
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
     from junjo_backend.ingestion.spans import SpanRecord
-
-    Converter = Callable[[Sequence[SpanRecord]], Awaitable[ConvertedBatch]]
+    from junjo_backend.store.process_pool import Converter
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,12 @@ from junjo_backend.store.convert import ConvertedBatch, ConvertedRows, convert_b
 from junjo_backend.store.worker import HEADER_BYTES, WorkerFailure
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from junjo_backend.ingestion.spans import SpanRecord
+
+    # What a store converts a batch with: a ProcessConverter, or convert_in_thread.
+    Converter = Callable[[Sequence[SpanRecord]], Awaitable[ConvertedBatch]]
 
 DEFAULT_WORKERS: Final = 2
 # Below this many records a batch is converted in a thread of this process (a worker's
@@ -170,3 +173,8 @@ class ProcessConverter:
         """Stop the workers (after any conversion in progress)."""
         workers, self._workers = self._workers, []
         await asyncio.gather(*(worker.stop() for worker in workers))
+
+
+async def convert_in_thread(records: Sequence[SpanRecord]) -> ConvertedBatch:
+    """Convert off the event loop, in a thread of this process (holds the GIL meanwhile)."""
+    return await asyncio.to_thread(convert_batch, records)
