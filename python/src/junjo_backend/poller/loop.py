@@ -82,6 +82,7 @@ _BACKOFF_INITIAL_SECONDS = 0.1
 # least this share of the window: re-reading the head every few milliseconds would mostly
 # re-send entries that cannot be consumed yet.
 _SETTLE_PAUSE_SHARE = 0.25
+_SETTLE_MARGIN_SECONDS = 0.01
 # While no read of its own shows whether the ingestion-service is reachable (a standby, a
 # leader backing off), the poller probes it this often: `reachable` is never older than
 # REACHABLE_MAX_AGE_SECONDS (5 s).
@@ -586,7 +587,10 @@ class SpanPoller:
         cutoff = self._horizon.cutoff(monotonic_ms())
         window = self._settle_ms / 1000
         remaining = window if cutoff is None else (key_ms - cutoff) / 1000
-        return min(window, max(remaining, window * _SETTLE_PAUSE_SHARE))
+        # Past the boundary, not onto it: the cutoff is floored to the millisecond and an
+        # old sighting widens by the clock-rate tolerance, so a wake at the exact moment
+        # finds the entry a millisecond short and spends a read holding it again.
+        return min(window, max(remaining, window * _SETTLE_PAUSE_SHARE)) + _SETTLE_MARGIN_SECONDS
 
     def _count_skipped(self, short: _Read, after: _Read) -> None:
         """Count what a short window skipped, if the read after it proves it was not the end."""
