@@ -273,6 +273,60 @@ async def test_sqlite_a_lock_held_by_another_process_keeps_the_poller_standing_b
         holder.stdout.close()
 
 
+async def test_sqlite_a_standby_that_saw_the_backlog_takes_it_over_without_holding_it(
+    make_settings: Callable[..., Settings],
+    ingestion_server: FakeIngestionServer,
+    database_url: str,
+    wal: FakeWal,
+    tmp_path: Path,
+) -> None:
+    """A standby's probe reads the entry after the checkpoint and tells its horizon.
+
+    The backlog is fresh when it lands (inside the settle window) while another process
+    holds the lock. Once the lock is free, the standby has seen the backlog for longer than
+    W, so it delivers it at once; a poller that learns of it only by its first read holds
+    all of it for W more.
+    """
+    window = 8.0
+    settings = make_settings(
+        database_url=database_url,
+        ingestion_grpc_address=ingestion_server.address,
+        poller_leader_retry_seconds=0.2,
+        poller_settle_seconds=window,
+    )
+    lock_file = lock_file_for(tmp_path / "data" / "junjo.db")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    holder = _hold_lock_file(lock_file)
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    replicas = Replicas(settings)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        poller = await replicas.start(LedgerSink())
+        keys = wal.seed(300, ms=int(time.time() * 1000))
+        # Two probe periods (2 s each) for a sighting, then W past it.
+        await asyncio.sleep(window + 4.5)
+        assert not poller.leadership.held
+        assert poller.status.spans_processed == 0
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=30)
+        await wait_until(lambda: poller.status.role == "leader")
+        # Held for W, it would come W after the takeover: half of it is the bound, and
+        # ample for a read of 300 entries (the window is this long to leave that margin).
+        await wait_until(
+            lambda: poller.status.last_key == keys[-1],
+            "the backlog, delivered without waiting out the window again",
+            limit=window / 2,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdin.close()
+        holder.stdout.close()
+        await replicas.close()
+
+
 async def test_postgresql_one_replica_drains_and_a_standby_takes_over(
     make_replicas: Callable[[str], Replicas], postgres_url: str, wal: FakeWal
 ) -> None:
@@ -342,6 +396,27 @@ async def test_postgresql_a_successor_waits_for_the_batch_under_way_and_fences_i
     finally:
         await old.close()
         await new.close()
+        await close_engine(engine)
+
+
+async def test_postgresql_a_standby_tries_again_as_the_leaders_lease_runs_out(
+    postgres_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    """A standby that finds a fresh lease waits until just past it, not a whole retry."""
+    engine = await open_engine(postgres_url)
+    settings = make_settings(
+        database_url=postgres_url, poller_leader_retry_seconds=60, poller_leader_lease_seconds=2
+    )
+    leader, standby = leadership_for(engine, settings), leadership_for(engine, settings)
+    try:
+        assert standby.next_try_in(60) == 60  # nothing seen yet: the retry interval
+        assert await leader.acquire()
+        assert not await standby.acquire()
+        assert 0 < standby.next_try_in(60) <= 2.05
+        assert standby.next_try_in(0.5) == 0.5  # never later than a retry would come
+    finally:
+        await leader.close()
+        await standby.close()
         await close_engine(engine)
 
 

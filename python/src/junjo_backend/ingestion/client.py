@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self, TypeVar
 
 import grpc
 
@@ -65,6 +65,7 @@ REACHABLE_MAX_AGE_SECONDS = 5.0
 _RETRY_INITIAL_SECONDS = 0.05
 _RETRY_MAX_SECONDS = 5.0
 _CLOSE_JOIN_SECONDS = 2.0
+_Outcome = TypeVar("_Outcome")
 # A call has at most a handful of operations due (message, status, metadata).
 _MAX_DUE_EVENTS = 8
 
@@ -410,33 +411,50 @@ class IngestionClient:
         A call of its own: for start-up, the CLI and the poller's probe while it does not
         read; never made by `/health` (see `reachable`).
         """
+        answered, _ = await self.probe(timeout)
+        return answered
+
+    async def probe(
+        self,
+        timeout: float = 1.0,  # noqa: ASYNC109 (the call's gRPC deadline)
+        *,
+        after: bytes | None = None,
+        records: int = 0,
+    ) -> tuple[bool, bytes | None]:
+        """A short ReadSpans of its own: whether it succeeded, and the last key it brought.
+
+        `records` entries after `after` at most (0: none, a pure reachability check). A
+        standby asks for one to watch the WAL move on while another replica drains it.
+        """
         stub = self._stub
         if stub is None:
-            return False
-        request = ingestion_pb2.ReadSpansRequest(batch_size=0)
+            return False, None
+        request = ingestion_pb2.ReadSpansRequest(start_key_ulid=after or b"", batch_size=records)
         loop = asyncio.get_running_loop()
-        answered: asyncio.Future[tuple[bool, str | None]] = loop.create_future()
+        answered: asyncio.Future[tuple[bool, str | None, bytes | None]] = loop.create_future()
 
-        def probe() -> None:
-            outcome: tuple[bool, str | None] = (True, None)
+        def call() -> None:
+            outcome: tuple[bool, str | None, bytes | None] = (True, None, None)
+            last_key: bytes | None = None
             try:
-                for _ in stub.ReadSpans(request, timeout=timeout, wait_for_ready=False):
-                    pass
+                for response in stub.ReadSpans(request, timeout=timeout, wait_for_ready=False):
+                    last_key = response.key_ulid
+                outcome = (True, None, last_key)
             except grpc.RpcError as error:
                 code, details = rpc_status(error)
                 log.debug(
                     "ingestion-service probe failed", extra={"code": code.name, "details": details}
                 )
-                outcome = (answered_with(code, details), f"{code.name}: {details}")
+                outcome = (answered_with(code, details), f"{code.name}: {details}", None)
             except ValueError:  # closed channel
-                outcome = (False, "the ingestion client was closed")
+                outcome = (False, "the ingestion client was closed", None)
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting
                 loop.call_soon_threadsafe(_answer_once, answered, outcome)
 
-        self._start_worker(probe)
-        reachable, failure = await answered
+        self._start_worker(call)
+        reachable, failure, key = await answered
         self._seen(reachable=reachable, error=failure)
-        return failure is None
+        return failure is None, key
 
     async def read_spans(self, start_key: bytes | None, batch_size: int = 100) -> list[SpanRecord]:
         """Up to `batch_size` records after `start_key` (None or b"": from the oldest), in order."""
@@ -570,9 +588,7 @@ def _join_all(workers: list[threading.Thread], seconds: float) -> int:
     return sum(worker.is_alive() for worker in workers)
 
 
-def _answer_once(
-    future: asyncio.Future[tuple[bool, str | None]], outcome: tuple[bool, str | None]
-) -> None:
+def _answer_once(future: asyncio.Future[_Outcome], outcome: _Outcome) -> None:
     """Resolve the probe's future with its outcome, unless it was cancelled meanwhile."""
     if not future.done():
         future.set_result(outcome)

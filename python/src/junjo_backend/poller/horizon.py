@@ -52,10 +52,14 @@ class SettleHorizon:
             return None
         return self._offset_ms + max(0.0, at_ms - self._seen_at_ms) * CLOCK_RATE_TOLERANCE
 
-    def see(self, key_ms: int, seen_at_ms: float) -> None:
-        """A key of this time was received at `seen_at_ms` (so it was committed by then)."""
+    def see(self, key_ms: int, seen_at_ms: float, *, matures: bool = True) -> None:
+        """A key of this time was received at `seen_at_ms` (so it was committed by then).
+
+        `matures=False`: a sighting that is not a read of the drain's own (a standby's
+        probe) tightens the offset but does not start `settled_once`'s window.
+        """
         offset = seen_at_ms - key_ms
-        if self._first_seen_at_ms is None:
+        if matures and self._first_seen_at_ms is None:
             self._first_seen_at_ms = seen_at_ms
         best = self._offset_at(seen_at_ms)
         if best is None or offset <= best:

@@ -58,6 +58,9 @@ _PING_TIMEOUT_SECONDS = 5.0
 # timeout, PostgreSQL 14+), so that its next lock try finds the lock free.
 _TERMINATE_WAIT_MS = 5000
 _RENEWALS_PER_LEASE = 3
+# A standby that saw a fresh lease tries again this long after it would run out, so that
+# it finds the lease just expired rather than waiting out a whole retry interval past it.
+_AFTER_EXPIRY_SECONDS = 0.05
 
 
 class LeadershipLost(Exception):  # noqa: N818 (a state, as PostgreSQL's own names say)
@@ -98,6 +101,10 @@ class PollerLeadership(ABC):
         self._epoch = epoch
         self._on_acquired()
         return True
+
+    def next_try_in(self, retry_seconds: float) -> float:
+        """Seconds until a standby's next try for leadership (at most `retry_seconds`)."""
+        return retry_seconds
 
     async def fence(self, conn: AsyncConnection) -> None:
         """Inside a commit's transaction: raise LeadershipLost unless this replica still leads.
@@ -189,13 +196,23 @@ class PostgresLeadership(PollerLeadership):
         self._connection: AsyncConnection | None = None
         self._backend_pid: int | None = None
         self._watch: asyncio.Task[None] | None = None
+        # What was left of the holder's lease at the last try that found it fresh.
+        self._lease_left: float | None = None
 
     @property
     def backend_pid(self) -> int | None:
         """The PostgreSQL backend process of the lock connection (for pg_terminate_backend)."""
         return self._backend_pid
 
+    def next_try_in(self, retry_seconds: float) -> float:
+        """Just past the holder's lease when it runs out before the next retry would come."""
+        left = self._lease_left
+        if left is None:
+            return retry_seconds
+        return min(retry_seconds, max(0.0, left) + _AFTER_EXPIRY_SECONDS)
+
     async def _take_lock(self) -> bool:
+        self._lease_left = None
         connection = await self._lock_engine.connect()
         try:
             # Autocommit: a session lock needs no transaction, and an idle open transaction
@@ -243,9 +260,12 @@ class PostgresLeadership(PollerLeadership):
                 {"class_key": LOCK_CLASS, "object_key": LOCK_OBJECT, "form": _TWO_KEY_FORM},
             )
         ).first()
-        if row is None or float(row[1]) <= self._lease_seconds:
-            return False  # no lease, another session holds the lock, or the lease is fresh
+        if row is None:
+            return False  # no lease, or another session than the lease's holder has the lock
         holder, silent = str(row[0]), float(row[1])
+        if silent <= self._lease_seconds:
+            self._lease_left = self._lease_seconds - silent  # fresh: try again as it runs out
+            return False
         ended = await connection.scalar(
             text(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, :wait)) FROM "

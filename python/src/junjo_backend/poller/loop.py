@@ -400,9 +400,23 @@ class SpanPoller:
         while True:
             age = self._client.evidence_age()
             if age is None or age >= _PROBE_EVERY_SECONDS:
-                await self._client.check_connection(timeout)
+                await self._probe_once(timeout)
                 age = 0.0
             await asyncio.sleep(_PROBE_EVERY_SECONDS - age)
+
+    async def _probe_once(self, timeout: float) -> None:  # noqa: ASYNC109 (the probe's deadline)
+        """A leader checks the connection; a standby also reads the entry after the checkpoint.
+
+        The standby's sighting (that key, committed by now) goes to the horizon, so that on
+        taking over it knows which of the backlog has settled and does not hold it a window
+        more (docs/design/settle-window.md).
+        """
+        if self._role == "leader":
+            await self._client.check_connection(timeout)
+            return
+        answered, key = await self._client.probe(timeout, after=self._checkpoint, records=1)
+        if answered and key:
+            self._horizon.see(ulid_millis(key), monotonic_ms(), matures=False)
 
     async def _wait_after_failure(self, error: Exception, failures: int) -> None:
         """Report a failed drain and wait before retrying from the checkpoint."""
@@ -442,7 +456,7 @@ class SpanPoller:
             return False
         if await self._try_to_lead():
             return True
-        await self._pause(self._settings.poller_leader_retry_seconds)
+        await self._pause(self._leadership.next_try_in(self._settings.poller_leader_retry_seconds))
         return False
 
     async def _try_to_lead(self) -> bool:
