@@ -5,6 +5,10 @@
 // comes first, and prints one JSON object: spans sent and accepted, the accepted rate, the
 // wall-clock times of the first send and the last acceptance, and errors by status code.
 //
+// With -rate R the streams together send at most R spans a second (each request waits for
+// its turn on one schedule), still concurrently: a load a drain can keep up with, whose lag
+// is then the drain's own and not its throughput's.
+//
 // The key is read from the environment variable named by -key-env, never from the command
 // line (which other processes can read).
 //
@@ -75,6 +79,7 @@ func main() {
 	batch := flag.Int("batch", 512, "spans per Export request")
 	spans := flag.Int64("spans", 0, "stop after sending this many spans (0: no bound)")
 	duration := flag.Duration("duration", 0, "stop after this long (0: no bound)")
+	rate := flag.Float64("rate", 0, "spans a second over all streams at most (0: as fast as accepted)")
 	services := flag.Int("services", 4, "distinct service.name values, one per stream in turn")
 	timeout := flag.Duration("timeout", 10*time.Second, "deadline of each Export call")
 	unique := flag.Bool("unique", false, "new span ids in every request (a span store keeps each id once); otherwise a stream resends the same spans")
@@ -82,12 +87,12 @@ func main() {
 	settle := flag.Duration("settle", 0, "the follower passes only keys older than this")
 	flag.Parse()
 	key := os.Getenv(*keyEnv)
-	if key == "" || *streams < 1 || *batch < 1 || *services < 1 || (*spans <= 0 && *duration <= 0) {
-		fmt.Fprintln(os.Stderr, "otlpload: needs the key in $"+*keyEnv+", -streams, -batch >= 1, and -spans or -duration")
+	if key == "" || *streams < 1 || *batch < 1 || *services < 1 || (*spans <= 0 && *duration <= 0) || *rate < 0 {
+		fmt.Fprintln(os.Stderr, "otlpload: needs the key in $"+*keyEnv+", -streams, -batch >= 1, -rate >= 0, and -spans or -duration")
 		flag.Usage()
 		os.Exit(2)
 	}
-	out, err := run(*addr, key, *streams, *batch, *spans, *duration, *services, *timeout, *unique, *follow, *settle)
+	out, err := run(*addr, key, *streams, *batch, *spans, *duration, *rate, *services, *timeout, *unique, *follow, *settle)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "otlpload:", err)
 		os.Exit(1)
@@ -102,6 +107,9 @@ type budget struct {
 	left     atomic.Int64 // spans not yet handed out; unbounded when limited is false
 	limited  bool
 	deadline time.Time // zero: none
+	rate     float64   // spans a second at most; 0: no pacing
+	start    time.Time // when the schedule of a paced budget starts
+	handed   atomic.Int64
 }
 
 // take reserves up to n spans; 0 means stop.
@@ -110,6 +118,7 @@ func (b *budget) take(n int) int {
 		return 0
 	}
 	if !b.limited {
+		b.pace(int64(n))
 		return n
 	}
 	for {
@@ -119,8 +128,22 @@ func (b *budget) take(n int) int {
 		}
 		got := min(int64(n), left)
 		if b.left.CompareAndSwap(left, left-got) {
+			b.pace(got)
 			return int(got)
 		}
+	}
+}
+
+// pace waits until the schedule allows n more spans: the k-th span is due k/rate seconds
+// after the start.
+func (b *budget) pace(n int64) {
+	if b.rate <= 0 {
+		return
+	}
+	before := b.handed.Add(n) - n
+	due := b.start.Add(time.Duration(float64(before) / b.rate * float64(time.Second)))
+	if wait := time.Until(due); wait > 0 {
+		time.Sleep(wait)
 	}
 }
 
@@ -133,14 +156,15 @@ type tally struct {
 	lastAccept time.Time
 }
 
-func run(addr, key string, streams, batch int, spans int64, duration time.Duration, services int,
-	timeout time.Duration, unique bool, follow string, settle time.Duration) (report, error) {
+func run(addr, key string, streams, batch int, spans int64, duration time.Duration, rate float64,
+	services int, timeout time.Duration, unique bool, follow string, settle time.Duration) (report, error) {
 	var plan budget
 	if spans > 0 {
 		plan.limited = true
 		plan.left.Store(spans)
 	}
 	start := time.Now()
+	plan.rate, plan.start = rate, start
 	if duration > 0 {
 		plan.deadline = start.Add(duration)
 	}
