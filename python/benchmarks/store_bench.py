@@ -116,27 +116,36 @@ def _python_descendants(pid: int) -> list[int]:
 
 
 class RssSampler:
-    """Samples RSS (this process + its Python workers) every 50 ms on a thread; keeps the peak."""
+    """Samples RSS (this process + its Python workers) every 50 ms on a thread; keeps the peak.
+
+    It runs in the benchmarked process and takes the GIL: the workers are looked for once a
+    second (a walk of /proc), and each sample reads only their statm files.
+    """
 
     def __init__(self) -> None:
         self.peak = 0.0
         self.workers: set[int] = set()
+        self._pids: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
-    def sample(self) -> float:
+    def sample(self, *, look_for_workers: bool = True) -> float:
         """RSS now, in MB."""
+        if look_for_workers:
+            self._pids = _python_descendants(os.getpid())
+            self.workers.update(self._pids)
         total = _rss_mb(os.getpid())
-        for pid in _python_descendants(os.getpid()):
+        for pid in self._pids:
             with contextlib.suppress(OSError):
                 total += _rss_mb(pid)
-                self.workers.add(pid)
         self.peak = max(self.peak, total)
         return total
 
     def _run(self) -> None:
+        samples = 0
         while not self._stop.wait(0.05):
-            self.sample()
+            samples += 1
+            self.sample(look_for_workers=samples % 20 == 0)
 
     def __enter__(self) -> Self:
         """Start sampling."""

@@ -4,8 +4,8 @@
 environment only); the Go peer and this test keep the host's clock, so the peer's keys carry
 the true time. `DONT_FAKE_MONOTONIC=1`: a host with a wrong wall clock still has a right
 monotonic one (and `FAKETIME_FORCE_MONOTONIC_FIX=0`, see below); the poller's settle
-horizon rests on its monotonic clock and the keys
-(docs/design/settle-window.md). Concurrent OTLP load (otlpload, paced below the drain's speed) commits entries out of key
+horizon rests on its monotonic clock and the keys (docs/design/settle-window.md).
+Concurrent OTLP load (otlpload, paced below the drain's speed) commits entries out of key
 order, as the real ingestion-service does. Expected: no span lost (the WAL's census through
 the peer's walseed), no skip reported, and no wait of the skew's size.
 """

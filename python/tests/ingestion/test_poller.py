@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -136,6 +137,41 @@ async def test_drains_the_wal_in_order_and_checkpoints(
     more = wal.seed(5)
     await caught_up_at(poller, more[-1])
     assert sink.keys == keys + more
+
+
+class PreparingSink(RecordingSink):
+    """A sink that converts ahead, as the store sink does: it hears of each next batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared: list[list[bytes]] = []
+        self.events: list[tuple[str, bytes]] = []
+
+    def prepare(self, batch: Sequence[SpanRecord]) -> None:
+        self.prepared.append([record.key for record in batch])
+        self.events.append(("prepare", batch[0].key))
+
+    async def handle(self, batch: Sequence[SpanRecord], conn: AsyncConnection) -> None:
+        self.events.append(("handle", batch[0].key))
+        await super().handle(batch, conn)
+
+
+async def test_a_sink_that_converts_ahead_hears_of_each_next_batch_before_this_one_commits(
+    make_poller: Callable[..., SpanPoller], wal: FakeWal, engine: AsyncEngine
+) -> None:
+    keys = wal.seed(1050, ms=int(time.time() * 1000) - 1000)
+    sink = PreparingSink()
+    poller = make_poller(sink)
+    await poller.start()
+    await caught_up_at(poller, keys[-1])
+    # Every record once, in order, in whole batches; the checkpoint at the last.
+    assert sink.keys == keys
+    assert [len(batch) for batch in sink.batches] == [100] * 10 + [50]
+    assert await checkpoint_in(engine) == keys[-1]
+    # Each batch but the first was named, whole, before the batch ahead of it was handed over.
+    assert sink.prepared == sink.batches[1:]
+    for before, after in itertools.pairwise(sink.batches):
+        assert sink.events.index(("prepare", after[0])) < sink.events.index(("handle", before[0]))
 
 
 async def test_resumes_after_the_stored_checkpoint(

@@ -15,7 +15,7 @@ import pytest
 
 from junjo_backend.store import duckdb_store
 from junjo_backend.store.base import StoreUnavailable, StoreWrite
-from junjo_backend.store.duckdb_store import DuckDBStore, StoreWriteError
+from junjo_backend.store.duckdb_store import CHECKPOINT_THRESHOLD, DuckDBStore, StoreWriteError
 from junjo_backend.store.schema import DUCKDB_TABLES
 from tests.store.records import key, record, set_state
 
@@ -241,9 +241,10 @@ async def write_until_full(
     raise AssertionError("the disk never filled up")
 
 
-# Where the disk fills: DuckDB's write-ahead log at a commit (the connection survives), or
-# a checkpoint (DuckDB then invalidates the database: only a new connection can go on).
-@pytest.mark.parametrize("checkpoint_threshold", ["16MB", "1KB"])
+# Where the disk fills: DuckDB's write-ahead log at a commit (the connection survives: the
+# store's own threshold, far above the tiny disk), or a checkpoint (DuckDB then invalidates
+# the database: only a new connection can go on).
+@pytest.mark.parametrize("checkpoint_threshold", [CHECKPOINT_THRESHOLD, "1KB"])
 async def test_a_full_disk_fails_the_batch_and_a_later_write_stores_it(
     tiny_disk: Path, engine: AsyncEngine, checkpoint_threshold: str
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 
-from junjo_backend.store.convert import ConvertedRows
+from junjo_backend.store.convert import ConvertedBatch
 from junjo_backend.store.worker import WorkerFailure, read_frame, serve, write_frame
 from tests.store.records import record
 
@@ -25,9 +25,9 @@ def test_the_worker_answers_every_task_until_its_input_ends() -> None:
         answers.append(pickle.loads(frame))  # noqa: S301 (our own test's frames)
     assert len(answers) == 3
     first, failure, empty = answers
-    assert isinstance(first, ConvertedRows)
-    assert [row[3] for row in first.spans] == ["svc", "svc"]
+    assert isinstance(first, ConvertedBatch)
+    assert first.spans["service_name"].to_pylist() == ["svc", "svc"]
     assert isinstance(failure, WorkerFailure)
     assert failure.message.startswith("UnpicklingError")
-    assert isinstance(empty, ConvertedRows)
+    assert isinstance(empty, ConvertedBatch)
     assert empty.records == 0

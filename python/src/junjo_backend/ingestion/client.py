@@ -56,8 +56,9 @@ MAX_BATCH_SIZE = 2**32 - 1
 # has waited this long (so a slow trickle still reaches the caller promptly).
 _CHUNK_RECORDS = 256
 _CHUNK_MAX_AGE_SECONDS = 0.02
-# Chunks read ahead of the caller: 16 x 256 records of ~1 KB is a few MB at most.
-_CHUNKS_AHEAD = 16
+# Chunks read ahead of the caller: 48 x 256 records of ~1 KB, about 12 MB at most, more
+# than one batch (POLLER_BATCH_SIZE, 10,000): the stream keeps coming while a batch commits.
+_CHUNKS_AHEAD = 48
 
 # What `reachable` reports is never older than this: older evidence reads as not known.
 REACHABLE_MAX_AGE_SECONDS = 5.0

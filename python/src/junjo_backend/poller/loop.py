@@ -61,7 +61,13 @@ from junjo_backend.ingestion.spans import ulid_millis, ulid_time
 from junjo_backend.poller.checkpoint import load_checkpoint, save_checkpoint
 from junjo_backend.poller.horizon import SettleHorizon, monotonic_ms
 from junjo_backend.poller.leadership import LeadershipLost, PollerLeadership, leadership_for
-from junjo_backend.poller.sinks import PollerStore, ServiceTally, SpanSink, StoreSink
+from junjo_backend.poller.sinks import (
+    PollerStore,
+    PreparingSink,
+    ServiceTally,
+    SpanSink,
+    StoreSink,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -216,6 +222,7 @@ class SpanPoller:
                     store, sigkill_after_commits=settings.test_only_sigkill_after_store_commits
                 )
         self._sink: SpanSink = sink
+        self._prepare = sink.prepare if isinstance(sink, PreparingSink) else None
         self._settings = settings
         self._task: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
@@ -626,6 +633,9 @@ class SpanPoller:
     async def _drain(self, read: _Read) -> None:
         """Read one stream from the checkpoint, committing batch by batch, filling in `read`."""
         batch_size = self._settings.poller_batch_size
+        # A sink that converts ahead gets a batch once the next one is read too: the next
+        # converts while this one is stored.
+        full = batch_size * (1 if self._prepare is None else 2)
         pending: list[SpanRecord] = []
         held: list[SpanRecord] = []  # read but not settled yet
         chunks = self._client.stream_chunks(self._checkpoint, read.asked)
@@ -637,8 +647,8 @@ class SpanPoller:
                 stop = self._take(read, chunk, pending, held)
                 if pending or held:
                     self._oldest_unprocessed_ms = ulid_millis((pending or held)[0].key)
-                while len(pending) >= batch_size:
-                    await self._commit(pending[:batch_size])
+                while len(pending) >= full:
+                    await self._commit(pending, batch_size)
                     del pending[:batch_size]
                 if stop:
                     break
@@ -648,8 +658,9 @@ class SpanPoller:
                     self._head_seen_at = time.monotonic()  # the newest key has been seen
         if held:
             read.unsettled_ms = ulid_millis(held[0].key)
-        for start in range(0, len(pending), batch_size):
-            await self._commit(pending[start : start + batch_size])
+        while pending:
+            await self._commit(pending, batch_size)
+            del pending[:batch_size]
 
     def _take(
         self,
@@ -684,8 +695,14 @@ class SpanPoller:
             return read.dropped_ms <= cutoff
         return bool(held) and not read.look_ahead
 
-    async def _commit(self, batch: list[SpanRecord]) -> None:
-        """Hand the records to the sink and move the checkpoint, in one transaction."""
+    async def _commit(self, pending: list[SpanRecord], batch_size: int) -> None:
+        """Hand the first `batch_size` records to the sink and move the checkpoint past them.
+
+        One transaction. A sink that converts ahead is told of the batch after them first.
+        """
+        batch = pending[:batch_size]
+        if self._prepare is not None and len(pending) > batch_size:
+            self._prepare(pending[batch_size : 2 * batch_size])
         last_key = batch[-1].key
         self._in_transaction = True
         try:

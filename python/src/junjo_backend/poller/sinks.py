@@ -12,7 +12,7 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from junjo_backend.ingestion.spans import ResourceCatalog, ulid_millis
 
@@ -24,6 +24,15 @@ if TYPE_CHECKING:
     from junjo_backend.ingestion.spans import SpanRecord
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class PreparingSink(Protocol):
+    """A sink that can make ready, ahead of time, the batch it will most likely get next."""
+
+    def prepare(self, batch: Sequence[SpanRecord]) -> None:
+        """A hint with no effect on what is kept: `handle` may get another batch instead."""
+        ...
 
 
 class SpanSink(Protocol):
@@ -166,6 +175,10 @@ class PollerStore(Protocol):
         """Store `batch` inside the checkpoint's transaction; raises on any failure."""
         ...
 
+    def prepare(self, batch: Sequence[SpanRecord]) -> None:
+        """A hint that `batch` is likely the next `write` (it may convert it meanwhile)."""
+        ...
+
     def stats(self) -> StoreTotals:
         """Its totals, without touching the database."""
         ...
@@ -200,6 +213,10 @@ class StoreSink:
     def tally(self) -> ServiceTally:
         """The per-service counts."""
         return self._tally
+
+    def prepare(self, batch: Sequence[SpanRecord]) -> None:
+        """The batch the poller will most likely hand over next (the store converts it)."""
+        self._store.prepare(batch)
 
     async def handle(self, batch: Sequence[SpanRecord], conn: AsyncConnection) -> None:
         """Store the batch, then count it."""

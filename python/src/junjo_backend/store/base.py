@@ -74,6 +74,13 @@ class SpanStore(Protocol):
         """
         ...
 
+    def prepare(self, batch: Sequence[SpanRecord]) -> None:
+        """A hint: `batch` is likely the next `write`. The store may convert it meanwhile.
+
+        Nothing of it is stored until it is written; a write of another batch ignores it.
+        """
+        ...
+
     def stats(self) -> StoreStats:
         """The current totals, without touching the database."""
         ...

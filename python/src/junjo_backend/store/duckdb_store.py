@@ -14,8 +14,9 @@ import contextlib
 import logging
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -26,7 +27,9 @@ from junjo_backend.store.convert import (
     SetAside,
     is_patch_set_aside,
 )
+from junjo_backend.store.priority import yield_to_auth
 from junjo_backend.store.process_pool import (
+    AheadConverter,
     ConversionError,
     ProcessConverter,
     convert_in_thread,
@@ -40,7 +43,7 @@ from junjo_backend.store.schema import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -49,9 +52,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_Result = TypeVar("_Result")
+
 DEFAULT_MEMORY_LIMIT: Final = "256MB"
 # New files in the storage format DuckDB 1.0 and 1.1 (the Go backend) read and write.
 STORAGE_COMPATIBILITY_VERSION: Final = "v1.0.0"
+# DuckDB checkpoints when its write-ahead log passes this (its default is 16MB). In the
+# v1.0.0 format a checkpoint rewrites every index whole, so at 16MB (about one batch of
+# 10,000 Junjo spans) the file's growth made each write slower than the last: 14,000
+# inserted spans/s over 300,000 spans. At 256MB, 21,800/s over 1,000,000 (a checkpoint
+# every ~200,000 spans, 2-4 s each at 1M); docs/design/span-store.md.
+CHECKPOINT_THRESHOLD: Final = "256MB"
 
 # "Could not set lock on file "...": Conflicting lock is held in /usr/bin/x (PID 123) ..."
 _LOCK_HOLDER: Final = re.compile(
@@ -139,12 +150,17 @@ class DuckDBStore:
         self._memory_limit = memory_limit
         self._pool = ProcessConverter() if converter == "process" else None
         self._convert: Converter = self._pool or convert_in_thread
+        # The next batch converts while this one is inserted (process_pool.AheadConverter).
+        self._ahead = AheadConverter(self._converted)
         self._db: duckdb.DuckDBPyConnection | None = None
         # Reads (the span API) get cursors of a connection of their own: never the writer's,
         # which a write is using in another thread.
         self._reader: duckdb.DuckDBPyConnection | None = None
         self._reader_lock = threading.Lock()
         self._lock = asyncio.Lock()
+        # The writer's statements run on one thread of the store's own, below auth
+        # (priority.py); it lives from open to close.
+        self._thread: ThreadPoolExecutor | None = None
         self._watermark: bytes | None = None
         self._spans = 0
         self._set_aside = 0
@@ -174,7 +190,7 @@ class DuckDBStore:
         """Open the file (creating it and the missing tables); raises `StoreUnavailable`."""
         async with self._lock:
             if self._db is None:
-                await asyncio.to_thread(self._open_sync)
+                await self._in_thread(self._open_sync)
             if self._pool is not None:
                 try:
                     await self._pool.start()
@@ -187,7 +203,11 @@ class DuckDBStore:
     async def close(self) -> None:
         """Close the file, after any write in progress; closing twice is harmless."""
         async with self._lock:
-            await asyncio.to_thread(self._close_sync)
+            await self._in_thread(self._close_sync)
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                thread.shutdown(wait=False)  # idle by now: nothing is queued behind the close
+            await self._ahead.close()
             if self._pool is not None:
                 await self._pool.close()
 
@@ -210,6 +230,22 @@ class DuckDBStore:
             watermark=self._watermark,
         )
 
+    async def _in_thread(self, work: Callable[..., _Result], *args: object) -> _Result:
+        """`work(*args)` on the store's thread (made at the first call after a close)."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="span-store", initializer=yield_to_auth
+            )
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+
+    async def _converted(self, records: Sequence[SpanRecord]) -> ConvertedBatch:
+        """By the converter of the moment (a thread's once the workers failed to start)."""
+        return await self._convert(records)
+
+    def prepare(self, batch: Sequence[SpanRecord]) -> None:
+        """The batch likely to be written next: it converts while the current one inserts."""
+        self._ahead.prepare(batch)
+
     async def write(self, batch: Sequence[SpanRecord], conn: AsyncConnection) -> StoreWrite:  # noqa: ARG002 (DuckDB commits on its own, before the checkpoint)
         """Store the records above the watermark, committed before this returns.
 
@@ -218,14 +254,14 @@ class DuckDBStore:
         """
         async with self._lock:
             if self._reopen:
-                await asyncio.to_thread(self._reopen_sync)
+                await self._in_thread(self._reopen_sync)
             self._require_open()
             watermark = self._watermark or b""
             fresh = [record for record in batch if record.key > watermark]
             if not fresh:
                 return StoreWrite(stored=0, patches=0, set_aside=0, skipped=len(batch))
-            converted = await self._convert(fresh)
-            written = await asyncio.to_thread(self._insert_sync, converted)
+            converted = await self._ahead(fresh)
+            written = await self._in_thread(self._insert_sync, converted)
         spans_set_aside = sum(1 for row in converted.set_aside if not is_patch_set_aside(row))
         skipped = len(batch) - written.stored - spans_set_aside
         return StoreWrite(written.stored, written.patches, written.set_aside, skipped)
@@ -249,6 +285,8 @@ class DuckDBStore:
         config: dict[str, str | bool | int | float | list[str]] = {
             "memory_limit": self._memory_limit,
             "storage_compatibility_version": STORAGE_COMPATIBILITY_VERSION,
+            "checkpoint_threshold": CHECKPOINT_THRESHOLD,
+            "threads": 1,
         }
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)

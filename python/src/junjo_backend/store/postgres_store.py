@@ -20,7 +20,7 @@ from sqlalchemy import event, text
 from junjo_backend.store.api import PostgresReader
 from junjo_backend.store.base import StoreStats, StoreWrite
 from junjo_backend.store.convert import PATCH_REASON_PREFIX
-from junjo_backend.store.process_pool import ProcessConverter, convert_in_thread
+from junjo_backend.store.process_pool import AheadConverter, ProcessConverter, convert_in_thread
 from junjo_backend.store.schema import (
     PATCH_COLUMN_NAMES,
     POSTGRES_DDL,
@@ -106,6 +106,8 @@ class PostgresStore:
         # starts them at open), so the event loop keeps serving auth.
         self._pool = ProcessConverter() if converter == "process" else None
         self._convert: Converter = self._pool or convert_in_thread
+        # The next batch converts while this one is written (process_pool.AheadConverter).
+        self._ahead = AheadConverter(self._convert)
         self._spans = 0
         self._set_aside = 0
 
@@ -126,6 +128,7 @@ class PostgresStore:
 
     async def close(self) -> None:
         """Stop the conversion workers; no connection is held between writes."""
+        await self._ahead.close()
         if self._pool is not None:
             await self._pool.close()
 
@@ -150,9 +153,13 @@ class PostgresStore:
 
         return committed
 
+    def prepare(self, batch: Sequence[SpanRecord]) -> None:
+        """The batch likely to be written next: it converts while the current one is written."""
+        self._ahead.prepare(batch)
+
     async def write(self, batch: Sequence[SpanRecord], conn: AsyncConnection) -> StoreWrite:
         """Stage and insert the batch through `conn`; it commits with the checkpoint."""
-        converted = await self._convert(batch)
+        converted = await self._ahead(batch)
         for statement in _STAGING:
             await conn.execute(text(statement))
         driver = await _driver(conn)

@@ -2,8 +2,10 @@
 
 It reads tasks from stdin and writes results to stdout, each an 8-byte big-endian length
 and a pickle: a task is a list of (key, span, resource) bytes, its result the
-`ConvertedRows` of `convert_fields`, or a `WorkerFailure`. It imports the conversion
-only (no pyarrow, no gRPC, no DuckDB), and ends at the end of its input.
+`ConvertedBatch` of `convert_fields` (Arrow tables, which pickle as their buffers: the
+backend takes them in without a Python object a value), or a `WorkerFailure`. It imports
+the conversion and pyarrow only (no gRPC, no DuckDB, not the backend), and ends at the end
+of its input.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from junjo_backend.store.convert import convert_fields
+from junjo_backend.store.convert import convert_fields, to_arrow
+from junjo_backend.store.priority import yield_to_auth
 
 HEADER_BYTES = 8
 
@@ -46,11 +49,12 @@ def serve(tasks: BinaryIO, results: BinaryIO) -> None:
         try:
             # The tasks come from the backend that started this process, over its pipe.
             fields = pickle.loads(frame)  # noqa: S301
-            result: object = convert_fields(fields)
+            result: object = to_arrow(convert_fields(fields))
         except Exception as error:  # noqa: BLE001 (reported to the backend, which retries)
             result = WorkerFailure(f"{type(error).__name__}: {error}".splitlines()[0])
         write_frame(results, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 if __name__ == "__main__":
+    yield_to_auth()  # one thread: the whole process
     serve(sys.stdin.buffer, sys.stdout.buffer)
