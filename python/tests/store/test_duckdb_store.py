@@ -15,7 +15,12 @@ import pytest
 
 from junjo_backend.store import duckdb_store
 from junjo_backend.store.base import StoreUnavailable, StoreWrite
-from junjo_backend.store.duckdb_store import CHECKPOINT_THRESHOLD, DuckDBStore, StoreWriteError
+from junjo_backend.store.duckdb_store import (
+    DEFAULT_MEMORY_LIMIT,
+    DuckDBStore,
+    StoreWriteError,
+    checkpoint_threshold,
+)
 from junjo_backend.store.schema import DUCKDB_TABLES
 from tests.store.records import key, record, set_state
 
@@ -244,16 +249,16 @@ async def write_until_full(
 # Where the disk fills: DuckDB's write-ahead log at a commit (the connection survives: the
 # store's own threshold, far above the tiny disk), or a checkpoint (DuckDB then invalidates
 # the database: only a new connection can go on).
-@pytest.mark.parametrize("checkpoint_threshold", [CHECKPOINT_THRESHOLD, "1KB"])
+@pytest.mark.parametrize("threshold", [checkpoint_threshold(DEFAULT_MEMORY_LIMIT), "1KB"])
 async def test_a_full_disk_fails_the_batch_and_a_later_write_stores_it(
-    tiny_disk: Path, engine: AsyncEngine, checkpoint_threshold: str
+    tiny_disk: Path, engine: AsyncEngine, threshold: str
 ) -> None:
     path = tiny_disk / "otel_data.db"
     store = DuckDBStore(path, converter="thread")
     await store.open()
     try:
         assert store._db is not None
-        store._db.execute(f"SET checkpoint_threshold = '{checkpoint_threshold}'")
+        store._db.execute(f"SET checkpoint_threshold = '{threshold}'")
         batches = [
             [record(n, padding=2000) for n in range(b * 200, b * 200 + 200)] for b in range(40)
         ]
@@ -317,3 +322,35 @@ async def test_running_out_of_memory_names_the_limit(tmp_path: Path, engine: Asy
         assert await store.watermark() == b""
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("memory_limit", "threshold"),
+    [("256MB", "16MB"), ("1GB", "62MB"), ("1.5GiB", "101MB"), ("4GB", "250MB"), ("64GB", "256MB")],
+)
+def test_the_checkpoint_threshold_is_a_sixteenth_of_the_memory_limit(
+    memory_limit: str, threshold: str
+) -> None:
+    # What DuckDB's log holds sits in memory beside the indexes until a checkpoint.
+    assert checkpoint_threshold(memory_limit) == threshold
+
+
+async def test_the_store_opens_duckdb_with_its_limit_and_threshold(tmp_path: Path) -> None:
+    store = DuckDBStore(tmp_path / "otel_data.db", memory_limit="1GB", converter="thread")
+    await store.open()
+    try:
+        cursor = store.cursor()
+        settings = dict(
+            cursor.execute(
+                "SELECT name, value FROM duckdb_settings() "
+                "WHERE name IN ('memory_limit', 'checkpoint_threshold', 'threads')"
+            ).fetchall()
+        )
+        cursor.close()
+    finally:
+        await store.close()
+    assert settings == {
+        "memory_limit": "953.6 MiB",
+        "checkpoint_threshold": "59.1 MiB",
+        "threads": "1",
+    }

@@ -57,12 +57,16 @@ _Result = TypeVar("_Result")
 DEFAULT_MEMORY_LIMIT: Final = "256MB"
 # New files in the storage format DuckDB 1.0 and 1.1 (the Go backend) read and write.
 STORAGE_COMPATIBILITY_VERSION: Final = "v1.0.0"
-# DuckDB checkpoints when its write-ahead log passes this (its default is 16MB). In the
-# v1.0.0 format a checkpoint rewrites every index whole, so at 16MB (about one batch of
-# 10,000 Junjo spans) the file's growth made each write slower than the last: 14,000
-# inserted spans/s over 300,000 spans. At 256MB, 21,800/s over 1,000,000 (a checkpoint
-# every ~200,000 spans, 2-4 s each at 1M); docs/design/span-store.md.
-CHECKPOINT_THRESHOLD: Final = "256MB"
+# DuckDB checkpoints when its write-ahead log passes `checkpoint_threshold` (its default is
+# 16MB). In the v1.0.0 format a checkpoint rewrites every index whole, so at 16MB (about
+# one batch of 10,000 Junjo spans) each write cost more than the last: 14,000 inserted
+# spans/s over 300,000 spans; at 256MB, 21,800/s over 1,000,000. But what the log holds is
+# in memory too, beside the indexes: at memory_limit 256MB a 256MB threshold ran out of
+# memory at a checkpoint before 200,000 spans. So the threshold is a sixteenth of the
+# limit, from DuckDB's 16MB to 256MB (docs/design/span-store.md).
+_CHECKPOINT_SHARE: Final = 16
+_CHECKPOINT_MB: Final = (16, 256)
+_SIZE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B", re.IGNORECASE)
 
 # "Could not set lock on file "...": Conflicting lock is held in /usr/bin/x (PID 123) ..."
 _LOCK_HOLDER: Final = re.compile(
@@ -100,6 +104,19 @@ _GET_WATERMARK: Final = f"SELECT last_key FROM {WATERMARK_TABLE} WHERE id = 1"  
 
 class StoreWriteError(RuntimeError):
     """A write did not commit (the poller retries the batch); the message is one line."""
+
+
+def checkpoint_threshold(memory_limit: str) -> str:
+    """DuckDB's `checkpoint_threshold` for a store with this `memory_limit` (e.g. 256MB)."""
+    low, high = _CHECKPOINT_MB
+    found = _SIZE.fullmatch(memory_limit.strip())
+    if found is None:  # the setting's validator lets only sizes through
+        return f"{low}MB"
+    number, prefix, binary = found.groups()
+    base = 1024 if binary else 1000
+    limit = float(number) * base ** "BKMGT".index(prefix.upper() or "B")
+    megabytes = limit / _CHECKPOINT_SHARE / 1000**2
+    return f"{round(min(high, max(low, megabytes)))}MB"
 
 
 def open_failure(path: Path, error: duckdb.Error) -> StoreUnavailable:
@@ -285,7 +302,7 @@ class DuckDBStore:
         config: dict[str, str | bool | int | float | list[str]] = {
             "memory_limit": self._memory_limit,
             "storage_compatibility_version": STORAGE_COMPATIBILITY_VERSION,
-            "checkpoint_threshold": CHECKPOINT_THRESHOLD,
+            "checkpoint_threshold": checkpoint_threshold(self._memory_limit),
             "threads": 1,
         }
         try:
