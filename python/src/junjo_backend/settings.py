@@ -73,12 +73,24 @@ Address = Annotated[str, AfterValidator(_check_address)]
 SECRET = "whole"  # noqa: S105 (a marker's name, not a password)
 SECRET_URL = "url-password"  # noqa: S105 (a marker's name)
 
-# DuckDB's memory_limit syntax: a number and a unit (it reads 1000- and 1024-based units).
-_MEMORY_LIMIT = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)", re.IGNORECASE)
+# DuckDB's memory_limit syntax: a number and a unit (it reads 1000- and 1024-based units:
+# B, KB ... TB, KIB ... TIB).
+_MEMORY_LIMIT = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([KMGT])(I?))?B", re.IGNORECASE)
+
+
+def memory_limit_bytes(value: str) -> float | None:
+    """The bytes a DuckDB memory_limit such as 256MB or 1.5GiB names; None if it is no size."""
+    found = _MEMORY_LIMIT.fullmatch(value.strip())
+    if found is None:
+        return None
+    number, prefix, binary = found.groups()
+    base = 1024 if binary else 1000
+    power = "BKMGT".index(prefix.upper()) if prefix else 0
+    return float(number) * float(base**power)
 
 
 def _check_memory_limit(value: str) -> str:
-    if not _MEMORY_LIMIT.fullmatch(value.strip()):
+    if memory_limit_bytes(value) is None:
         raise ValueError("expected a size such as 256MB or 1GB")
     return value.strip()
 

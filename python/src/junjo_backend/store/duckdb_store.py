@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final, Literal, TypeVar
 import duckdb
 import pyarrow as pa
 
+from junjo_backend.settings import memory_limit_bytes
 from junjo_backend.store.base import StoreStats, StoreUnavailable, StoreWrite
 from junjo_backend.store.convert import (
     ConvertedBatch,
@@ -66,7 +67,6 @@ STORAGE_COMPATIBILITY_VERSION: Final = "v1.0.0"
 # limit, from DuckDB's 16MB to 256MB (docs/design/span-store.md).
 _CHECKPOINT_SHARE: Final = 16
 _CHECKPOINT_MB: Final = (16, 256)
-_SIZE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B", re.IGNORECASE)
 
 # "Could not set lock on file "...": Conflicting lock is held in /usr/bin/x (PID 123) ..."
 _LOCK_HOLDER: Final = re.compile(
@@ -109,12 +109,9 @@ class StoreWriteError(RuntimeError):
 def checkpoint_threshold(memory_limit: str) -> str:
     """DuckDB's `checkpoint_threshold` for a store with this `memory_limit` (e.g. 256MB)."""
     low, high = _CHECKPOINT_MB
-    found = _SIZE.fullmatch(memory_limit.strip())
-    if found is None:  # the setting's validator lets only sizes through
+    limit = memory_limit_bytes(memory_limit)
+    if limit is None:  # the setting's validator lets only sizes through
         return f"{low}MB"
-    number, prefix, binary = found.groups()
-    base = 1024 if binary else 1000
-    limit = float(number) * base ** "BKMGT".index(prefix.upper() or "B")
     megabytes = limit / _CHECKPOINT_SHARE / 1000**2
     return f"{round(min(high, max(low, megabytes)))}MB"
 
