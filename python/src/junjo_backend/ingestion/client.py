@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_Outcome = TypeVar("_Outcome")  # what a probe's thread hands back to the loop
+
 # The value of grpc.experimental.ChannelOptions.SingleThreadedUnaryStream (the typing stubs
 # do not describe grpc.experimental).
 _SINGLE_THREADED_UNARY_STREAM = "SingleThreadedUnaryStream"
@@ -66,7 +68,6 @@ REACHABLE_MAX_AGE_SECONDS = 5.0
 _RETRY_INITIAL_SECONDS = 0.05
 _RETRY_MAX_SECONDS = 5.0
 _CLOSE_JOIN_SECONDS = 2.0
-_Outcome = TypeVar("_Outcome")
 # A call has at most a handful of operations due (message, status, metadata).
 _MAX_DUE_EVENTS = 8
 
@@ -435,7 +436,7 @@ class IngestionClient:
         answered: asyncio.Future[tuple[bool, str | None, bytes | None]] = loop.create_future()
 
         def call() -> None:
-            outcome: tuple[bool, str | None, bytes | None] = (True, None, None)
+            outcome: tuple[bool, str | None, bytes | None]
             last_key: bytes | None = None
             try:
                 for response in stub.ReadSpans(request, timeout=timeout, wait_for_ready=False):
